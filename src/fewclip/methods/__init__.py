@@ -1,0 +1,24 @@
+"""Methods: one module each, one registry.
+
+>>> import fewclip.methods as M
+>>> model = M.create("ape", preset="caltech101").fit(bundle)
+>>> logits = model.predict_logits(bundle.test_features)
+"""
+
+from . import ape, gda, linear_probe, tip_adapter, zero_shot  # noqa: F401  (registration)
+from .base import Method, MethodError, NotFittedError
+from .base import load_model as load
+from .registry import create, get_class, list_methods, list_presets, preset_params, register
+
+__all__ = [
+    "Method",
+    "MethodError",
+    "NotFittedError",
+    "create",
+    "get_class",
+    "list_methods",
+    "list_presets",
+    "load",
+    "preset_params",
+    "register",
+]

@@ -1,0 +1,25 @@
+"""Metrics from logits: top-1 accuracy and per-class accuracy, in percent."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent; arg-max ties go to the lowest class index."""
+    if labels.numel() == 0:
+        return float("nan")
+    return 100.0 * float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Accuracy of each class in percent (None for a class without evaluation rows)."""
+    correct = (logits.argmax(dim=1) == labels).long()
+    hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
+    totals = torch.bincount(labels, minlength=num_classes)
+    return [100.0 * float(h) / int(t) if int(t) else None for h, t in zip(hits, totals)]
+
+
+def mean_per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    values = [v for v in per_class_accuracy(logits, labels, num_classes) if v is not None]
+    return sum(values) / len(values) if values else float("nan")
