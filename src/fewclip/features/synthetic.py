@@ -3,7 +3,8 @@
 The generative model mimics what matters in CLIP features for few-shot adaptation:
 
 - each class c has a visual centre m_c (unit vector); classes are correlated through a shared component;
-- image embeddings are ``scale · (m_c + within·ε + gap_img)``: raw, not unit length, with a modality gap;
+- image embeddings are ``scale · (m_c + within·ε + gap_img)``: raw, not unit length, with a modality gap
+  (image-text cosines around 0.2-0.3, as in CLIP, so zero-shot logits 100·cos have CLIP's spread);
 - the text row of class c is ``n(m_c + text_noise·ξ_c + gap_txt)``: aligned with the visual centre only up to
   text noise, so zero-shot is imperfect and labelled images help;
 - every support image has V views: its own embedding plus view noise (the augmentations).
@@ -29,10 +30,11 @@ def make_synthetic_bundle(
     test_per_class: int = 30,
     *,
     seed: int = 0,
-    within: float = 2.5,
-    text_noise: float = 1.6,
+    within: float = 1.5,
+    text_noise: float = 1.2,
     view_noise: float = 0.3,
-    shared: float = 0.5,
+    shared: float = 1.0,
+    gap: float = 1.5,
     scale: float = 8.0,
     with_clean: bool = True,
     shuffle_support: bool = True,
@@ -50,8 +52,8 @@ def make_synthetic_bundle(
 
     common = _unit(torch.randn(dim, generator=g))
     centres = _unit(shared * common + _unit(torch.randn(classes, dim, generator=g)))
-    gap_img = 0.3 * _unit(torch.randn(dim, generator=g))
-    gap_txt = 0.3 * _unit(torch.randn(dim, generator=g))
+    gap_img = gap * _unit(torch.randn(dim, generator=g))
+    gap_txt = gap * _unit(torch.randn(dim, generator=g))
     text = _unit(centres + text_noise * s * torch.randn(classes, dim, generator=g) + gap_txt)
 
     def images(labels: torch.Tensor) -> torch.Tensor:

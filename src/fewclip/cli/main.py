@@ -1,0 +1,269 @@
+"""The ``fewclip`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..features.bundle import BundleError
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON (numbers, lists, true/false/null), else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r} (example: --set search_scale=[7,7,1]).")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit_and_evaluate(bundle, method: str, preset: str | None, overrides: dict[str, Any], selection: str) -> tuple[Any, dict]:
+    """Fit one method on a bundle and evaluate test once; returns (model, the result dict of ``fit --json``)."""
+    from .. import methods
+
+    model = methods.create(method, preset=preset, selection=selection, **overrides)
+    t0 = time.perf_counter()
+    model.fit(bundle)
+    t1 = time.perf_counter()
+    test_accuracy = model.score(bundle.test_features, bundle.test_labels)
+    t2 = time.perf_counter()
+    result = {
+        "method": method,
+        "test_accuracy": test_accuracy,
+        "val_accuracy": model.val_accuracy_,
+        "hyperparameters": model.hyperparameters(),
+        "fit_seconds": t1 - t0,
+        "predict_seconds": t2 - t1,
+        "bundle": bundle.summary(),
+        "selection": selection,
+        "preset": preset,
+        "overrides": overrides,
+        "test_tuned": False,
+    }
+    return model, result
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from ..features import bundle as bundle_io
+
+    bundle = bundle_io.load(args.bundle)
+    model, result = fit_and_evaluate(bundle, args.method, args.preset, parse_set(args.set), args.selection)
+    if args.save_model:
+        model.save(args.save_model)
+        result["model_path"] = str(args.save_model)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    val = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.2f}%"
+    hp = ", ".join(f"{k}={_fmt(v)}" for k, v in result["hyperparameters"].items())
+    print(f"method          {args.method}" + (f" (preset {args.preset})" if args.preset else ""))
+    print(f"bundle          {args.bundle}: {json.dumps(result['bundle'])}")
+    print(f"selection       {args.selection}")
+    print(f"hyperparameters {hp}")
+    print(f"val accuracy    {val}")
+    print(f"test accuracy   {result['test_accuracy']:.2f}%")
+    print(f"seconds         fit {result['fit_seconds']:.2f}, predict {result['predict_seconds']:.2f}")
+    if args.save_model:
+        print(f"model saved     {args.save_model}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .. import methods
+    from ..features import bundle as bundle_io
+    from ..features.synthetic import make_synthetic_bundle
+
+    bundle = make_synthetic_bundle(
+        classes=args.classes, shots=args.shots, dim=args.dim, views=10, val_per_class=4, test_per_class=50, seed=args.seed
+    )
+    print(
+        f"fewclip demo: synthetic CLIP-like bundle, {bundle.num_classes} classes x {args.shots} shots, "
+        f"D={bundle.dim}, {bundle.views} views, {bundle.val_labels.numel()} val / {bundle.test_labels.numel()} test rows"
+    )
+    if args.out:
+        path = bundle_io.save(bundle, Path(args.out) / "demo_bundle.safetensors")
+        print(f"bundle written to {path} (try: fewclip fit {path} --method ape)")
+    rows = []
+    for name in methods.list_methods():
+        model, res = fit_and_evaluate(bundle, name, None, {}, "val")
+        selected = {k: v for k, v in model.selected_.items() if v is not None}
+        rows.append(
+            {
+                "method": name,
+                "hyperparameters chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in selected.items()) or "-",
+                "val acc": "n/a" if res["val_accuracy"] is None else f"{res['val_accuracy']:.2f}",
+                "test acc": f"{res['test_accuracy']:.2f}",
+                "seconds": f"{res['fit_seconds'] + res['predict_seconds']:.2f}",
+            }
+        )
+    print(format_table(rows, ["method", "hyperparameters chosen", "val acc", "test acc", "seconds"]))
+    print("All choices were made on the validation split; test was evaluated once per method.")
+    return 0
+
+
+# --------------------------------------------------------------------------- bundle, methods
+
+
+def cmd_bundle_info(args: argparse.Namespace) -> int:
+    from ..features import bundle as bundle_io
+
+    info = bundle_io.info(bundle_io.load(args.file))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"file      {args.file}")
+    print(f"format    {info['format']}")
+    for name, shape in info["tensors"].items():
+        print(f"tensor    {name:24s} {shape}")
+    print(f"classes   {info['classes']}   dim {info['dim']}   views {info['views']}   support rows {info['support']}")
+    shots = info["shots"]
+    if isinstance(shots, int):
+        print(f"shots     {shots} per class")
+    else:
+        print(f"shots     unequal: min {info['shots_min']}, max {info['shots_max']} per class")
+    if info["classes_without_support"]:
+        print(f"no support for classes {info['classes_without_support']}")
+    print(f"val rows  {info['val'] if info['val'] is not None else 'none'}   test rows {info['test']}")
+    names = info["classnames"]
+    print(f"classnames {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    for key, value in sorted(info["metadata"].items()):
+        print(f"meta      {key} = {value}")
+    return 0
+
+
+def cmd_bundle_import(args: argparse.Namespace) -> int:
+    from ..features import bundle as bundle_io
+    from ..features.importers import import_upstream_cache
+
+    bundle = import_upstream_cache(
+        args.source,
+        args.directory,
+        args.shots,
+        text_weights=args.text_weights,
+        classnames=args.classnames,
+        backbone=args.backbone,
+        dataset=args.dataset,
+        seed=args.seed,
+    )
+    path = bundle_io.save(bundle, args.out)
+    print(f"wrote {path}: {json.dumps(bundle.summary())}, val rows {bundle.val_labels.numel() if bundle.has_val else 0}")
+    if not bundle.has_val:
+        print("note: this cache has no validation split; fit it with --selection none (or add val features).")
+    return 0
+
+
+def cmd_methods_list(args: argparse.Namespace) -> int:
+    from .. import methods
+
+    for name in methods.list_methods():
+        presets = methods.list_presets(name)
+        params = ", ".join(methods.get_class(name).param_names())
+        print(f"{name}\n  hyperparameters: {params}\n  presets: {', '.join(presets) if presets else 'none'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="fewclip", description="Few-shot adaptation of CLIP on cached features.")
+    parser.add_argument("--version", action="version", version=f"fewclip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every method on a synthetic bundle (offline, seconds)")
+    demo.add_argument("--classes", type=int, default=20)
+    demo.add_argument("--shots", type=int, default=16)
+    demo.add_argument("--dim", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--out", help="folder to write the demo bundle into")
+    demo.set_defaults(func=cmd_demo)
+
+    fit = sub.add_parser("fit", help="fit one method on a feature bundle and evaluate it on the bundle's test split")
+    fit.add_argument("bundle", help="a .safetensors feature bundle")
+    fit.add_argument("--method", required=True, help="method name (see: fewclip methods list)")
+    fit.add_argument("--preset", help="published per-dataset configuration, e.g. caltech101 or imagenet")
+    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    fit.add_argument("--selection", choices=["val", "none"], default="val",
+                     help="choose hyperparameters on the bundle's validation split (default) or keep initial values")
+    fit.add_argument("--save-model", metavar="PATH", help="write the fitted model (safetensors)")
+    fit.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    fit.set_defaults(func=cmd_fit)
+
+    bundle = sub.add_parser("bundle", help="inspect or import feature bundles")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+    binfo = bsub.add_parser("info", help="shapes, classes, shots per class and metadata of a bundle")
+    binfo.add_argument("file")
+    binfo.add_argument("--json", action="store_true")
+    binfo.set_defaults(func=cmd_bundle_info)
+    bimp = bsub.add_parser("import", help="turn an APE or Tip-Adapter cache folder into a bundle")
+    bimp.add_argument("directory", help="the cache folder (caches/<dataset>/ of the upstream code)")
+    bimp.add_argument("--from", dest="source", required=True, choices=["ape", "tip-adapter"])
+    bimp.add_argument("--shots", type=int, required=True)
+    bimp.add_argument("--out", required=True)
+    bimp.add_argument("--text-weights", help="zero-shot classifier file (.pt, [D, C] or [C, D])")
+    bimp.add_argument("--classnames", help="text file with one class name per line")
+    bimp.add_argument("--backbone", help="the backbone that produced the cache (recorded; not in upstream file names)")
+    bimp.add_argument("--dataset")
+    bimp.add_argument("--seed", type=int)
+    bimp.set_defaults(func=cmd_bundle_import)
+
+    meth = sub.add_parser("methods", help="list methods, their hyperparameters and presets")
+    msub = meth.add_subparsers(dest="methods_command", required=True)
+    mlist = msub.add_parser("list")
+    mlist.set_defaults(func=cmd_methods_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..methods.base import MethodError, NotFittedError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, BundleError, MethodError, NotFittedError) as exc:
+        print(f"fewclip {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

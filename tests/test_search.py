@@ -1,0 +1,161 @@
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import unit
+
+from fewclip.methods import search as S
+
+
+def test_grids_match_published_formulas():
+    assert torch.allclose(S.tip_grid(7, 200)[:3], torch.tensor([0.1, 0.1345, 0.169]), atol=1e-6)
+    assert S.tip_grid(7, 200).numel() == 200 and float(S.tip_grid(7, 200)[-1]) < 7
+    assert torch.allclose(S.gamma_grid(1, 20)[:3], torch.tensor([0.0, 0.05, 0.1]))
+    assert float(S.gamma_grid(0.5, 5)[-1]) == pytest.approx(0.4)
+
+
+def test_first_argmax_is_row_major_first_maximum():
+    counts = torch.tensor([[[1, 5], [5, 0]], [[5, 5], [2, 2]]])
+    assert S.first_argmax(counts) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("unequal", [False, True])
+def test_criterion_closed_form_equals_pairwise_definition(unequal):
+    g = torch.Generator().manual_seed(0)
+    c, k, d = 5, 3, 16
+    text = unit(torch.randn(c, d, generator=g, dtype=torch.float64))
+    counts = [3, 1, 2, 3, 0] if unequal else [k] * c
+    labels = torch.repeat_interleave(torch.arange(c), torch.tensor(counts))
+    keys = unit(torch.randn(labels.numel(), d, generator=g, dtype=torch.float64))
+    pools = [torch.cat([text[i : i + 1], keys[labels == i]]) for i in range(c)]
+    closed = S.ape_criterion(text, keys, labels)
+    assert torch.allclose(closed, S.ape_pairwise_criterion(pools), atol=1e-12)
+    # equal pools: the upstream normaliser C(C-1)M^2
+    if not unequal:
+        brute = torch.zeros(d, dtype=torch.float64)
+        for i, j in itertools.permutations(range(c), 2):
+            for m, n in itertools.product(range(k + 1), repeat=2):
+                brute += pools[i][m] * pools[j][n]
+        assert torch.allclose(closed, brute / (c * (c - 1) * (k + 1) ** 2), atol=1e-12)
+
+
+def test_text_pool_criterion_and_variance_by_hand():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # pairs (i != j): channel 0 products 1*0, 1*1, 0*1, 0*1, 1*1, 1*0 -> sum 2 over 6 pairs
+    assert torch.allclose(S.ape_criterion(text), torch.tensor([2 / 6, 0.0], dtype=torch.float64))
+    assert torch.allclose(S.interclass_variance(text), torch.tensor([1 / 3, 1 / 3], dtype=torch.float64))
+
+
+def test_channel_selection_breaks_ties_by_lower_index():
+    text = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    crit = torch.zeros(4, dtype=torch.float64)
+    assert S.select_channels(text, crit, 3, 0.5, 0.5).tolist() == [0, 1, 2]
+    crit = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=torch.float64)  # lower similarity ranks channel 1 first
+    assert S.select_channels(text, crit, 2, 0.5, 0.5).tolist() == [1, 0]
+
+
+def test_kl_weight_formula():
+    g = torch.Generator().manual_seed(1)
+    keys, text = unit(torch.randn(6, 5, generator=g)), unit(torch.randn(3, 5, generator=g))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    d = S.kl_divergence_log2(keys, text, labels)
+    probs = torch.softmax(keys.double() @ text.double().T, dim=1)
+    for k in range(6):
+        full = sum(
+            (1.0 if c == labels[k] else 0.0) * math.log2(((1.0 if c == labels[k] else 0.0) + 1e-6) / (float(probs[k, c]) + 1e-6))
+            for c in range(3)
+        )
+        assert float(d[k]) == pytest.approx(full, abs=1e-6)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 2, 2], [2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 1]])
+def test_class_layout_padded_and_index_add_agree(labels):
+    labels = torch.tensor(labels)
+    g = torch.Generator().manual_seed(2)
+    phi = torch.rand(4, labels.numel(), generator=g)
+    w = torch.rand(2, labels.numel(), generator=g)
+    layout = S.ClassLayout(labels, 4)  # class 3 has no entries
+    out = layout.class_sum(layout.arrange(phi), layout.arrange_weights(w))
+    naive = torch.zeros(2, 4, 4)
+    for gi, m, k in itertools.product(range(2), range(4), range(labels.numel())):
+        naive[gi, m, labels[k]] += phi[m, k] * w[gi, k]
+    assert torch.allclose(out, naive, atol=1e-6)
+    assert layout.padded == (len(set(labels.tolist())) == 3 and labels.numel() == 7)
+
+
+def naive_counts(z0, g, labels, alphas):
+    out = torch.zeros(g.shape[0], alphas.numel(), dtype=torch.long)
+    for b in range(g.shape[0]):
+        for j, a in enumerate(alphas):
+            out[b, j] = int(((z0 + a * g[b]).argmax(1) == labels).sum())
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_alpha_scan_equals_nested_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    m, c = 300, 7
+    z0 = torch.randn(m, c, generator=g) * 3
+    gg = torch.randn(4, m, c, generator=g)
+    labels = torch.randint(0, c, (m,), generator=g)
+    alphas = torch.linspace(0.1, 6.0, 17)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, row_chunk=64), naive_counts(z0, gg, labels, alphas))
+    shuffled = alphas[torch.randperm(17, generator=g)]  # not ascending: evaluated directly, same answer
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, shuffled), naive_counts(z0, gg, labels, shuffled))
+
+
+def test_alpha_scan_respects_lowest_index_tie_rule():
+    # row 0: classes 0 and 1 tie exactly at every alpha -> predicted 0 (correct for label 0, wrong for label 1)
+    z0 = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    g = torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]])
+    labels = torch.tensor([0, 1])
+    alphas = torch.tensor([0.5, 1.0, 2.0])
+    assert S.count_correct_along_alpha(z0, g, labels, alphas).tolist() == [[1, 1, 1]]
+
+
+def nested_loop_search(z0, affinity, labels_cache, weights, labels, betas, alphas, num_classes):
+    """The upstream search: β outer, α, then weight candidate; strict '>' keeps the first maximiser."""
+    onehot = torch.nn.functional.one_hot(labels_cache, num_classes).float()
+    best, choice = -1, None
+    for i, beta in enumerate(betas):
+        for j, alpha in enumerate(alphas):
+            for l in range(weights.shape[0]):
+                logits = z0 + alpha * (torch.exp(-beta * (1 - affinity)) @ (weights[l][:, None] * onehot))
+                acc = int((logits.argmax(1) == labels).sum())
+                if acc > best:
+                    best, choice = acc, (i, j, l)
+    return choice, best
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cache_search_reproduces_nested_loop_choice(seed):
+    g = torch.Generator().manual_seed(seed)
+    c, n, m, d = 4, 10, 40, 6
+    labels_cache = torch.randint(0, c, (n,), generator=g)
+    keys, f = unit(torch.randn(n, d, generator=g)), unit(torch.randn(m, d, generator=g))
+    text = unit(torch.randn(c, d, generator=g))
+    labels = torch.randint(0, c, (m,), generator=g)
+    z0, affinity = 100 * f @ text.T, f @ keys.T
+    weights = torch.exp(torch.tensor([0.0, 0.3, 0.6])[:, None] * torch.rand(n, generator=g)[None])
+    betas, alphas = S.tip_grid(7, 9), S.tip_grid(7, 6)
+    counts = S.cache_search(z0, affinity, S.ClassLayout(labels_cache, c), weights, labels, betas, alphas)
+    choice, best = nested_loop_search(z0, affinity, labels_cache, weights, labels, betas.tolist(), alphas.tolist(), c)
+    assert S.first_argmax(counts) == choice
+    assert int(counts.max()) == best
+
+
+def test_cache_search_constructed_ties_pick_smallest_beta_then_alpha_then_gamma():
+    # Every candidate gives the same accuracy when the cache term is irrelevant to the arg-max:
+    # two well-separated rows whose zero-shot logits dominate. The first grid point must win.
+    z0 = torch.tensor([[100.0, 0.0], [0.0, 100.0]])
+    affinity = torch.tensor([[0.2, 0.1], [0.1, 0.2]])
+    weights = torch.ones(3, 2)
+    counts = S.cache_search(z0, affinity, S.ClassLayout(torch.tensor([0, 1]), 2), weights, torch.tensor([0, 1]),
+                            S.tip_grid(7, 5), S.tip_grid(7, 4))
+    assert bool((counts == 2).all())
+    assert S.first_argmax(counts) == (0, 0, 0)
+    # now make only the last beta and the last two alphas correct for row 1; ties among those go to the first.
+    counts = torch.zeros(5, 4, 3, dtype=torch.long)
+    counts[4, 2:, 1:] = 7
+    assert S.first_argmax(counts) == (4, 2, 1)
