@@ -30,8 +30,12 @@ def write(path, ts, meta=None):
 
 
 def test_round_trip_preserves_every_tensor_and_metadata(tmp_path):
-    b = make_bundle(**tensors(), support_clean_features=torch.randn(6, 4), classnames=["a", "b", "c"],
-                    metadata={"dataset": "toy", "shots": 2})
+    b = make_bundle(
+        **tensors(),
+        support_clean_features=torch.randn(6, 4),
+        classnames=["a", "b", "c"],
+        metadata={"dataset": "toy", "shots": 2},
+    )
     path = bio.save(b, tmp_path / "b.safetensors")
     back = bio.load(path)
     for name in bio.ALL_TENSORS:
@@ -59,19 +63,37 @@ def test_shots_counts_and_class_without_support():
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.__setitem__("support_features", t["support_features"].index_fill(2, torch.tensor([1]), float("nan"))),
-         "'support_features'.*NaN"),
-        (lambda t: t.__setitem__("test_features", t["test_features"].index_fill(0, torch.tensor([0]), float("inf"))),
-         "'test_features'.*infinite"),
-        (lambda t: t.__setitem__("support_features", torch.randn(2, 6, 5)), r"'support_features' has shape \[2, 6, 5\].*\[V, N, 4\]"),
-        (lambda t: t.__setitem__("support_features", torch.randn(2, 2, 6, 4)), r"'support_features' has shape \[2, 2, 6, 4\]"),
+        (
+            lambda t: t.__setitem__(
+                "support_features", t["support_features"].index_fill(2, torch.tensor([1]), float("nan"))
+            ),
+            "'support_features'.*NaN",
+        ),
+        (
+            lambda t: t.__setitem__("test_features", t["test_features"].index_fill(0, torch.tensor([0]), float("inf"))),
+            "'test_features'.*infinite",
+        ),
+        (
+            lambda t: t.__setitem__("support_features", torch.randn(2, 6, 5)),
+            r"'support_features' has shape \[2, 6, 5\].*\[V, N, 4\]",
+        ),
+        (
+            lambda t: t.__setitem__("support_features", torch.randn(2, 2, 6, 4)),
+            r"'support_features' has shape \[2, 2, 6, 4\]",
+        ),
         (lambda t: t.__setitem__("test_features", torch.randn(5, 3)), r"'test_features' has shape \[5, 3\]"),
-        (lambda t: t.__setitem__("support_labels", torch.tensor([0, 1, 2, 3, 0, 1])), "'support_labels' holds label 3 outside"),
+        (
+            lambda t: t.__setitem__("support_labels", torch.tensor([0, 1, 2, 3, 0, 1])),
+            "'support_labels' holds label 3 outside",
+        ),
         (lambda t: t.__setitem__("val_labels", torch.tensor([-1, 1, 0])), "'val_labels' holds label -1"),
         (lambda t: t.__setitem__("support_labels", torch.tensor([0, 1, 2])), "'support_labels' has 3 rows.*N = 6"),
         (lambda t: t.__setitem__("support_labels", torch.zeros(6)), "'support_labels'.*integer labels"),
         (lambda t: t.pop("val_labels"), "'val_features' is present but 'val_labels' is missing"),
-        (lambda t: t.__setitem__("test_labels", torch.tensor([0, 1])), "'test_labels' has 2 rows but 'test_features' has 5"),
+        (
+            lambda t: t.__setitem__("test_labels", torch.tensor([0, 1])),
+            "'test_labels' has 2 rows but 'test_features' has 5",
+        ),
         (lambda t: t.__setitem__("text_weights", 2 * t["text_weights"]), "'text_weights' row 0 has norm 2.0000"),
     ],
 )

@@ -29,7 +29,7 @@ def make_cache(path, *, layout="test", kind="ape", text_shape="DC", values=None,
         "test": unit(torch.randn(7, D, generator=g)).half(),
     }
     flabels = {"val": torch.tensor([0, 1, 2, 2, 1]), "test": torch.tensor([2, 2, 1, 0, 0, 1, 2])}
-    for prefix in (["val", "test"] if layout == "test" else ["val"]):
+    for prefix in ["val", "test"] if layout == "test" else ["val"]:
         torch.save(feats[prefix], path / f"{prefix}_f.pt")
         torch.save(flabels[prefix], path / f"{prefix}_l.pt")
     text_cd = torch.randn(C, D, generator=g) * 3  # not normalised: the importer must re-normalise
@@ -151,8 +151,7 @@ def test_round_trip_through_save_and_load(tmp_path):
     make_cache(tmp_path / "c")
     other = unit(torch.randn(C, D))
     torch.save(other.T.contiguous(), tmp_path / "zs.pt")
-    b = import_upstream_cache("tip-adapter", tmp_path / "c", K, text_weights=tmp_path / "zs.pt",
-                              dataset="toy")
+    b = import_upstream_cache("tip-adapter", tmp_path / "c", K, text_weights=tmp_path / "zs.pt", dataset="toy")
     back = bio.load(bio.save(b, tmp_path / "b.safetensors"))
     for name in bio.ALL_TENSORS:
         a, z = getattr(b, name), getattr(back, name)

@@ -67,7 +67,9 @@ def test_gda_precision_and_classifier_by_hand():
     w, bias = gda_classifier(means, precision)
     w0 = expected_p @ torch.tensor([0.8, 0.4], dtype=torch.float64)
     assert torch.allclose(w[0], w0)
-    assert float(bias[0]) == pytest.approx(math.log(0.5) - 0.5 * float(w0 @ torch.tensor([0.8, 0.4], dtype=torch.float64)))
+    assert float(bias[0]) == pytest.approx(
+        math.log(0.5) - 0.5 * float(w0 @ torch.tensor([0.8, 0.4], dtype=torch.float64))
+    )
 
 
 def test_gda_precision_equals_naive_ks_estimator():
@@ -157,8 +159,12 @@ def test_methods_needing_support_refuse_class_without_support(bundle):
     from dataclasses import replace
 
     keep = bundle.support_labels != 3
-    partial = replace(bundle, support_features=bundle.support_features[:, keep], support_labels=bundle.support_labels[keep],
-                      support_clean_features=bundle.support_clean_features[keep])
+    partial = replace(
+        bundle,
+        support_features=bundle.support_features[:, keep],
+        support_labels=bundle.support_labels[keep],
+        support_clean_features=bundle.support_clean_features[keep],
+    )
     for name in ["gda", "linear-probe"]:
         with pytest.raises(MethodError, match="1 class\\(es\\) have none.*class_003"):
             M.create(name).fit(partial)

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from conftest import unit
 
+from conftest import unit
 from fewclip.methods import search as S
 
 
@@ -63,7 +63,8 @@ def test_kl_weight_formula():
     probs = torch.softmax(keys.double() @ text.double().T, dim=1)
     for k in range(6):
         full = sum(
-            (1.0 if c == labels[k] else 0.0) * math.log2(((1.0 if c == labels[k] else 0.0) + 1e-6) / (float(probs[k, c]) + 1e-6))
+            (1.0 if c == labels[k] else 0.0)
+            * math.log2(((1.0 if c == labels[k] else 0.0) + 1e-6) / (float(probs[k, c]) + 1e-6))
             for c in range(3)
         )
         assert float(d[k]) == pytest.approx(full, abs=1e-6)
@@ -100,7 +101,9 @@ def test_alpha_scan_equals_nested_loop(seed):
     gg = torch.randn(4, m, c, generator=g)
     labels = torch.randint(0, c, (m,), generator=g)
     alphas = torch.linspace(0.1, 6.0, 17)
-    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, row_chunk=64), naive_counts(z0, gg, labels, alphas))
+    assert torch.equal(
+        S.count_correct_along_alpha(z0, gg, labels, alphas, row_chunk=64), naive_counts(z0, gg, labels, alphas)
+    )
     shuffled = alphas[torch.randperm(17, generator=g)]  # not ascending: evaluated directly, same answer
     assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, shuffled), naive_counts(z0, gg, labels, shuffled))
 
@@ -151,8 +154,15 @@ def test_cache_search_constructed_ties_pick_smallest_beta_then_alpha_then_gamma(
     z0 = torch.tensor([[100.0, 0.0], [0.0, 100.0]])
     affinity = torch.tensor([[0.2, 0.1], [0.1, 0.2]])
     weights = torch.ones(3, 2)
-    counts = S.cache_search(z0, affinity, S.ClassLayout(torch.tensor([0, 1]), 2), weights, torch.tensor([0, 1]),
-                            S.tip_grid(7, 5), S.tip_grid(7, 4))
+    counts = S.cache_search(
+        z0,
+        affinity,
+        S.ClassLayout(torch.tensor([0, 1]), 2),
+        weights,
+        torch.tensor([0, 1]),
+        S.tip_grid(7, 5),
+        S.tip_grid(7, 4),
+    )
     assert bool((counts == 2).all())
     assert S.first_argmax(counts) == (0, 0, 0)
     # now make only the last beta and the last two alphas correct for row 1; ties among those go to the first.

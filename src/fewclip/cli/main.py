@@ -51,7 +51,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 # --------------------------------------------------------------------------- fit
 
 
-def fit_and_evaluate(bundle, method: str, preset: str | None, overrides: dict[str, Any], selection: str) -> tuple[Any, dict]:
+def fit_and_evaluate(
+    bundle, method: str, preset: str | None, overrides: dict[str, Any], selection: str
+) -> tuple[Any, dict]:
     """Fit one method on a bundle and evaluate test once; returns (model, the result dict of ``fit --json``)."""
     from .. import methods
 
@@ -111,11 +113,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..features.synthetic import make_synthetic_bundle
 
     bundle = make_synthetic_bundle(
-        classes=args.classes, shots=args.shots, dim=args.dim, views=10, val_per_class=4, test_per_class=50, seed=args.seed
+        classes=args.classes,
+        shots=args.shots,
+        dim=args.dim,
+        views=10,
+        val_per_class=4,
+        test_per_class=50,
+        seed=args.seed,
     )
     print(
         f"fewclip demo: synthetic CLIP-like bundle, {bundle.num_classes} classes x {args.shots} shots, "
-        f"D={bundle.dim}, {bundle.views} views, {bundle.val_labels.numel()} val / {bundle.test_labels.numel()} test rows"
+        f"D={bundle.dim}, {bundle.views} views, "
+        f"{bundle.val_labels.numel()} val / {bundle.test_labels.numel()} test rows"
     )
     if args.out:
         path = bundle_io.save(bundle, Path(args.out) / "demo_bundle.safetensors")
@@ -183,7 +192,9 @@ def cmd_bundle_import(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     path = bundle_io.save(bundle, args.out)
-    print(f"wrote {path}: {json.dumps(bundle.summary())}, val rows {bundle.val_labels.numel() if bundle.has_val else 0}")
+    print(
+        f"wrote {path}: {json.dumps(bundle.summary())}, val rows {bundle.val_labels.numel() if bundle.has_val else 0}"
+    )
     if not bundle.has_val:
         print("note: this cache has no validation split; fit it with --selection none (or add val features).")
     return 0
@@ -222,8 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--method", required=True, help="method name (see: fewclip methods list)")
     fit.add_argument("--preset", help="published per-dataset configuration, e.g. caltech101 or imagenet")
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
-    fit.add_argument("--selection", choices=["val", "none"], default="val",
-                     help="choose hyperparameters on the bundle's validation split (default) or keep initial values")
+    fit.add_argument(
+        "--selection",
+        choices=["val", "none"],
+        default="val",
+        help="choose hyperparameters on the bundle's validation split (default) or keep initial values",
+    )
     fit.add_argument("--save-model", metavar="PATH", help="write the fitted model (safetensors)")
     fit.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     fit.set_defaults(func=cmd_fit)

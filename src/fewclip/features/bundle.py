@@ -154,7 +154,9 @@ def _as_labels(name: str, t: torch.Tensor, num_classes: int, where: str) -> torc
 
 def _check_rows(name: str, t: torch.Tensor, dim: int, where: str) -> None:
     if t.dim() != 2 or t.shape[1] != dim:
-        raise BundleError(f"{where}: tensor '{name}' has shape {list(t.shape)}; expected [rows, {dim}] (D from text_weights).")
+        raise BundleError(
+            f"{where}: tensor '{name}' has shape {list(t.shape)}; expected [rows, {dim}] (D from text_weights)."
+        )
 
 
 def make_bundle(
@@ -184,7 +186,9 @@ def make_bundle(
     norms = text_weights.norm(dim=1)
     if normalize_text:
         if bool((norms == 0).any()):
-            raise BundleError(f"{where}: tensor 'text_weights' has an all-zero row (class {int((norms == 0).nonzero()[0])}).")
+            raise BundleError(
+                f"{where}: tensor 'text_weights' has an all-zero row (class {int((norms == 0).nonzero()[0])})."
+            )
         text_weights = text_weights / norms[:, None]
     elif not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
         worst = int((norms - 1).abs().argmax())
@@ -272,7 +276,11 @@ def save(bundle: Bundle, path: str | os.PathLike) -> Path:
     if not bundle.has_test:
         raise BundleError("cannot save a bundle without test features (this copy was stripped for fitting).")
     path = Path(path)
-    tensors = {name: getattr(bundle, name).detach().cpu().contiguous() for name in ALL_TENSORS if getattr(bundle, name) is not None}
+    tensors = {
+        name: getattr(bundle, name).detach().cpu().contiguous()
+        for name in ALL_TENSORS
+        if getattr(bundle, name) is not None
+    }
     meta = dict(bundle.metadata)
     meta["format"] = FORMAT
     meta["classnames"] = json.dumps(list(bundle.classnames))
@@ -314,7 +322,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{where}: metadata 'format' is {fmt!r}; expected {FORMAT!r}. Is this a fewclip bundle?")
     unknown = names - set(ALL_TENSORS)
     if unknown:
-        raise BundleError(f"{where}: unknown tensor(s) {sorted(unknown)}; a version-1 bundle holds only {list(ALL_TENSORS)}.")
+        raise BundleError(
+            f"{where}: unknown tensor(s) {sorted(unknown)}; a version-1 bundle holds only {list(ALL_TENSORS)}."
+        )
     for name in REQUIRED_TENSORS:
         if name not in names:
             raise BundleError(f"{where}: the required tensor '{name}' is missing.")
@@ -358,4 +368,3 @@ def info(bundle: Bundle) -> dict:
         "classnames": list(bundle.classnames),
         "metadata": dict(bundle.metadata),
     }
-

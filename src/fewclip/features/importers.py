@@ -126,8 +126,12 @@ def import_upstream_cache(
     if text.dim() == 2 and tuple(text.shape) == (dim, num_classes):  # upstream layout; wins when D == C
         text = text.T
     elif text.dim() != 2 or tuple(text.shape) != (num_classes, dim):
-        raise _shape_error(tpath, text, f"(D, C) = ({dim}, {num_classes}) or (C, D) = ({num_classes}, {dim}) "
-                           f"(D from {kpath.name}, C from {vpath.name})")
+        raise _shape_error(
+            tpath,
+            text,
+            f"(D, C) = ({dim}, {num_classes}) or (C, D) = ({num_classes}, {dim}) "
+            f"(D from {kpath.name}, C from {vpath.name})",
+        )
 
     test = _features(directory, "test", dim)
     val = _features(directory, "val", dim)
@@ -155,8 +159,9 @@ def import_upstream_cache(
             raise BundleError(f"{cpath}: no such classnames file.")
         names = [line.strip() for line in cpath.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(names) != num_classes:
-            raise BundleError(f"{cpath}: lists {len(names)} class names; expected C = {num_classes} "
-                              f"(columns of {vpath.name}).")
+            raise BundleError(
+                f"{cpath}: lists {len(names)} class names; expected C = {num_classes} (columns of {vpath.name})."
+            )
 
     return make_bundle(
         support_features=support[None],

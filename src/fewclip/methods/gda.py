@@ -1,9 +1,9 @@
 """GDA (ICLR'24): Gaussian discriminant analysis on the support views, ensembled with zero-shot.
 
-    μ_c   = mean of the L2-normalised views of class c
-    P     = D · ((N − 1)Σ̂ + tr(Σ̂)·I)⁻¹            (shared covariance, KS shrinkage; Cholesky in float64)
-    w_c   = P μ_c,   b_c = log(1/C) − ½ μ_cᵀ P μ_c
-    Z     = 100 · n(x) Wᵀ + α · (n(x) w_cᵀ + b_c)_c,   α ∈ {1e-4, …, 100} chosen on validation (first maximum)
+μ_c   = mean of the L2-normalised views of class c
+P     = D · ((N − 1)Σ̂ + tr(Σ̂)·I)⁻¹            (shared covariance, KS shrinkage; Cholesky in float64)
+w_c   = P μ_c,   b_c = log(1/C) − ½ μ_cᵀ P μ_c
+Z     = 100 · n(x) Wᵀ + α · (n(x) w_cᵀ + b_c)_c,   α ∈ {1e-4, …, 100} chosen on validation (first maximum)
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     system = scatter + trace_cov * torch.eye(dim, dtype=torch.float64)
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:
-        raise MethodError("gda: the regularised covariance is not positive definite (are all support features identical?).")
+        raise MethodError(
+            "gda: the regularised covariance is not positive definite (are all support features identical?)."
+        )
     precision = dim * torch.cholesky_inverse(chol)
     return means, precision
 
@@ -66,7 +68,9 @@ class GDA(Method):
         x = l2n(bundle.support_features.reshape(views * n, dim))
         y = bundle.support_labels.repeat(views)
         if x.shape[0] <= bundle.num_classes:
-            raise MethodError(f"gda: {x.shape[0]} support vectors for {bundle.num_classes} classes; need more than one per class.")
+            raise MethodError(
+                f"gda: {x.shape[0]} support vectors for {bundle.num_classes} classes; need more than one per class."
+            )
         means, precision = gda_precision(x, y, bundle.num_classes)
         weights, bias = gda_classifier(means, precision)
         self.text_ = bundle.text_weights.clone()
@@ -75,7 +79,9 @@ class GDA(Method):
         if self.selection == "val":
             grid = torch.tensor([float(a) for a in self.alpha_grid])
             f = l2n(bundle.val_features)
-            counts = count_correct_along_alpha(100.0 * f @ self.text_.T, self._gda_logits(f)[None], bundle.val_labels, grid)
+            counts = count_correct_along_alpha(
+                100.0 * f @ self.text_.T, self._gda_logits(f)[None], bundle.val_labels, grid
+            )
             (_, j) = first_argmax(counts)
             self.alpha_ = float(grid[j])
             self.search_ = {"evaluations": int(grid.numel()), "best_correct": int(counts[0, j])}

@@ -34,8 +34,13 @@ def fit_logistic(
     bias.requires_grad_(True)
     lam = 1.0 / (c * n)
     opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-        history_size=20, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():
@@ -98,12 +103,17 @@ class LinearProbe(Method):
 
             coarse = sweep(COARSE_C)
             best = max(coarse, key=lambda c: (coarse[c][0], -c))  # ties: smaller C
-            fine_cs = torch.logspace(torch.log10(torch.tensor(best)) - 1, torch.log10(torch.tensor(best)) + 1, 17,
-                                     dtype=torch.float64).tolist()
+            fine_cs = torch.logspace(
+                torch.log10(torch.tensor(best)) - 1, torch.log10(torch.tensor(best)) + 1, 17, dtype=torch.float64
+            ).tolist()
             fine = sweep(fine_cs)
             chosen = max(fine, key=lambda c: (fine[c][0], -c))
             w, b = fine[chosen][1]
-            self.search_ = {"evaluations": len(coarse) + len(fine), "coarse_best": best, "best_correct": fine[chosen][0]}
+            self.search_ = {
+                "evaluations": len(coarse) + len(fine),
+                "coarse_best": best,
+                "best_correct": fine[chosen][0],
+            }
         self.weight_, self.bias_ = w, b
         self.train_features_ = source
         self.selected_ = {"C": chosen}

@@ -83,7 +83,9 @@ def interclass_variance(text: torch.Tensor) -> torch.Tensor:
     return text.double().var(dim=0, unbiased=True)
 
 
-def select_channels(text: torch.Tensor, criterion: torch.Tensor, channels: int, w_sim: float, w_var: float) -> torch.Tensor:
+def select_channels(
+    text: torch.Tensor, criterion: torch.Tensor, channels: int, w_sim: float, w_var: float
+) -> torch.Tensor:
     """Indices of the ``channels`` largest J = −w_sim·S + w_var·V; equal J keeps the lower channel first."""
     score = -w_sim * criterion + w_var * interclass_variance(text)
     order = torch.sort(score, descending=True, stable=True).indices
