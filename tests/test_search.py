@@ -102,10 +102,26 @@ def test_alpha_scan_equals_nested_loop(seed):
     labels = torch.randint(0, c, (m,), generator=g)
     alphas = torch.linspace(0.1, 6.0, 17)
     assert torch.equal(
-        S.count_correct_along_alpha(z0, gg, labels, alphas, row_chunk=64), naive_counts(z0, gg, labels, alphas)
+        S.count_correct_along_alpha(z0, gg, labels, alphas, budget=20000), naive_counts(z0, gg, labels, alphas)
     )
     shuffled = alphas[torch.randperm(17, generator=g)]  # not ascending: evaluated directly, same answer
     assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, shuffled), naive_counts(z0, gg, labels, shuffled))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("classes", [5, 60])
+def test_alpha_scan_with_nonnegative_terms_equals_nested_loop(seed, classes):
+    # cache terms are sums of positive values (logits grow with α): the monotone path; 60 classes give rows
+    # with more than 8 and more than 32 candidates, so every tier is exercised
+    g = torch.Generator().manual_seed(seed)
+    m = 250
+    z0 = torch.randn(m, classes, generator=g) * 2
+    gg = torch.rand(3, m, classes, generator=g) ** 3
+    labels = torch.randint(0, classes, (m,), generator=g)
+    alphas = S.tip_grid(7, 23)
+    expected = naive_counts(z0, gg, labels, alphas)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas), expected)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, budget=5000, segment=3), expected)
 
 
 def test_alpha_scan_respects_lowest_index_tie_rule():

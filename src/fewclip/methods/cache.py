@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..features.bundle import Bundle
 from .base import Method, MethodError, l2n
-from .search import ClassLayout, cache_search, first_argmax, phi, tip_grid
+from .search import ClassLayout, cache_search, first_argmax, phi, search_row_chunk, tip_grid
 
 
 def support_cache(bundle: Bundle) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,7 @@ class CacheMethod(Method):
         """Run the (β, α, candidate) grid on the validation split; return the first maximiser and the counts."""
         betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
         z0, affinity = self._query(bundle.val_features)
-        chunks = math.ceil(affinity.shape[0] / max(1, (1 << 24) // max(affinity.shape[1], 1)))
+        chunks = math.ceil(affinity.shape[0] / search_row_chunk(affinity.shape[1]))
         with tqdm(total=betas.numel() * chunks, desc=f"{self.name} search", unit="β", leave=False, disable=None) as bar:
             counts = cache_search(
                 z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar

@@ -158,45 +158,165 @@ def phi(affinity: torch.Tensor, beta: float) -> torch.Tensor:
 # --------------------------------------------------------------------------- α scan
 
 
-def _argmax_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pred = logits.argmax(dim=-1)
-    return pred == labels, pred
+def correct_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """argmax(logits, -1) == labels with ties to the lowest class index, for logits [..., C] and labels that
+    broadcast to logits.shape[:-1]."""
+    own, other = _own_and_best_other(logits.clone(), labels)
+    return _resolve(logits, labels, own, other)
+
+
+def _own_and_best_other(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label's logit and the best other logit; ``logits`` is overwritten (label column set to −inf).
+
+    ``amax`` is an order of magnitude faster than ``argmax`` on CPU, which is why the arg-max is avoided.
+    """
+    index = labels.expand(*logits.shape[:-1]).unsqueeze(-1)
+    own = logits.gather(-1, index).squeeze(-1)
+    logits.scatter_(-1, index, float("-inf"))
+    return own, logits.amax(dim=-1)
+
+
+def _resolve(logits_or_fn, labels: torch.Tensor, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """own > other is correct, own < other wrong; an exact tie is settled by the arg-max (lowest index wins).
+    ``logits_or_fn`` gives the unmodified logits (or a function computing them, called only on a tie)."""
+    ok = own > other
+    tied = own == other
+    if bool(tied.any()):
+        logits = logits_or_fn() if callable(logits_or_fn) else logits_or_fn
+        ok[tied] = logits[tied].argmax(dim=-1) == labels.expand(*own.shape)[tied]
+    return ok
+
+
+def _count_rows(z, g, y, cols, alpha_rows, valid, target, counts_flat, budget: int = 1 << 22) -> None:
+    """For each row r and each of its α (alpha_rows [R, O], ``valid`` [R, O]), add 1 to
+    counts_flat[target[r, o]] when the row is correct at that α.
+
+    Rows are evaluated on ``cols`` (per-row class indices in ascending order, label included, which keeps
+    the lowest-index tie rule) or on every class (``cols`` None).
+    """
+    if cols is not None:
+        z, g = z.gather(1, cols), g.gather(1, cols)
+        pos = (cols == y[:, None]).int().argmax(1)
+    else:
+        pos = y
+    step = max(1, budget // max(1, alpha_rows.shape[1] * z.shape[1]))
+    for s in range(0, z.shape[0], step):
+        zs, gs, al = z[s : s + step, None, :], g[s : s + step, None, :], alpha_rows[s : s + step, :, None]
+        logits = torch.addcmul(zs, al, gs)  # [rows, O, k] = z + α·g
+        ps = pos[s : s + step, None]
+        own, other = _own_and_best_other(logits, ps)
+        ok = _resolve(lambda zs=zs, al=al, gs=gs: torch.addcmul(zs, al, gs), ps, own, other)
+        hits = target[s : s + step][ok & valid[s : s + step]]
+        counts_flat += torch.bincount(hits, minlength=counts_flat.numel())
 
 
 def count_correct_along_alpha(
-    z0: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor, row_chunk: int = 2048
+    z0: torch.Tensor,
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    alphas: torch.Tensor,
+    segment: int = 5,
+    candidate_tiers: tuple[int, ...] = (8, 32),
+    budget: int = 1 << 23,
 ) -> torch.Tensor:
     """counts[b, j] = #{m : argmax_c(z0[m] + alphas[j]·g[b, m]) = labels[m]}, int64, for g [B, M, C].
 
-    The logits are computed exactly as a nested loop would (z0 + α·g in float32, arg-max with ties to the
-    lowest class), but most rows are settled from the two ends of the (ascending) α grid: every logit is
-    linear in α, so the set of α at which row m is classified correctly is an interval. A row correct at both
-    ends is correct at every α in between; a row beaten by the same class at both ends is wrong throughout.
-    Only the remaining rows are evaluated at every grid point.
+    The logits are those of a nested loop (z0 + α·g in float32, arg-max with ties to the lowest class), but
+    little is computed at every α. Every logit is linear in α, so on an ascending grid, between two evaluated
+    grid points ("anchors", every ``segment`` points):
+
+    1. the set of α at which a row is classified correctly is an interval: a row correct at both anchors is
+       correct at every α in between, and a row in which some class beats the label at both anchors is
+       wrong throughout. Only the remaining ("open") rows need the points between;
+    2. another class c can win somewhere in the segment only if the larger of its two anchor logits reaches
+       L = max over the other classes of the smaller anchor logit (the class attaining L stays at or above
+       L). When g ≥ 0 (every cache term) the logits grow with α, the smaller anchor is the left one and the
+       larger the right one, which saves two passes. Open rows are evaluated on the label and those few
+       candidates, gathered in ascending class order so that ties still go to the lowest class index (tiers
+       of at most 8, then 32 columns, else every class).
+
+    Every segment is handled in the same tensor operations; memory is bounded by ``budget`` elements.
     """
-    num_b, num_m, _ = g.shape
-    num_a = alphas.numel()
+    num_b, num_m, num_c = g.shape
+    a = alphas.tolist()
+    num_a = len(a)
     counts = torch.zeros(num_b, num_a, dtype=torch.long)
-    ascending = num_a <= 2 or bool((alphas[1:] > alphas[:-1]).all())
-    for start in range(0, num_m, row_chunk):
-        zc = z0[start : start + row_chunk]
-        gc = g[:, start : start + row_chunk]
-        yc = labels[start : start + row_chunk]
-        if not ascending or num_a <= 2:
-            for j in range(num_a):
-                counts[:, j] += _argmax_correct(zc + alphas[j] * gc, yc)[0].sum(1)
+    if any(x >= y for x, y in zip(a, a[1:])):  # not ascending: plain evaluation at every α
+        for j, alpha in enumerate(a):
+            counts[:, j] = correct_mask(torch.add(z0, g, alpha=alpha), labels).sum(1)
+        return counts
+    anchors = torch.tensor(sorted({*range(0, num_a - 1, segment), num_a - 1}))
+    inner = anchors[:-1, None] + 1 + torch.arange(max(int((anchors[1:] - anchors[:-1]).max()) - 1, 0))  # [S, O]
+    valid = inner < anchors[1:, None]
+    inner = torch.minimum(inner, anchors[1:, None])
+    anchor_alpha = alphas[anchors].to(g.dtype)[:, None, None, None]
+    anchor_list = [a[p] for p in anchors.tolist()]
+    g_rows = g.reshape(-1, num_c)  # [B·M, C], one copy at most
+    step = max(1, budget // (anchors.numel() * num_b * num_c))
+    flat = counts.view(-1)
+    for start in range(0, num_m, step):
+        zc, gc, yc = z0[start : start + step], g[:, start : start + step], labels[start : start + step]
+        monotone = bool((gc >= 0).all())
+        logits = torch.empty(len(anchor_list), *gc.shape, dtype=gc.dtype)  # [P, B, m, C]
+        for p, alpha in enumerate(anchor_list):  # scalar-α adds are far faster than one broadcast addcmul
+            torch.add(zc, gc, alpha=alpha, out=logits[p])
+        own, best_other = _own_and_best_other(logits, yc)  # label column of ``logits`` now −inf
+        ok = _resolve(lambda zc=zc, gc=gc: torch.addcmul(zc, anchor_alpha, gc), yc, own, best_other)
+        counts[:, anchors] += ok.sum(2).T
+        if inner.shape[1] == 0:
             continue
-        ok_lo, win_lo = _argmax_correct(zc + alphas[0] * gc, yc)
-        ok_hi, win_hi = _argmax_correct(zc + alphas[-1] * gc, yc)
-        counts += (ok_lo & ok_hi).sum(1, keepdim=True)
-        open_rows = ~(ok_lo & ok_hi) & ~(~ok_lo & ~ok_hi & (win_lo == win_hi))
-        b_idx, m_idx = open_rows.nonzero(as_tuple=True)
-        if b_idx.numel() == 0:
+        sure = ok[:-1] & ok[1:]  # [S, B, m]
+        per_segment = sure.sum(2).T  # [B, S]
+        counts.index_add_(1, inner[valid], per_segment[:, valid.nonzero()[:, 0]])
+        if monotone:  # g ≥ 0: every logit grows with α, so a segment's smallest logits are at its left anchor
+            floor = best_other[:-1]  # L over the other classes, [S, B, m]
+            open_rows = ~sure & (own[1:] >= floor)
+        else:
+            floor = torch.minimum(logits[:-1], logits[1:]).amax(dim=-1)
+            open_rows = ~sure & (torch.maximum(own[:-1], own[1:]) >= floor)
+        open_flat = open_rows.view(-1).nonzero().squeeze(1)  # index into [S, B, m]
+        if open_flat.numel() == 0:
             continue
-        z_open, g_open, y_open = zc[m_idx], gc[b_idx, m_idx], yc[m_idx]
-        for j in range(num_a):
-            ok = _argmax_correct(z_open + alphas[j] * g_open, y_open)[0]
-            counts[:, j] += torch.bincount(b_idx[ok], minlength=num_b)
+        rows_m = zc.shape[0]
+        s_idx, b_idx, m_idx = open_flat // (num_b * rows_m), open_flat // rows_m % num_b, open_flat % rows_m
+        per_anchor = logits.view(-1, num_c)  # row (s, b, m) of [P, B, m] is row open_flat; anchor s + 1 follows
+        reach = per_anchor.index_select(0, open_flat + num_b * rows_m)  # largest logits: right anchor
+        if not monotone:
+            reach = torch.maximum(per_anchor.index_select(0, open_flat), reach)
+        candidate = reach >= floor.view(-1).index_select(0, open_flat).unsqueeze(1)
+        # tier of each open row (0: ≤ 8 candidates, 1: ≤ 32, last: every class); rows sorted by tier so that
+        # every per-row tensor is gathered once and each tier is a contiguous slice
+        tiers = [t for t in candidate_tiers if t + 1 < num_c]
+        tier_of = torch.bucketize(candidate.sum(1), torch.tensor(tiers, dtype=torch.long))
+        order = torch.argsort(tier_of, stable=True)
+        bounds = torch.bincount(tier_of, minlength=len(tiers) + 1).cumsum(0).tolist()
+        reach, candidate = reach.index_select(0, order), candidate.index_select(0, order)
+        b_idx, m_idx, s_idx = b_idx.index_select(0, order), m_idx.index_select(0, order), s_idx.index_select(0, order)
+        z_open = zc.index_select(0, m_idx)
+        g_open = g_rows.index_select(0, b_idx * num_m + start + m_idx)
+        y_open = yc.index_select(0, m_idx)
+        inner_rows = inner.index_select(0, s_idx)
+        alpha_rows, valid_rows = alphas.to(g.dtype)[inner_rows], valid.index_select(0, s_idx)
+        target = b_idx[:, None] * num_a + inner_rows
+        lo = 0
+        for t, hi in enumerate(bounds):
+            if hi > lo:
+                cols = None
+                if t < len(tiers):
+                    masked = torch.where(candidate[lo:hi], reach[lo:hi], float("-inf"))
+                    cols = torch.cat([masked.topk(tiers[t], dim=1).indices, y_open[lo:hi, None]], dim=1)
+                    cols = cols.sort(dim=1).values
+                _count_rows(
+                    z_open[lo:hi],
+                    g_open[lo:hi],
+                    y_open[lo:hi],
+                    cols,
+                    alpha_rows[lo:hi],
+                    valid_rows[lo:hi],
+                    target[lo:hi],
+                    flat,
+                )
+            lo = hi
     return counts
 
 
