@@ -20,10 +20,22 @@ import time
 import torch
 
 # The published grids: APE default 200x20x20, APE ImageNet 200x20x5, Tip-Adapter 200x20, GDA 7 values.
+# Tip-Adapter-F and APE-T train their published 20 epochs, then search the 200x20 (alpha, beta) grid.
 GRIDS = {
-    "published": {"ape": {"search_step": [200, 20, 20]}, "tip-adapter": {"search_step": [200, 20]}},
-    "imagenet": {"ape": {"preset": "imagenet"}, "tip-adapter": {"preset": "imagenet"}},
+    "published": {
+        "ape": {"search_step": [200, 20, 20]},
+        "tip-adapter": {"search_step": [200, 20]},
+        "tip-adapter-f": {"search_step": [200, 20], "epochs": 20},
+        "ape-t": {"search_step": [200, 20], "epochs": 20},
+    },
+    "imagenet": {
+        "ape": {"preset": "imagenet"},
+        "tip-adapter": {"preset": "imagenet"},
+        "tip-adapter-f": {"preset": "imagenet"},
+        "ape-t": {"preset": "imagenet"},
+    },
 }
+DEFAULT_METHODS = ["zero-shot", "tip-adapter", "ape", "gda", "linear-probe", "tip-adapter-f", "ape-t", "clip-adapter"]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -65,6 +77,7 @@ def worker(args: argparse.Namespace) -> None:
                 "gen_s": gen_s,
                 "peak_mb": peak_mb,
                 "evaluations": search.get("evaluations"),
+                "epochs": len(getattr(model, "history_", [])) or None,
                 "test_acc": acc,
                 "val_acc": model.val_accuracy_,
                 "bundle_mb": sum(t.numel() * 4 for t in (bundle.support_features, bundle.val_features)) / 2**20,
@@ -84,14 +97,14 @@ def main() -> None:
     p.add_argument("--within", type=float, default=3.5, help="within-class noise (difficulty; see synthetic.py)")
     p.add_argument("--text-noise", type=float, default=1.5, help="text noise (zero-shot difficulty)")
     p.add_argument("--grid", choices=sorted(GRIDS), default="published")
-    p.add_argument("--methods", nargs="+", default=["zero-shot", "tip-adapter", "ape", "gda", "linear-probe"])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--imagenet", action="store_true", help="1,000 classes, 4,000 val rows, the APE ImageNet grid")
     p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
     args = p.parse_args()
     if args.imagenet:
         args.classes, args.val, args.test, args.grid = 1000, 4000, 10000, "imagenet"
         if args.methods == p.get_default("methods"):
-            args.methods = ["zero-shot", "tip-adapter", "ape", "gda"]
+            args.methods = ["zero-shot", "tip-adapter", "ape", "gda", "tip-adapter-f", "ape-t"]
     if args.method:
         worker(args)
         return
@@ -101,8 +114,8 @@ def main() -> None:
         f"{args.val} val, {args.test} test rows; grid '{args.grid}'; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    header = f"{'method':14s} {'evaluations':>11s} {'fit+search s':>12s} {'predict s':>9s} {'peak MB':>8s}"
-    header += f" {'val %':>6s} {'test %':>6s}"
+    header = f"{'method':14s} {'evaluations':>11s} {'epochs':>6s} {'fit+search s':>12s} {'predict s':>9s}"
+    header += f" {'peak MB':>8s} {'val %':>6s} {'test %':>6s}"
     print(header)
     print("-" * len(header))
     for method in args.methods:
@@ -116,8 +129,8 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         val = "n/a" if r["val_acc"] is None else f"{r['val_acc']:.1f}"
         print(
-            f"{method:14s} {r['evaluations'] or '-':>11} {r['fit_s']:12.2f} {r['predict_s']:9.2f} "
-            f"{r['peak_mb']:8.0f} {val:>6s} {r['test_acc']:6.1f}"
+            f"{method:14s} {r['evaluations'] or '-':>11} {r['epochs'] or '-':>6} {r['fit_s']:12.2f} "
+            f"{r['predict_s']:9.2f} {r['peak_mb']:8.0f} {val:>6s} {r['test_acc']:6.1f}"
         )
     print("peak MB: maximum resident set of the worker process, bundle included.")
 

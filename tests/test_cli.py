@@ -72,7 +72,11 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--method", "nope"], "unknown method 'nope'; available: ape, gda, linear-probe, tip-adapter, zero-shot"),
+        (
+            ["--method", "nope"],
+            "unknown method 'nope'; available: ape, ape-t, clip-adapter, gda, linear-probe, tip-adapter, "
+            "tip-adapter-f, zero-shot",
+        ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),
         (["--method", "ape", "--set", "beta=3"], "unknown hyperparameter(s) ['beta']; valid:"),
         (["--method", "ape", "--set", "oops"], "--set expects KEY=VALUE"),

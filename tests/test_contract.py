@@ -12,7 +12,13 @@ import torch
 import fewclip.methods as M
 from fewclip.methods.base import MethodError, NotFittedError
 
-FAST = {"tip-adapter": {"search_step": [12, 6]}, "ape": {"search_step": [12, 6, 4], "channels": 40}}
+FAST = {
+    "tip-adapter": {"search_step": [12, 6]},
+    "ape": {"search_step": [12, 6, 4], "channels": 40},
+    "tip-adapter-f": {"search_step": [12, 6], "epochs": 4, "batch_size": 32},
+    "ape-t": {"search_step": [12, 6], "channels": 40, "epochs": 4, "batch_size": 32},
+    "clip-adapter": {"epochs": 4, "batch_size": 32},
+}
 
 
 def as_json(d):

@@ -143,7 +143,7 @@ class Method:
             if not key.endswith("_") or key.startswith("_"):
                 continue
             if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
+                tensors[key] = value.detach().cpu().clone()  # own storage: safetensors refuses aliases
             else:
                 scalars[key] = value
         return tensors, scalars

@@ -55,7 +55,7 @@ def ape_criterion(
     """
     text = text.double()
     sums = text.clone()
-    sizes = torch.ones(text.shape[0], dtype=torch.float64)
+    sizes = torch.ones(text.shape[0], dtype=torch.float64, device=text.device)
     if keys is not None:
         sums.index_add_(0, key_labels, keys.double())
         sizes += torch.bincount(key_labels, minlength=text.shape[0]).double()
@@ -120,9 +120,9 @@ class ClassLayout:
             order = torch.sort(labels, stable=True).indices
             starts = torch.cumsum(counts, 0) - counts
             sorted_labels = labels[order]
-            slot = torch.arange(labels.numel()) - starts[sorted_labels]
-            index = torch.zeros(num_classes, self.kmax, dtype=torch.long)
-            mask = torch.zeros(num_classes, self.kmax, dtype=torch.bool)
+            slot = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
+            index = torch.zeros(num_classes, self.kmax, dtype=torch.long, device=labels.device)
+            mask = torch.zeros(num_classes, self.kmax, dtype=torch.bool, device=labels.device)
             index[sorted_labels, slot] = order
             mask[sorted_labels, slot] = True
             self.index, self.mask = index, mask
