@@ -116,6 +116,7 @@ class ClassLayout:
         counts = torch.bincount(labels, minlength=num_classes)
         self.kmax = max(int(counts.max()), 1)
         self.padded = num_classes * self.kmax <= 2 * labels.numel()
+        self.contiguous = False
         if self.padded:
             order = torch.sort(labels, stable=True).indices
             starts = torch.cumsum(counts, 0) - counts
@@ -126,11 +127,17 @@ class ClassLayout:
             index[sorted_labels, slot] = order
             mask[sorted_labels, slot] = True
             self.index, self.mask = index, mask
+            # labels already grouped and every class K_max entries: arranging is a reshape, not a gather
+            self.contiguous = bool(mask.all()) and bool(
+                (order == torch.arange(labels.numel(), device=labels.device)).all()
+            )
 
     def arrange(self, columns: torch.Tensor) -> torch.Tensor:
         """[..., N] → [..., C, K_max] (padded) or unchanged."""
         if not self.padded:
             return columns
+        if self.contiguous:
+            return columns.unflatten(-1, (self.num_classes, self.kmax))
         return columns[..., self.index]
 
     def arrange_weights(self, weights: torch.Tensor) -> torch.Tensor:
@@ -218,6 +225,8 @@ def count_correct_along_alpha(
     segment: int = 5,
     candidate_tiers: tuple[int, ...] = (8, 32),
     budget: int = 1 << 23,
+    nonnegative: bool | None = None,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """counts[b, j] = #{m : argmax_c(z0[m] + alphas[j]·g[b, m]) = labels[m]}, int64, for g [B, M, C].
 
@@ -236,6 +245,8 @@ def count_correct_along_alpha(
        of at most 8, then 32 columns, else every class).
 
     Every segment is handled in the same tensor operations; memory is bounded by ``budget`` elements.
+    ``nonnegative`` states that g ≥ 0 (None: checked); ``workspace`` keeps the anchor-logit buffer between
+    calls (fresh large buffers cost page faults on every call).
     """
     num_b, num_m, num_c = g.shape
     a = alphas.tolist()
@@ -256,8 +267,8 @@ def count_correct_along_alpha(
     flat = counts.view(-1)
     for start in range(0, num_m, step):
         zc, gc, yc = z0[start : start + step], g[:, start : start + step], labels[start : start + step]
-        monotone = bool((gc >= 0).all())
-        logits = torch.empty(len(anchor_list), *gc.shape, dtype=gc.dtype)  # [P, B, m, C]
+        monotone = bool((gc >= 0).all()) if nonnegative is None else nonnegative
+        logits = _buffer(workspace, (len(anchor_list), *gc.shape), gc.dtype)  # [P, B, m, C]
         for p, alpha in enumerate(anchor_list):  # scalar-α adds are far faster than one broadcast addcmul
             torch.add(zc, gc, alpha=alpha, out=logits[p])
         own, best_other = _own_and_best_other(logits, yc)  # label column of ``logits`` now −inf
@@ -320,6 +331,19 @@ def count_correct_along_alpha(
     return counts
 
 
+def _buffer(workspace: dict[str, torch.Tensor] | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``, carved from ``workspace`` (grown when too small) if one is given."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype)
+    size = 1
+    for n in shape:
+        size *= n
+    held = workspace.get("logits")
+    if held is None or held.numel() < size or held.dtype != dtype:
+        held = workspace["logits"] = torch.empty(size, dtype=dtype)
+    return held[:size].view(shape)
+
+
 def search_row_chunk(num_entries: int, budget: int = 1 << 24) -> int:
     """Evaluation rows per chunk so that one [rows, N] float32 slab stays near ``budget`` elements (64 MB)."""
     return max(1, budget // max(num_entries, 1))
@@ -342,14 +366,22 @@ def cache_search(
     bounded whatever M is; ``progress`` (a tqdm bar) advances once per (chunk, β).
     """
     weights = layout.arrange_weights(entry_weights)
+    nonnegative = bool((entry_weights >= 0).all())  # then every cache term G ≥ 0, since φ > 0
+    workspace: dict[str, torch.Tensor] = {}
     counts = torch.zeros(betas.numel(), alphas.numel(), entry_weights.shape[0], dtype=torch.long)
     step = search_row_chunk(affinity.shape[1])
     for start in range(0, affinity.shape[0], step):
-        arranged = layout.arrange(affinity[start : start + step])
+        # φ_β(A) = exp(β·(A − 1)) (bit-identical to exp(−β(1 − A))): A − 1 once per chunk, then one multiply
+        # and one exp per β into a reused buffer (fresh 64 MB temporaries cost more than the arithmetic)
+        shifted = layout.arrange(affinity[start : start + step]) - 1.0
+        buffer = torch.empty_like(shifted)
         z_rows, y_rows = z0[start : start + step], labels[start : start + step]
         for i, beta in enumerate(betas.tolist()):
-            grouped = layout.class_sum(phi(arranged, beta), weights)  # [Γ, rows, C]
-            counts[i] += count_correct_along_alpha(z_rows, grouped, y_rows, alphas).T
+            torch.mul(shifted, beta, out=buffer)
+            grouped = layout.class_sum(buffer.exp_(), weights)  # [Γ, rows, C]
+            counts[i] += count_correct_along_alpha(
+                z_rows, grouped, y_rows, alphas, nonnegative=nonnegative, workspace=workspace
+            ).T
             if progress is not None:
                 progress.update(1)
     return counts

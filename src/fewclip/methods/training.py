@@ -63,6 +63,15 @@ def draw_views(support_features: torch.Tensor, generator: torch.Generator) -> to
     return l2n(support_features[views, rows].float())
 
 
+def adamw(params: list[torch.Tensor], **kw: float) -> torch.optim.Optimizer:
+    """AdamW, with the fused kernel where the device has one (an order of magnitude faster on CPU for the
+    16M keys of Tip-Adapter-F on ImageNet); the same update rule either way."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - devices without a fused kernel
+        return torch.optim.AdamW(params, **kw)
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_on_views` returns: the chosen state and the per-epoch record.
@@ -108,7 +117,7 @@ def train_on_views(
     num = labels.numel()
     iters = math.ceil(num / batch_size)
     generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.AdamW(list(params.values()), lr=float(lr), eps=float(eps), weight_decay=float(weight_decay))
+    optimizer = adamw(list(params.values()), lr=float(lr), eps=float(eps), weight_decay=float(weight_decay))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * iters)
     best_acc: torch.Tensor | None = None
     best_epochs: list[int] = [epochs]
