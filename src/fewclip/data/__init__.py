@@ -1,0 +1,97 @@
+"""Datasets, splits, prompts and few-shot episodes.
+
+Load a dataset and draw an episode::
+
+    from fewclip import data
+
+    splits = data.load_dataset("caltech101", "/data")        # folder caltech-101/ (or an APE/Candle alias)
+    episode = data.sample_episode(splits, k=16, seed=1)      # CoOp/Dassl-compatible draw
+    base = episode.subsample_classes("base")                 # base-to-new: first ceil(C/2) labels
+    image = splits.root / episode.train[0].path              # every Item opens as root / item.path
+    texts = data.load_prompts("single", splits.name).sentences(splits.classnames)
+
+Types: :class:`Item` (path, label, classname) and :class:`DatasetSplits` (train/val/test lists of items,
+class names, image root, split SHA-256). Errors are :class:`DataError` (a ``ValueError``) with one-line
+messages; count differences from the published numbers are :class:`DataWarning`.
+"""
+
+from .classnames import canonical_imagenet_classnames, prompt_name
+from .datasets import (
+    KIND_OPTIONS,
+    DataError,
+    DatasetInfo,
+    DatasetSplits,
+    DataWarning,
+    Item,
+    dataset_info,
+    find_missing,
+    list_datasets,
+    load_dataset,
+    read_split_json,
+    resolve_folder,
+    resolve_name,
+    save_split,
+)
+from .prompts import TEMPLATE_SETS, Prompts, fill_template, load_prompts, template_set
+from .sampling import (
+    SAMPLERS,
+    SUBSAMPLES,
+    VAL_KINDS,
+    Episode,
+    base_new_labels,
+    dassl_fewshot,
+    default_sampler,
+    episode_filename,
+    imbalance_counts,
+    import_coop_pickle,
+    load_episode,
+    make_imbalanced,
+    portable_fewshot,
+    sample_episode,
+    save_episode,
+    subsample_classes,
+    subsample_splits,
+    verify_episode,
+)
+
+__all__ = [
+    "KIND_OPTIONS",
+    "SAMPLERS",
+    "SUBSAMPLES",
+    "TEMPLATE_SETS",
+    "VAL_KINDS",
+    "DataError",
+    "DataWarning",
+    "DatasetInfo",
+    "DatasetSplits",
+    "Episode",
+    "Item",
+    "Prompts",
+    "base_new_labels",
+    "canonical_imagenet_classnames",
+    "dassl_fewshot",
+    "dataset_info",
+    "default_sampler",
+    "episode_filename",
+    "fill_template",
+    "find_missing",
+    "import_coop_pickle",
+    "imbalance_counts",
+    "list_datasets",
+    "load_dataset",
+    "load_episode",
+    "load_prompts",
+    "make_imbalanced",
+    "portable_fewshot",
+    "prompt_name",
+    "read_split_json",
+    "resolve_folder",
+    "resolve_name",
+    "sample_episode",
+    "save_episode",
+    "save_split",
+    "subsample_classes",
+    "subsample_splits",
+    "template_set",
+    "verify_episode",
+]
