@@ -265,17 +265,43 @@ def build_parser() -> argparse.ArgumentParser:
     msub = meth.add_subparsers(dest="methods_command", required=True)
     mlist = msub.add_parser("list")
     mlist.set_defaults(func=cmd_methods_list)
+
+    from .cache import add_parsers as add_cache_parsers
+    from .datasets import add_parsers as add_dataset_parsers
+
+    add_dataset_parsers(sub)
+    add_cache_parsers(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that carry a one-line message for the user (printed without a traceback, exit 2)."""
+    from ..data import DataError
+    from ..features.extract import BadImagesError
+    from ..features.store import FeatureStoreError
     from ..methods.base import MethodError, NotFittedError
+    from ..models import BackboneError, PresetError, TextClassifierError
 
+    return (
+        CLIError,
+        BundleError,
+        MethodError,
+        NotFittedError,
+        DataError,
+        BadImagesError,
+        FeatureStoreError,
+        BackboneError,
+        PresetError,
+        TextClassifierError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, BundleError, MethodError, NotFittedError) as exc:
+    except user_errors() as exc:
         print(f"fewclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
