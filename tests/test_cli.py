@@ -124,17 +124,26 @@ def test_methods_list(capsys):
     assert code == 0 and "ape\n" in out and "presets: caltech101" in out
 
 
-def test_demo_console_script_runs_offline():
+def _console_script(*argv: str) -> subprocess.CompletedProcess:
     # the console script that `pip install` put beside this interpreter (the README's install)
     exe = Path(sys.executable).parent / "fewclip"
     assert exe.is_file(), f"{exe} missing: install the project as the README says (pip install -e .)"
-    proc = subprocess.run(
-        [str(exe), "demo", "--classes", "8", "--shots", "4", "--dim", "32"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    return subprocess.run(
+        [str(exe), *argv], capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""}
     )
+
+
+def test_demo_console_script_runs_offline_from_images():
+    proc = _console_script("demo", "--classes", "3", "--shots", "1", "2", "--seeds", "1", "--views", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "1-shot" in proc.stdout and "2-shot" in proc.stdout and "loaded back by path" in proc.stdout
+    for name in ["ape", "ape-t", "clip-adapter", "gda", "linear-probe", "tip-adapter", "tip-adapter-f", "zero-shot"]:
+        assert sum(line.startswith(name + " ") for line in lines) == 2, name  # summary row and 2-shot detail row
+
+
+def test_demo_bundle_console_script_runs_offline():
+    proc = _console_script("demo", "--bundle", "--classes", "8", "--shots", "4", "--dim", "32")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     for name in ["ape", "gda", "linear-probe", "tip-adapter", "zero-shot"]:

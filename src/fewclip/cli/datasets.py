@@ -39,9 +39,14 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 # --------------------------------------------------------------------------- shared options
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``NAME``, ``--data-root``, ``--path`` and the per-kind options of :func:`fewclip.data.load_dataset`."""
-    parser.add_argument("name", help="dataset key or alias (see: fewclip datasets list), or folder / csv")
+def add_data_arguments(parser: argparse.ArgumentParser, *, as_option: bool = False) -> None:
+    """``NAME`` (``--dataset NAME`` with ``as_option``), ``--data-root``, ``--path`` and the per-kind options of
+    :func:`fewclip.data.load_dataset`."""
+    help_text = "dataset key or alias (see: fewclip datasets list), or folder / csv"
+    if as_option:
+        parser.add_argument("--dataset", dest="name", required=True, metavar="NAME", help=help_text)
+    else:
+        parser.add_argument("name", help=help_text)
     parser.add_argument("--data-root", help="folder holding one folder per dataset (CoOp's names; APE/Candle's too)")
     parser.add_argument("--path", help="the dataset folder itself (overrides --data-root); for folder/csv: the data")
     g = parser.add_argument_group("split options")

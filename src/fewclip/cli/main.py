@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..features.bundle import BundleError
@@ -104,49 +103,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- demo
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .. import methods
-    from ..features import bundle as bundle_io
-    from ..features.synthetic import make_synthetic_bundle
-
-    bundle = make_synthetic_bundle(
-        classes=args.classes,
-        shots=args.shots,
-        dim=args.dim,
-        views=10,
-        val_per_class=4,
-        test_per_class=50,
-        seed=args.seed,
-    )
-    print(
-        f"fewclip demo: synthetic CLIP-like bundle, {bundle.num_classes} classes x {args.shots} shots, "
-        f"D={bundle.dim}, {bundle.views} views, "
-        f"{bundle.val_labels.numel()} val / {bundle.test_labels.numel()} test rows"
-    )
-    if args.out:
-        path = bundle_io.save(bundle, Path(args.out) / "demo_bundle.safetensors")
-        print(f"bundle written to {path} (try: fewclip fit {path} --method ape)")
-    rows = []
-    for name in methods.list_methods():
-        model, res = fit_and_evaluate(bundle, name, None, {}, "val")
-        selected = {k: v for k, v in model.selected_.items() if v is not None}
-        rows.append(
-            {
-                "method": name,
-                "hyperparameters chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in selected.items()) or "-",
-                "val acc": "n/a" if res["val_accuracy"] is None else f"{res['val_accuracy']:.2f}",
-                "test acc": f"{res['test_accuracy']:.2f}",
-                "seconds": f"{res['fit_seconds'] + res['predict_seconds']:.2f}",
-            }
-        )
-    print(format_table(rows, ["method", "hyperparameters chosen", "val acc", "test acc", "seconds"]))
-    print("All choices were made on the validation split; test was evaluated once per method.")
-    return 0
-
-
 # --------------------------------------------------------------------------- bundle, methods
 
 
@@ -220,13 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fewclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run every method on a synthetic bundle (offline, seconds)")
-    demo.add_argument("--classes", type=int, default=20)
-    demo.add_argument("--shots", type=int, default=16)
-    demo.add_argument("--dim", type=int, default=128)
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--out", help="folder to write the demo bundle into")
-    demo.set_defaults(func=cmd_demo)
+    from .demo import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
 
     fit = sub.add_parser("fit", help="fit one method on a feature bundle and evaluate it on the bundle's test split")
     fit.add_argument("bundle", help="a .safetensors feature bundle")
@@ -268,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cache import add_parsers as add_cache_parsers
     from .datasets import add_parsers as add_dataset_parsers
+    from .run import add_parsers as add_run_parsers
 
+    add_run_parsers(sub)
     add_dataset_parsers(sub)
     add_cache_parsers(sub)
     return parser
@@ -281,6 +235,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ..features.store import FeatureStoreError
     from ..methods.base import MethodError, NotFittedError
     from ..models import BackboneError, PresetError, TextClassifierError
+    from ..protocols.results import ResultsError
 
     return (
         CLIError,
@@ -293,6 +248,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         BackboneError,
         PresetError,
         TextClassifierError,
+        ResultsError,
     )
 
 

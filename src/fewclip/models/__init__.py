@@ -11,7 +11,7 @@ from .backbones import (
     resolve_model,
 )
 from .preprocess import AUGMENT_PRESETS, EVAL_PRESETS, ImageSpec, PresetError
-from .text import TextClassifierError, build_prompts, text_classifier
+from .text import TextClassifierError, build_prompts, encode_prompts, text_classifier
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -26,6 +26,7 @@ __all__ = [
     "TextClassifierError",
     "build_prompts",
     "default_cache_dir",
+    "encode_prompts",
     "load_backbone",
     "resolve_model",
     "text_classifier",

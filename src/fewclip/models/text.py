@@ -76,9 +76,31 @@ def text_classifier(
     length are truncated by the tokenizer and counted. With ``return_info`` the result is
     ``(weights, {"prompts", "truncated", "encoded", "classes_with_descriptions"})``.
     """
+    prompts = build_prompts(classnames, templates, descriptions)
+    weights, info = encode_prompts(backbone, prompts, batch_size=batch_size, store=store)
+    if not return_info:
+        return weights
+    info["classes_with_descriptions"] = sum(1 for c in classnames if c in (descriptions or {}))
+    return weights, info
+
+
+def encode_prompts(
+    backbone: Backbone,
+    prompts: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 256,
+    store: FeatureStore | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """[C, D] classifier from one list of sentences per class (normalise per prompt, average, re-normalise).
+
+    Returns ``(weights, {"prompts", "unique_prompts", "truncated", "encoded"})``; see :func:`text_classifier`.
+    """
     if batch_size < 1:
         raise TextClassifierError(f"batch_size must be ≥ 1, got {batch_size}.")
-    prompts = build_prompts(classnames, templates, descriptions)
+    prompts = [list(row) for row in prompts]
+    empty = [c for c, row in enumerate(prompts) if not row]
+    if not prompts or empty:
+        raise TextClassifierError(f"every class needs at least one prompt; class(es) {empty[:5]} have none.")
     flat = [p for row in prompts for p in row]
     owner = torch.tensor([c for c, row in enumerate(prompts) for _ in row])
     unique = list(dict.fromkeys(flat))
@@ -116,13 +138,4 @@ def text_classifier(
             len(unique),
             backbone.context_length,
         )
-    if not return_info:
-        return weights
-    info = {
-        "prompts": len(flat),
-        "unique_prompts": len(unique),
-        "truncated": truncated,
-        "encoded": len(todo),
-        "classes_with_descriptions": sum(1 for c in classnames if c in (descriptions or {})),
-    }
-    return weights, info
+    return weights, {"prompts": len(flat), "unique_prompts": len(unique), "truncated": truncated, "encoded": len(todo)}

@@ -1,0 +1,206 @@
+"""``fewclip run`` (few-shot results from image folders) and ``fewclip extract`` (one episode's feature bundle)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cache import add_cache_dir_argument
+from .datasets import add_data_arguments, add_episode_arguments, add_prompt_argument, kind_options_from_args
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, help="e.g. RN50, ViT-B-16, local-dir:DIR, hf-hub:ORG/NAME")
+    g.add_argument("--pretrained", help="weights tag (openai, laion2b_s34b_b88k, ...) or a local checkpoint file")
+    g.add_argument("--backend", choices=["open_clip", "hf"], default="open_clip")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    g.add_argument("--preprocess", default="auto", help="evaluation transform preset (auto, clip, lift, model_default)")
+    g.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow pickled checkpoints (they can run code when loaded)"
+    )
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("extraction")
+    g.add_argument("--views", type=int, default=10, help="augmented views per support image (default 10)")
+    g.add_argument("--augmentation", default="tip_cache", help="augmentation preset of the views (default tip_cache)")
+    g.add_argument(
+        "--augment-seed", type=int, default=0, help="seed of the views; keep it fixed across few-shot seeds (0)"
+    )
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for small jobs, else up to 8)")
+    g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out and record them")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cache_dir_argument(parser)
+
+
+def extraction_options(args: argparse.Namespace):
+    from ..features.pipeline import ExtractionOptions
+
+    return ExtractionOptions(
+        views=args.views,
+        augmentation=args.augmentation,
+        augment_seed=args.augment_seed,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
+        progress=not args.no_progress,
+    )
+
+
+def parse_method_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``KEY=VALUE`` (every method) or ``METHOD:KEY=VALUE`` pairs -> {method or "*": {key: value}}."""
+    from .main import parse_set
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, colon, key = target.rpartition(":")
+        if not colon:
+            method, key = "*", target
+        out.setdefault(method, {}).update(parse_set([f"{key}{sep}{value}"]))
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..protocols.fewshot import FewShotConfig, run_fewshot
+
+    config = FewShotConfig(
+        dataset=args.name,
+        data_root=args.data_root,
+        path=args.path,
+        kind_options=kind_options_from_args(args),
+        model=args.model,
+        pretrained=args.pretrained,
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        preprocess=args.preprocess,
+        trust_checkpoint=args.trust_checkpoint,
+        prompts=args.prompts,
+        methods=list(dict.fromkeys(args.method)),
+        shots=args.shots,
+        seeds=args.seeds,
+        preset=args.preset,
+        overrides=parse_method_sets(args.set),
+        selection=args.selection,
+        sampler=args.sampler,
+        val_kind=args.val_kind,
+        extraction=extraction_options(args),
+        cache_dir=args.cache_dir,
+    )
+    try:
+        report = run_fewshot(config, args.out, force=args.force)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished results and encoded features are kept; run the same command again to continue.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"\n{report.dataset}: top-1 test accuracy (%), mean ± std over seeds {list(dict.fromkeys(args.seeds))}")
+    print(report.table())
+    print(
+        f"{len(report.written)} result(s) written, {len(report.skipped)} reused; {report.encoded} image view(s) "
+        f"encoded, {report.cached} from the cache. Results: {Path(args.out) / report.dataset}/"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ..data import load_prompts, subsample_splits
+    from ..features import bundle as bundle_io
+    from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
+    from ..features.store import FeatureStore
+    from ..models import load_backbone
+    from .datasets import episode_from_args, load_from_args
+
+    splits = load_from_args(args)
+    prompts = load_prompts(args.prompts, splits.name)
+    episode = episode_from_args(args, splits)
+    test = subsample_splits(splits, args.subsample).test
+    backbone = load_backbone(
+        args.model,
+        args.pretrained,
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        preprocess=args.preprocess,
+        cache_dir=args.cache_dir,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    store = FeatureStore(args.cache_dir)
+    options = extraction_options(args)
+    pool = encode_images_once(backbone, splits, [episode], test=test, store=store, options=options)
+    text_weights, _ = encode_text_classifier(backbone, episode.classnames, prompts, store=store)
+    metadata = {
+        "backbone": args.model,
+        "pretrained": args.pretrained,
+        "prompts": prompts.name if prompts.sha256 is None else f"{prompts.name} (sha256 {prompts.sha256})",
+        "augmentation": options.augmentation,
+        "augment_seed": options.augment_seed,
+        "backbone_identity": json.dumps(backbone.cache_key(), sort_keys=True),
+    }
+    if episode.subsample != "all":
+        metadata["subsample"] = episode.subsample
+    if pool.bad:
+        metadata["bad_images"] = json.dumps([b.as_dict() for b in pool.bad])
+    bundle, dropped = episode_bundle(pool, episode, test, text_weights, metadata=metadata)
+    path = bundle_io.save(bundle, args.out)
+    print(f"wrote {path}: {json.dumps(bundle.summary())}")
+    print(f"{pool.encoded} image view(s) encoded, {pool.cached} from the cache")
+    if any(dropped.values()):
+        print(f"left out as unreadable: {dropped}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser(
+        "run", help="few-shot results from a dataset on disk: extract what the cache lacks, fit, evaluate"
+    )
+    add_data_arguments(run, as_option=True)
+    add_model_arguments(run)
+    add_prompt_argument(run)
+    run.add_argument("--method", nargs="+", required=True, help="one or more methods (see: fewclip methods list)")
+    run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    run.add_argument(
+        "--preset",
+        help="'paper': each method's published configuration for this dataset where it has one; or a preset name",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="override a hyperparameter of every method, or of METHOD only",
+    )
+    run.add_argument("--selection", choices=["val", "none"], default="val")
+    run.add_argument("--sampler", choices=["dassl", "portable"], help="default: dassl for registered datasets")
+    run.add_argument("--val-kind", choices=["fewshot", "full"], default="fewshot")
+    add_extraction_arguments(run)
+    run.add_argument("--out", default="results", help="results folder (default: results)")
+    run.add_argument("--force", action="store_true", help="re-run results that exist already")
+    run.set_defaults(func=cmd_run)
+
+    ext = subparsers.add_parser("extract", help="write the feature bundle of one (dataset, K, seed) episode")
+    add_data_arguments(ext, as_option=True)
+    add_model_arguments(ext)
+    add_prompt_argument(ext)
+    add_episode_arguments(ext)
+    add_extraction_arguments(ext)
+    ext.add_argument("--out", required=True, help="the bundle file to write (.safetensors)")
+    ext.set_defaults(func=cmd_extract)

@@ -1,0 +1,144 @@
+"""Results files: one JSON per (dataset, method, shots, seed), written atomically, and their summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+RESULT_FORMAT = "fewclip-result/1"
+SUMMARY_FORMAT = "fewclip-summary/1"
+
+
+class ResultsError(ValueError):
+    """A results folder that cannot be used as asked; the message names the file and the fix."""
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors, tuples, paths and non-finite floats turned into plain JSON values."""
+    import torch
+
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
+def config_sha256(setup: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``setup`` (what decides a result; not paths, devices or timings)."""
+    text = json.dumps(jsonable(setup), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and of the libraries that decide features and fits."""
+    from .. import __version__
+
+    out: dict[str, str | None] = {"fewclip": __version__, "python": sys.version.split()[0]}
+    for dist in ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "safetensors", "pillow"):
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            out[dist] = None
+    out["platform"] = platform.platform()
+    return out
+
+
+def result_path(out_dir: str | Path, dataset: str, method: str, shots: int, seed: int) -> Path:
+    """``<out>/<dataset>/<method>/shots_<K>-seed_<S>.json``."""
+    return Path(out_dir) / dataset / method / f"shots_{shots}-seed_{seed}.json"
+
+
+def write_result(path: Path, result: Mapping[str, Any]) -> Path:
+    """Write ``result`` atomically (a temporary file renamed onto ``path``)."""
+    from ..data.datasets import atomic_write_text
+
+    atomic_write_text(path, json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The result at ``path``; None when there is none or it is not a complete fewclip result (re-run it)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
+        return None
+    return obj
+
+
+def setup_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The keys of two setups whose values differ, as ``key: old -> new`` lines."""
+    old, new = jsonable(old), jsonable(new)
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (ddof 0, as CoOp's parse_test_res.py)."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def summarize(results: Iterable[Mapping[str, Any]], key: str = "test_accuracy") -> list[dict[str, Any]]:
+    """Mean ± std over seeds of ``accuracy[key]`` per (method, shots), in first-seen method order."""
+    groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in results:
+        groups.setdefault((r["method"], int(r["shots"])), []).append((int(r["seed"]), float(r["accuracy"][key])))
+    rows = []
+    for (method, shots), pairs in groups.items():
+        pairs.sort()
+        mean, std = mean_std([v for _, v in pairs])
+        rows.append(
+            {
+                "method": method,
+                "shots": shots,
+                "mean": mean,
+                "std": std,
+                "seeds": [s for s, _ in pairs],
+                "n": len(pairs),
+            }
+        )
+    return rows
+
+
+def format_summary(rows: Sequence[Mapping[str, Any]], seeds_expected: int | None = None) -> str:
+    """A method × shots table of ``mean ± std`` (the number of seeds in brackets when fewer than expected)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shots = sorted({int(r["shots"]) for r in rows})
+    cell = {(r["method"], int(r["shots"])): r for r in rows}
+    header = ["method", *(f"{k}-shot" for k in shots)]
+    body = []
+    for m in methods:
+        line = [m]
+        for k in shots:
+            r = cell.get((m, k))
+            if r is None:
+                line.append("-")
+                continue
+            text = f"{r['mean']:.2f} ± {r['std']:.2f}"
+            if seeds_expected is not None and r["n"] < seeds_expected:
+                text += f" ({r['n']} seed{'s' if r['n'] != 1 else ''})"
+            line.append(text)
+        body.append(line)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in body)])

@@ -1,0 +1,201 @@
+"""`fewclip run` and `fewclip extract` end to end: generated images in CoOp's layout, a tiny open_clip model
+loaded back by path, the feature cache, results files, skipping and forcing, bad images."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fewclip import data
+from fewclip.cli.main import main
+from fewclip.cli.run import parse_method_sets
+from fewclip.data.generate import write_images
+from fewclip.features import bundle as bundle_io
+from fewclip.features.extract import BadImage
+from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
+from fewclip.models.tiny import save_tiny_openclip
+from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
+from fewclip.protocols.results import format_summary, mean_std, summarize
+
+NAMES = ["abyssinian", "beagle", "chihuahua"]
+COUNTS = {"train": 6, "val": 4, "test": 5}
+
+
+def make_pets(root: Path) -> Path:
+    """oxford_pets/images/<file>.jpg + split_zhou_OxfordPets.json (CoOp's layout), 3 classes."""
+    folder = root / "oxford_pets"
+    split = {
+        s: [[f"{NAMES[y]}_{s}_{i}.jpg", y, NAMES[y]] for y in range(len(NAMES)) for i in range(n)]
+        for s, n in COUNTS.items()
+    }
+    items = [(p, y) for rows in split.values() for p, y, _ in rows]
+    write_images(folder / "images", items, len(NAMES), size=36, seed=0)
+    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    tiny = save_tiny_openclip(root / "model", "vit", name="fewclip-test-run-vit", seed=0)
+    return SimpleNamespace(root=root, data_root=make_pets(root / "data"), model=f"local-dir:{tiny.folder}")
+
+
+def run_argv(env, out: Path, cache: Path, *extra: str, data_root: Path | None = None) -> list[str]:
+    return [
+        "run", "--dataset", "oxford_pets", "--data-root", str(data_root or env.data_root), "--model", env.model,
+        "--views", "2", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    sweep = ["--shots", "1", "2", "--seeds", "1", "2"]
+    assert main(run_argv(env, out, cache, "--method", "zero-shot", "tip-adapter", "gda", *sweep)) == 0
+    printed = capsys.readouterr().out
+    files = sorted((out / "oxford_pets").glob("*/shots_*-seed_*.json"))
+    assert len(files) == 3 * 2 * 2
+
+    splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
+    r = json.loads((out / "oxford_pets" / "gda" / "shots_2-seed_1.json").read_text())
+    assert (r["dataset"], r["method"], r["shots"], r["seed"], r["selection"]) == ("oxford_pets", "gda", 2, 1, "val")
+    assert r["split"]["sha256"] == splits.split_sha256 and r["setup"]["split_sha256"] == splits.split_sha256
+    assert r["model"]["weights"]["sha256"] and r["versions"]["torch"] and r["versions"]["fewclip"]
+    assert r["prompts"]["templates"] == ["a photo of a {}, a type of pet."] and r["test_tuned"] is False
+    assert r["episode"]["support"] == 3 * 2 and r["episode"]["val"] == 3 * 2 and r["episode"]["test"] == 15
+    episode = data.load_episode(out / r["episode"]["file"], splits)
+    assert episode == data.sample_episode(splits, 2, 1)  # the subset file is the dassl draw, reloadable
+    assert len(r["per_class_accuracy"]) == 3 and "alpha" in r["selected"]
+    assert r["accuracy"]["test_mean_per_class"] == pytest.approx(sum(r["per_class_accuracy"]) / 3)
+
+    # the printed table is mean ± population std over the seeds' files
+    accs = [json.loads((out / "oxford_pets" / "gda" / f"shots_2-seed_{s}.json").read_text()) for s in (1, 2)]
+    mean, std = mean_std([a["accuracy"]["test_accuracy"] for a in accs])
+    gda_row = next(line for line in printed.splitlines() if line.startswith("gda "))
+    assert f"{mean:.2f} ± {std:.2f}" in gda_row
+
+    # the same command again: everything reused, nothing encoded
+    assert main(run_argv(env, out, cache, "--method", "zero-shot", "tip-adapter", "gda", *sweep)) == 0
+    assert "0 result(s) written, 12 reused; 0 image view(s) encoded" in capsys.readouterr().out
+    # a new method on the same episodes: fitted, but every image comes from the cache
+    assert main(run_argv(env, out, cache, "--method", "gda", "linear-probe", *sweep)) == 0
+    assert "4 result(s) written, 4 reused; 0 image view(s) encoded" in capsys.readouterr().out
+    before = (out / "oxford_pets" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns
+    assert main(run_argv(env, out, cache, "--method", "gda", "--shots", "1", "--seeds", "1", "--force")) == 0
+    assert "1 result(s) written, 0 reused" in capsys.readouterr().out
+    assert (out / "oxford_pets" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns != before
+
+    # a result of another setup is never overwritten silently
+    conflict = run_argv(env, out, cache, "--method", "tip-adapter", "--shots", "1", "--seeds", "1")
+    assert main([*conflict, "--set", "tip-adapter:search_step=[10,5]"]) == 2
+    err = capsys.readouterr().err
+    assert "shots_1-seed_1.json holds a result of another setup" in err and "overrides" in err and "--force" in err
+
+
+def test_encodes_each_image_once_for_the_whole_sweep(env, tmp_path):
+    config = FewShotConfig(
+        dataset="oxford_pets",
+        data_root=str(env.data_root),
+        model=env.model,
+        methods=["zero-shot"],
+        shots=[1, 2],
+        seeds=[1, 2],
+        extraction=ExtractionOptions(views=2, progress=False),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    report = run_fewshot(config, tmp_path / "out", log=lambda m: None)
+    splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
+    episodes = [data.sample_episode(splits, k, s) for k in (1, 2) for s in (1, 2)]
+    support = {i.path for e in episodes for i in e.train}
+    evaluation = {i.path for e in episodes for i in e.val} | {i.path for i in splits.test}
+    assert report.encoded == 3 * len(support) + len(evaluation)  # 2 views + clean per support image
+    again = run_fewshot(config, tmp_path / "out2", log=lambda m: None)
+    assert again.encoded == 0 and again.cached == report.encoded
+    assert [r["accuracy"] for r in again.results] == [r["accuracy"] for r in report.results]
+
+
+def test_bad_images_are_listed_or_skipped_and_recorded(env, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    shutil.copytree(env.data_root, data_root)
+    broken = data_root / "oxford_pets" / "images" / "beagle_test_3.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = run_argv(env, tmp_path / "out", tmp_path / "cache", "--method", "zero-shot", "--shots", "1",
+                    "--seeds", "1", data_root=data_root)  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "beagle_test_3.jpg" in err and "--skip-bad-images" in err
+    assert main([*argv, "--skip-bad-images"]) == 0
+    r = json.loads((tmp_path / "out" / "oxford_pets" / "zero-shot" / "shots_1-seed_1.json").read_text())
+    assert [b["path"] for b in r["bad_images"]] == ["beagle_test_3.jpg"]
+    assert r["episode"]["test"] == 14 and r["episode"]["dropped_bad_images"]["test"] == 1
+
+
+def test_extract_writes_the_episode_bundle(env, tmp_path, capsys):
+    out = tmp_path / "pets_k2_s1.safetensors"
+    argv = ["extract", "--dataset", "oxford_pets", "--data-root", str(env.data_root), "--model", env.model,
+            "--shots", "2", "--seed", "1", "--views", "3", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    b = bundle_io.load(out)
+    assert b.support_features.shape[:2] == (3, 6) and b.support_clean_features.shape[0] == 6
+    assert torch.bincount(b.support_labels).tolist() == [2, 2, 2]
+    assert b.val_labels.numel() == 6 and b.test_labels.numel() == 15 and list(b.classnames) == NAMES
+    splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
+    meta = b.metadata
+    assert (meta["dataset"], meta["shots"], meta["seed"], meta["views"]) == ("oxford_pets", "2", "1", "3")
+    assert meta["split_sha256"] == splits.split_sha256 and meta["backbone"] == env.model
+    capsys.readouterr()
+    assert main(["fit", str(out), "--method", "tip-adapter", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"]["classes"] == 3
+
+    base = tmp_path / "base.safetensors"
+    assert main([*argv[:-1], str(base), "--subsample", "base"]) == 0
+    b = bundle_io.load(base)  # first ceil(3 / 2) = 2 labels, relabelled; test restricted to them
+    assert list(b.classnames) == NAMES[:2] and b.test_labels.numel() == 10 and int(b.test_labels.max()) == 1
+
+
+def test_episode_bundle_slices_the_pool_by_path():
+    d = 4
+    support = torch.arange(2 * 3 * d, dtype=torch.float32).reshape(2, 3, d) + 1
+    pool = FeaturePool(
+        support=support,
+        support_clean=support[0] * 10,
+        support_index={"a.jpg": 0, "b.jpg": 1, "c.jpg": 2},
+        evaluation=torch.arange(3 * d, dtype=torch.float32).reshape(3, d) + 1,
+        eval_index={"v.jpg": 0, "t1.jpg": 1, "t2.jpg": 2},
+        bad=[BadImage("gone.jpg", "OSError")],
+    )
+    item = data.Item
+    episode = data.Episode(
+        dataset="x", train=[item("c.jpg", 1, "b"), item("gone.jpg", 0, "a"), item("a.jpg", 0, "a")],
+        val=[item("v.jpg", 0, "a")], classnames=["a", "b"], k=1, seed=1, sampler="portable", split_sha256="0" * 64,
+    )  # fmt: skip
+    text = torch.eye(2, d)
+    b, dropped = episode_bundle(pool, episode, [item("t2.jpg", 1, "b"), item("t1.jpg", 0, "a")], text)
+    assert dropped == {"support": 1, "val": 0, "test": 0}
+    assert torch.equal(b.support_features, support[:, [2, 0]]) and b.support_labels.tolist() == [1, 0]
+    assert torch.equal(b.support_clean_features, support[0, [2, 0]] * 10)
+    assert torch.equal(b.test_features, pool.evaluation[[2, 1]]) and b.test_labels.tolist() == [1, 0]
+    assert torch.equal(b.val_features, pool.evaluation[[0]]) and b.metadata["views"] == "2"
+
+
+def test_summary_is_mean_and_population_std_over_seeds():
+    assert mean_std([70.0, 72.0, 77.0]) == pytest.approx((73.0, math.sqrt((9 + 1 + 16) / 3)))
+    results = [
+        {"method": "ape", "shots": 1, "seed": s, "accuracy": {"test_accuracy": a}} for s, a in [(2, 60.0), (1, 50.0)]
+    ] + [{"method": "gda", "shots": 1, "seed": 1, "accuracy": {"test_accuracy": 40.0}}]
+    rows = summarize(results)
+    assert rows[0] == {"method": "ape", "shots": 1, "mean": 55.0, "std": 5.0, "seeds": [1, 2], "n": 2}
+    table = format_summary(rows, seeds_expected=2)
+    assert "55.00 ± 5.00" in table and "40.00 ± 0.00 (1 seed)" in table
+
+
+def test_set_targets_every_method_or_one():
+    sets = parse_method_sets(["epochs=5", "ape:search_step=[10,5,5]", "tip-adapter-f:lr=0.01"])
+    assert sets == {"*": {"epochs": 5}, "ape": {"search_step": [10, 5, 5]}, "tip-adapter-f": {"lr": 0.01}}
