@@ -70,10 +70,21 @@ def parse_method_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- run
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from ..protocols.fewshot import FewShotConfig, run_fewshot
+def config_from_args(args: argparse.Namespace, methods: list[str] | None = None):
+    """The :class:`~fewclip.protocols.fewshot.FewShotConfig` of ``run`` / ``extract`` arguments."""
+    from ..protocols.fewshot import FewShotConfig
 
-    config = FewShotConfig(
+    sweep = {}
+    if methods is not None:
+        sweep = {
+            "methods": methods,
+            "shots": args.shots,
+            "seeds": args.seeds,
+            "preset": args.preset,
+            "overrides": parse_method_sets(args.set),
+            "selection": args.selection,
+        }
+    return FewShotConfig(
         dataset=args.name,
         data_root=args.data_root,
         path=args.path,
@@ -86,17 +97,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         trust_checkpoint=args.trust_checkpoint,
         prompts=args.prompts,
-        methods=list(dict.fromkeys(args.method)),
-        shots=args.shots,
-        seeds=args.seeds,
-        preset=args.preset,
-        overrides=parse_method_sets(args.set),
-        selection=args.selection,
         sampler=args.sampler,
         val_kind=args.val_kind,
         extraction=extraction_options(args),
         cache_dir=args.cache_dir,
+        **sweep,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..protocols.fewshot import run_fewshot
+
+    config = config_from_args(args, methods=list(dict.fromkeys(args.method)))
     try:
         report = run_fewshot(config, args.out, force=args.force)
     except KeyboardInterrupt:
@@ -122,25 +134,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from ..features import bundle as bundle_io
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
     from ..features.store import FeatureStore
-    from ..models import load_backbone
+    from ..protocols.fewshot import load_config_backbone
     from .datasets import episode_from_args, load_from_args
 
+    config = config_from_args(args)
     splits = load_from_args(args)
-    prompts = load_prompts(args.prompts, splits.name)
+    prompts = load_prompts(config.prompts, splits.name)
     episode = episode_from_args(args, splits)
     test = subsample_splits(splits, args.subsample).test
-    backbone = load_backbone(
-        args.model,
-        args.pretrained,
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
-        preprocess=args.preprocess,
-        cache_dir=args.cache_dir,
-        trust_checkpoint=args.trust_checkpoint,
-    )
-    store = FeatureStore(args.cache_dir)
-    options = extraction_options(args)
+    backbone = load_config_backbone(config)
+    store = FeatureStore(config.cache_dir)
+    options = config.extraction
     pool = encode_images_once(backbone, splits, [episode], test=test, store=store, options=options)
     text_weights, _ = encode_text_classifier(backbone, episode.classnames, prompts, store=store)
     metadata = {

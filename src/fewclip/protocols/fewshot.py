@@ -144,6 +144,22 @@ def _setup(config: FewShotConfig, splits, prompts, method: str, preset: str | No
     }
 
 
+def load_config_backbone(config: FewShotConfig):
+    """The :class:`~fewclip.models.Backbone` that ``config`` names."""
+    from ..models import load_backbone
+
+    return load_backbone(
+        config.model,
+        config.pretrained,
+        backend=config.backend,
+        precision=config.precision,
+        device=config.device,
+        preprocess=config.preprocess,
+        cache_dir=config.cache_dir,
+        trust_checkpoint=config.trust_checkpoint,
+    )
+
+
 def _log_default(message: str) -> None:
     from tqdm import tqdm
 
@@ -164,7 +180,6 @@ def run_fewshot(
     from ..data import episode_filename, load_dataset, load_prompts, sample_episode, save_episode
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
     from ..features.store import FeatureStore
-    from ..models import load_backbone
     from .metrics import accuracy, mean_per_class_accuracy, per_class_accuracy
 
     log = log or _log_default
@@ -211,16 +226,7 @@ def run_fewshot(
             episode = sample_episode(splits, k, seed, sampler=config.sampler, val_kind=config.val_kind)
             file = save_episode(episode, out_dir / splits.name / "episodes" / episode_filename(episode))
             episodes[k, seed], episode_files[k, seed] = episode, file
-        backbone = load_backbone(
-            config.model,
-            config.pretrained,
-            backend=config.backend,
-            precision=config.precision,
-            device=config.device,
-            preprocess=config.preprocess,
-            cache_dir=config.cache_dir,
-            trust_checkpoint=config.trust_checkpoint,
-        )
+        backbone = load_config_backbone(config)
         store = FeatureStore(config.cache_dir)
         t0 = time.perf_counter()
         pool = encode_images_once(backbone, splits, list(episodes.values()), store=store, options=config.extraction)
