@@ -33,7 +33,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
         "--augment-seed", type=int, default=0, help="seed of the views; keep it fixed across few-shot seeds (0)"
     )
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for small jobs, else up to 8)")
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for small jobs, else up to 16)")
     g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out and record them")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_cache_dir_argument(parser)

@@ -158,9 +158,11 @@ def _group_spec(backbone: Backbone, view: View, seed: int, augmentation: str, da
 
 
 def _auto_workers(n_images: int, batch_size: int) -> int:
+    """0 for jobs of under two loader batches; else one worker per core but one, up to 16 (one worker decodes and
+    resizes about 300 images/s, so a GPU needs many)."""
     if n_images < 2 * batch_size:
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(16, (os.cpu_count() or 1) - 1))
 
 
 def _extract_views(
@@ -295,7 +297,7 @@ def extract(
     ``view`` is ``"clean"`` (the evaluation transform) or an augmentation index (preset ``augmentation``,
     seeded by ``(seed, path, view)``). With a ``store``, cached rows are read and only missing images are
     encoded (``Extraction.encoded`` counts them); ``dataset`` and ``split_hash`` scope the cache keys (without
-    a dataset name the resolved ``root`` is used). ``num_workers=None`` picks 0 for small jobs, else up to 8.
+    a dataset name the resolved ``root`` is used). ``num_workers=None`` picks 0 for small jobs, else up to 16.
     """
     feats, kept, bad, encoded, cached = _extract_views(
         backbone,
