@@ -7,7 +7,7 @@ import fewclip.methods as M
 from fewclip.features.bundle import make_bundle
 from fewclip.methods.ape import resolve_channels
 from fewclip.methods.base import MethodError
-from fewclip.methods.gda import gda_classifier, gda_precision
+from fewclip.methods.gda import gda_classifier, gda_precision, synthesised_means
 
 TEXT = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 KEYS = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]])
@@ -165,9 +165,18 @@ def test_methods_needing_support_refuse_class_without_support(bundle):
         support_labels=bundle.support_labels[keep],
         support_clean_features=bundle.support_clean_features[keep],
     )
-    for name in ["gda", "linear-probe"]:
-        with pytest.raises(MethodError, match="1 class\\(es\\) have none.*class_003"):
-            M.create(name).fit(partial)
+    with pytest.raises(MethodError, match="1 class\\(es\\) have none.*class_003"):
+        M.create("linear-probe").fit(partial)
+    # GDA synthesises the class's mean from its text row and its nearest support views
+    gda = M.create("gda").fit(partial)
+    assert gda.new_classes_ == [3]
+    x = torch.nn.functional.normalize(partial.support_features.reshape(-1, bundle.dim), dim=1).double()
+    t = bundle.text_weights[3].double()
+    nearest = x[(x @ t).argsort(descending=True)[:64]]
+    mean = (nearest.sum(0) + 16 * t) / 80
+    assert torch.allclose(synthesised_means(x, t[None])[0], mean)
+    _, precision = gda_precision(x, partial.support_labels.repeat(bundle.views), bundle.num_classes)
+    assert torch.allclose(gda.weights_[3].double(), mean @ precision, rtol=1e-4, atol=1e-4)
     # cache methods handle it: the class keeps its zero-shot logit, its cache term is 0
     model = M.create("tip-adapter", selection="none").fit(partial)
     z0 = 100 * torch.nn.functional.normalize(bundle.test_features, dim=1) @ bundle.text_weights.T

@@ -21,7 +21,8 @@ from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
-from fewclip.protocols.results import format_summary, mean_std, summarize
+from fewclip.protocols.protocol import BaseToNew, base_new_scores, harmonic_mean
+from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
 COUNTS = {"train": 6, "val": 4, "test": 5}
@@ -199,3 +200,63 @@ def test_summary_is_mean_and_population_std_over_seeds():
 def test_set_targets_every_method_or_one():
     sets = parse_method_sets(["epochs=5", "ape:search_step=[10,5,5]", "tip-adapter-f:lr=0.01"])
     assert sets == {"*": {"epochs": 5}, "ape": {"search_step": [10, 5, 5]}, "tip-adapter-f": {"lr": 0.01}}
+
+
+# --------------------------------------------------------------------------- base-to-new
+
+
+def test_base_new_scores_restrict_columns_by_hand():
+    # classes 0, 1 base; 2, 3 new. Row 0 (base, label 0): a new column wins overall, base column 0 wins within base.
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 9.0, 0.0],  # label 0: within base -> 0 (right); all columns -> 2 (wrong)
+            [1.0, 2.0, 0.0, 0.0],  # label 1: within base -> 1 (right); all -> 1 (right)
+            [9.0, 0.0, 1.0, 3.0],  # label 3: within new -> 3 (right); all -> 0 (wrong)
+            [0.0, 0.0, 2.0, 1.0],  # label 3: within new -> 2 (wrong)
+        ]
+    )
+    scores = base_new_scores(logits, torch.tensor([0, 1, 3, 3]), num_base=2)
+    assert scores["base"] == 100.0 and scores["new"] == 50.0
+    assert scores["harmonic_mean"] == pytest.approx(2 * 100 * 50 / 150)
+    assert scores["base_all_classes"] == 50.0 and scores["new_all_classes"] == 0.0
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_base2new_summary_takes_hm_of_the_seed_means():
+    results = [
+        {"method": "gda", "shots": 16, "seed": s, "accuracy": {"base": b, "new": n}}
+        for s, b, n in [(1, 80.0, 40.0), (2, 60.0, 80.0)]
+    ]
+    (row,) = BaseToNew().summarize(results)
+    assert (row["base"], row["new"]) == (70.0, 60.0)
+    assert row["harmonic_mean"] == pytest.approx(2 * 70 * 60 / 130)  # not the mean of per-seed HMs
+    assert "64.62" in BaseToNew().format([row], 2)
+
+
+def test_base2new_episode_keeps_every_class_but_supports_only_base(env):
+    splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
+    episode = BaseToNew().episode(splits, 4, 1, sampler=None, val_kind="fewshot")
+    assert episode.classnames == NAMES and episode.extra["base_classes"] == [0, 1]
+    assert {i.label for i in episode.train} == {0, 1} and {i.label for i in episode.val} == {0, 1}
+    full = data.sample_episode(splits, 4, 1)
+    assert episode.train == [i for i in full.train if i.label < 2]
+    imbalanced = BaseToNew(0.5).episode(splits, 4, 1, sampler=None, val_kind="fewshot")
+    assert sorted(imbalanced.shots_per_class()[:2], reverse=True) == data.imbalance_counts(4, 2, 0.5) == [4, 2]
+    with pytest.raises(ResultsError, match="linear-probe needs support images for every class.*gda"):
+        BaseToNew().check_method("linear-probe")
+
+
+def test_run_base2new_end_to_end(env, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "zero-shot", "gda",
+                    "tip-adapter", "--shots", "2", "--seeds", "1", "2")  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "oxford_pets" / "base2new" / "gda" / "shots_2-seed_1.json").read_text())
+    assert r["protocol"] == "base2new" and r["base_classes"] == [0, 1] and r["new_classes"] == [2]
+    assert r["episode"]["support"] == 4 and r["episode"]["test"] == 15  # base support only; every test image
+    assert set(r["accuracy"]) >= {"base", "new", "harmonic_mean", "base_all_classes", "val_accuracy"}
+    assert any(line.split() == ["method", "shots", "base", "new", "HM"] for line in printed.splitlines())
+    refused = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "linear-probe")
+    assert main(refused) == 2
+    assert "cannot score new classes under base2new" in capsys.readouterr().err

@@ -41,10 +41,9 @@ def _fmt(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    from ..protocols.results import text_table
+
+    return text_table(columns, [[str(r.get(c, "")) for c in columns] for r in rows])
 
 
 # --------------------------------------------------------------------------- fit

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .cache import add_cache_dir_argument
@@ -83,6 +82,8 @@ def config_from_args(args: argparse.Namespace, methods: list[str] | None = None)
             "preset": args.preset,
             "overrides": parse_method_sets(args.set),
             "selection": args.selection,
+            "protocol": args.protocol,
+            "imbalance_ratio": args.imbalance_ratio,
         }
     return FewShotConfig(
         dataset=args.name,
@@ -117,11 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"\n{report.dataset}: top-1 test accuracy (%), mean ± std over seeds {list(dict.fromkeys(args.seeds))}")
+    print(f"\n{report.dataset}, {report.protocol.name}: {report.protocol.describe()}, mean ± std over seeds "
+          f"{list(dict.fromkeys(args.seeds))}")  # fmt: skip
     print(report.table())
     print(
         f"{len(report.written)} result(s) written, {len(report.skipped)} reused; {report.encoded} image view(s) "
-        f"encoded, {report.cached} from the cache. Results: {Path(args.out) / report.dataset}/"
+        f"encoded, {report.cached} from the cache. Results: {report.summary_path.parent}/"
     )
     return 0
 
@@ -179,6 +181,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(run)
     add_prompt_argument(run)
     run.add_argument("--method", nargs="+", required=True, help="one or more methods (see: fewclip methods list)")
+    run.add_argument(
+        "--protocol",
+        choices=["fewshot", "base2new", "base2new-imbalanced"],
+        default="fewshot",
+        help="fewshot (all classes); base2new: fit on the first ceil(C/2) classes, score base and new, HM; "
+        "base2new-imbalanced: Candle's exponential profile on the base support (--shots is the cap)",
+    )
+    run.add_argument("--imbalance-ratio", type=float, help="base2new-imbalanced: the ratio r (Candle: 0.02)")
     run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     run.add_argument(

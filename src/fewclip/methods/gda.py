@@ -4,6 +4,11 @@
 P     = D · ((N − 1)Σ̂ + tr(Σ̂)·I)⁻¹            (shared covariance, KS shrinkage; Cholesky in float64)
 w_c   = P μ_c,   b_c = log(1/C) − ½ μ_cᵀ P μ_c
 Z     = 100 · n(x) Wᵀ + α · (n(x) w_cᵀ + b_c)_c,   α ∈ {1e-4, …, 100} chosen on validation (first maximum)
+
+Classes without support ("new" classes, base-to-new) get a synthesised mean from their text row t_j, as GDA's
+base-to-new code does: μ_j = (Σ of the k = 64 support views most similar to t_j + 16·t_j) / (k + 16). They share
+the precision estimated on the classes with support; the released code instead averages per-class KS precisions
+of the synthesised classes (gda_and_baselines.md §3.2 leaves the divisor unconfirmed), a deviation recorded here.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
 def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means [C, D] and the KS-regularised shared precision P [D, D] (float64)."""
+    """Class means [C, D] (zero rows for classes without features) and the KS-regularised shared precision
+    P [D, D] (float64)."""
     x = features.double()
     n, dim = x.shape
     counts = torch.bincount(labels, minlength=num_classes).double()
-    means = torch.zeros(num_classes, dim, dtype=torch.float64).index_add_(0, labels, x) / counts[:, None]
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64).index_add_(0, labels, x)
+    means = sums / counts.clamp(min=1)[:, None]
     centred = x - means[labels]
     scatter = centred.T @ centred  # (N − 1)·Σ̂
     trace_cov = torch.trace(scatter) / (n - 1)  # tr(Σ̂)
@@ -39,6 +46,17 @@ def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     return means, precision
 
 
+def synthesised_means(
+    features: torch.Tensor, text: torch.Tensor, neighbours: int = 64, text_weight: float = 16.0
+) -> torch.Tensor:
+    """[J, D] means for classes known only by their text rows ``text`` [J, D]: the ``neighbours`` rows of
+    ``features`` [N, D] with the highest cosine to t_j, plus ``text_weight`` copies of t_j, averaged."""
+    x, t = features.double(), text.double()
+    k = min(int(neighbours), x.shape[0])
+    nearest = (t @ x.T).topk(k, dim=1).indices  # [J, k]
+    return (x[nearest].sum(1) + text_weight * t) / (k + text_weight)
+
+
 def gda_classifier(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w_c = P μ_c [C, D] and b_c = log(1/C) − ½ μ_cᵀ P μ_c [C] with uniform priors."""
     weights = means @ precision
@@ -48,18 +66,20 @@ def gda_classifier(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.
 
 @register("gda")
 class GDA(Method):
-    needs_support_for_every_class = True
-
     def __init__(
         self,
         *,
         alpha_grid: Sequence[float] = ALPHA_GRID,
         init_alpha: float = 1.0,
+        new_class_neighbours: int = 64,
+        new_class_text_weight: float = 16.0,
         selection: str = "val",
         preset: str | None = None,
     ):
         self.alpha_grid = alpha_grid
         self.init_alpha = init_alpha
+        self.new_class_neighbours = new_class_neighbours
+        self.new_class_text_weight = new_class_text_weight
         self.selection = selection
         self.preset = preset
 
@@ -67,11 +87,18 @@ class GDA(Method):
         views, n, dim = bundle.support_features.shape
         x = l2n(bundle.support_features.reshape(views * n, dim))
         y = bundle.support_labels.repeat(views)
-        if x.shape[0] <= bundle.num_classes:
+        with_support = int((torch.bincount(bundle.support_labels, minlength=bundle.num_classes) > 0).sum())
+        if x.shape[0] <= with_support:
             raise MethodError(
-                f"gda: {x.shape[0]} support vectors for {bundle.num_classes} classes; need more than one per class."
+                f"gda: {x.shape[0]} support vectors for {with_support} classes; need more than one per class."
             )
         means, precision = gda_precision(x, y, bundle.num_classes)
+        new = torch.bincount(bundle.support_labels, minlength=bundle.num_classes) == 0
+        self.new_classes_ = new.nonzero().flatten().tolist()
+        if self.new_classes_:
+            means[new] = synthesised_means(
+                x, bundle.text_weights[new], self.new_class_neighbours, self.new_class_text_weight
+            )
         weights, bias = gda_classifier(means, precision)
         self.text_ = bundle.text_weights.clone()
         self.weights_, self.bias_ = weights.float(), bias.float()

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from ..features.pipeline import ExtractionOptions
+from .protocol import Protocol, make_protocol
 from .results import (
     RESULT_FORMAT,
     SUMMARY_FORMAT,
     ResultsError,
     config_sha256,
-    format_summary,
+    protocol_dir,
     read_result,
     result_path,
     setup_difference,
-    summarize,
     versions,
     write_result,
 )
@@ -65,6 +65,8 @@ class FewShotConfig:
     extraction: ExtractionOptions = field(default_factory=ExtractionOptions)
     cache_dir: str | None = None
     trust_checkpoint: bool = False
+    protocol: str = "fewshot"
+    imbalance_ratio: float | None = None
 
 
 @dataclass
@@ -80,12 +82,13 @@ class FewShotReport:
     extraction_seconds: float = 0.0
     seeds_expected: int | None = None
     summary_path: Path | None = None
+    protocol: Protocol = field(default_factory=Protocol)
 
     def summary(self) -> list[dict[str, Any]]:
-        return summarize(self.results)
+        return self.protocol.summarize(self.results)
 
     def table(self) -> str:
-        return format_summary(self.summary(), self.seeds_expected)
+        return self.protocol.format(self.summary(), self.seeds_expected)
 
 
 def method_preset(method: str, preset: str | None, dataset: str) -> str | None:
@@ -104,7 +107,9 @@ def method_overrides(overrides: Mapping[str, Mapping[str, Any]], method: str) ->
     return {**overrides.get("*", {}), **overrides.get(method, {})}
 
 
-def _check_methods(config: FewShotConfig, dataset: str) -> dict[str, tuple[str | None, dict[str, Any]]]:
+def _check_methods(
+    config: FewShotConfig, dataset: str, protocol: Protocol
+) -> dict[str, tuple[str | None, dict[str, Any]]]:
     """Create every method once before any image is encoded, so a bad name or override fails fast."""
     from .. import methods
 
@@ -113,6 +118,8 @@ def _check_methods(config: FewShotConfig, dataset: str) -> dict[str, tuple[str |
         raise ResultsError(f"overrides for {unknown}, which are not among the methods run ({list(config.methods)}).")
     plan = {}
     for name in config.methods:
+        methods.get_class(name)
+        protocol.check_method(name)
         preset = method_preset(name, config.preset, dataset)
         params = method_overrides(config.overrides, name)
         methods.create(name, preset=preset, selection=config.selection, **params)
@@ -120,10 +127,13 @@ def _check_methods(config: FewShotConfig, dataset: str) -> dict[str, tuple[str |
     return plan
 
 
-def _setup(config: FewShotConfig, splits, prompts, method: str, preset: str | None, params: dict, k: int, seed: int):
+def _setup(
+    config: FewShotConfig, protocol: Protocol, splits, prompts, method: str, preset: str | None, params: dict, k, seed
+):
     """The fields that decide a result (its fingerprint): not paths, devices, batch sizes or timings."""
     return {
-        "protocol": "fewshot",
+        "protocol": protocol.name,
+        **protocol.params(),
         "dataset": splits.name,
         "split_sha256": splits.split_sha256,
         "model": config.model,
@@ -173,14 +183,14 @@ def run_fewshot(
     force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> FewShotReport:
-    """Run the sweep of ``config`` and write ``<out>/<dataset>/<method>/shots_<K>-seed_<S>.json`` per result."""
+    """Run the sweep of ``config`` under its protocol and write one result file per (method, shots, seed):
+    ``<out>/<dataset>/<method>/shots_<K>-seed_<S>.json`` (``<out>/<dataset>/<protocol>/...`` for the others)."""
     from tqdm import tqdm
 
     from .. import methods
-    from ..data import episode_filename, load_dataset, load_prompts, sample_episode, save_episode
+    from ..data import episode_filename, load_dataset, load_prompts, save_episode
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
     from ..features.store import FeatureStore
-    from .metrics import accuracy, mean_per_class_accuracy, per_class_accuracy
 
     log = log or _log_default
     out_dir = Path(out_dir)
@@ -190,7 +200,9 @@ def run_fewshot(
         raise ResultsError("a few-shot run needs at least one method, one shot count and one seed.")
     splits = load_dataset(config.dataset, config.data_root, path=config.path, **dict(config.kind_options))
     prompts = load_prompts(config.prompts, splits.name)
-    plan = _check_methods(config, splits.name)
+    protocol = make_protocol(config.protocol, config.imbalance_ratio)
+    plan = _check_methods(config, splits.name, protocol)
+    folder = protocol_dir(out_dir, splits.name, protocol.name)
 
     # Which results exist already (same setup: skip), which are missing, which conflict.
     todo: dict[tuple[int, int], list[str]] = {}
@@ -200,9 +212,9 @@ def run_fewshot(
     for k in shots:
         for seed in seeds:
             for name, (preset, params) in plan.items():
-                setup = _setup(config, splits, prompts, name, preset, params, k, seed)
+                setup = _setup(config, protocol, splits, prompts, name, preset, params, k, seed)
                 setups[name, k, seed] = setup
-                path = result_path(out_dir, splits.name, name, k, seed)
+                path = result_path(out_dir, splits.name, name, k, seed, protocol.name)
                 old = None if force else read_result(path)
                 if old is not None and old.get("config_sha256") != config_sha256(setup):
                     diff = "; ".join(setup_difference(old.get("setup", {}), setup)) or "unknown fields"
@@ -215,7 +227,7 @@ def run_fewshot(
                     skipped.append(path)
                 else:
                     todo.setdefault((k, seed), []).append(name)
-    report = FewShotReport(splits.name, [], [], skipped, seeds_expected=len(seeds))
+    report = FewShotReport(splits.name, [], [], skipped, seeds_expected=len(seeds), protocol=protocol)
     if skipped:
         log(f"{len(skipped)} result(s) already in {out_dir} for this setup: skipped (--force re-runs them).")
 
@@ -223,13 +235,16 @@ def run_fewshot(
         episodes = {}
         episode_files = {}
         for k, seed in todo:
-            episode = sample_episode(splits, k, seed, sampler=config.sampler, val_kind=config.val_kind)
-            file = save_episode(episode, out_dir / splits.name / "episodes" / episode_filename(episode))
+            episode = protocol.episode(splits, k, seed, sampler=config.sampler, val_kind=config.val_kind)
+            file = save_episode(episode, folder / "episodes" / episode_filename(episode))
             episodes[k, seed], episode_files[k, seed] = episode, file
         backbone = load_config_backbone(config)
         store = FeatureStore(config.cache_dir)
         t0 = time.perf_counter()
-        pool = encode_images_once(backbone, splits, list(episodes.values()), store=store, options=config.extraction)
+        test = protocol.test_items(splits)
+        pool = encode_images_once(
+            backbone, splits, list(episodes.values()), test=test, store=store, options=config.extraction
+        )
         text_weights, text_info = encode_text_classifier(backbone, splits.classnames, prompts, store=store)
         report.extraction_seconds = time.perf_counter() - t0
         report.encoded, report.cached = pool.encoded, pool.cached
@@ -239,7 +254,8 @@ def run_fewshot(
         )
         common = {
             "format": RESULT_FORMAT,
-            "protocol": "fewshot",
+            "protocol": protocol.name,
+            "protocol_params": protocol.params(),
             "versions": versions(),
             "model": backbone.identity,
             "prompts": {
@@ -273,7 +289,7 @@ def run_fewshot(
                 bundle, dropped = episode_bundle(
                     pool,
                     episode,
-                    splits.test,
+                    test,
                     text_weights,
                     metadata={"backbone": config.model, "pretrained": config.pretrained},
                 )
@@ -286,7 +302,7 @@ def run_fewshot(
                     logits = model.predict_logits(bundle.test_features)
                     t3 = time.perf_counter()
                     labels = bundle.test_labels
-                    test_acc = accuracy(logits, labels)
+                    scores, extra = protocol.evaluate(logits, labels, bundle.num_classes)
                     setup = setups[name, k, seed]
                     result = {
                         **common,
@@ -312,24 +328,22 @@ def run_fewshot(
                         "selected": getattr(model, "selected_", {}),
                         "best_epoch": getattr(model, "best_epoch_", None),
                         "history": getattr(model, "history_", None),
-                        "accuracy": {
-                            "test_accuracy": test_acc,
-                            "val_accuracy": model.val_accuracy_,
-                            "test_mean_per_class": mean_per_class_accuracy(logits, labels, bundle.num_classes),
-                        },
-                        "per_class_accuracy": per_class_accuracy(logits, labels, bundle.num_classes),
+                        "accuracy": {**scores, "val_accuracy": model.val_accuracy_},
+                        **extra,
                         "seconds": {"fit": t2 - t1, "predict": t3 - t2},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     }
-                    path = write_result(result_path(out_dir, splits.name, name, k, seed), result)
+                    path = write_result(result_path(out_dir, splits.name, name, k, seed, protocol.name), result)
                     results[name, k, seed] = result
                     report.written.append(path)
                     val = "n/a" if model.val_accuracy_ is None else f"{model.val_accuracy_:.2f}"
-                    log(f"{k}-shot seed {seed} {name}: test {test_acc:.2f}  val {val}  ({t2 - t1:.2f} s)")
+                    shown = "  ".join(f"{key} {value:.2f}" for key, value in scores.items() if "all_classes" not in key)
+                    log(f"{k}-shot seed {seed} {name}: {shown}  val {val}  ({t2 - t1:.2f} s)")
                     bar.update(1)
 
     report.results = [results[name, k, seed] for name in plan for k in shots for seed in seeds]
-    summary_path = out_dir / splits.name / "summary.json"
-    write_result(summary_path, {"format": SUMMARY_FORMAT, "dataset": splits.name, "summary": report.summary()})
+    summary_path = folder / "summary.json"
+    summary = {"format": SUMMARY_FORMAT, "dataset": splits.name, "protocol": protocol.name, "summary": report.summary()}
+    write_result(summary_path, summary)
     report.summary_path = summary_path
     return report

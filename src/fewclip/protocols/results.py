@@ -59,9 +59,17 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def result_path(out_dir: str | Path, dataset: str, method: str, shots: int, seed: int) -> Path:
-    """``<out>/<dataset>/<method>/shots_<K>-seed_<S>.json``."""
-    return Path(out_dir) / dataset / method / f"shots_{shots}-seed_{seed}.json"
+def protocol_dir(out_dir: str | Path, dataset: str, protocol: str = "fewshot") -> Path:
+    """``<out>/<dataset>`` for the few-shot protocol, ``<out>/<dataset>/<protocol>`` for the others."""
+    base = Path(out_dir) / dataset
+    return base if protocol == "fewshot" else base / protocol
+
+
+def result_path(
+    out_dir: str | Path, dataset: str, method: str, shots: int, seed: int, protocol: str = "fewshot"
+) -> Path:
+    """``<protocol dir>/<method>/shots_<K>-seed_<S>.json`` (see :func:`protocol_dir`)."""
+    return protocol_dir(out_dir, dataset, protocol) / method / f"shots_{shots}-seed_{seed}.json"
 
 
 def write_result(path: Path, result: Mapping[str, Any]) -> Path:
@@ -139,6 +147,11 @@ def format_summary(rows: Sequence[Mapping[str, Any]], seeds_expected: int | None
                 text += f" ({r['n']} seed{'s' if r['n'] != 1 else ''})"
             line.append(text)
         body.append(line)
+    return text_table(header, body)
+
+
+def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, with a dashed rule under the header."""
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in body)])

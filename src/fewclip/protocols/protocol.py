@@ -1,0 +1,186 @@
+"""What differs between protocols: which episode a method is fitted on, which test rows it is scored on, and how
+results are summarised. The runner (:func:`fewclip.protocols.fewshot.run_protocol`) does the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .metrics import accuracy, mean_per_class_accuracy, per_class_accuracy
+from .results import ResultsError, format_summary, summarize, text_table
+
+if TYPE_CHECKING:
+    from ..data import DatasetSplits, Episode, Item
+
+
+class Protocol:
+    """The all-class few-shot protocol: K shots per class, every class scored over all columns."""
+
+    name = "fewshot"
+
+    def params(self) -> dict[str, Any]:
+        """Protocol settings that decide a result (part of its fingerprint)."""
+        return {}
+
+    def check_method(self, method: str) -> None:
+        """Raise :class:`ResultsError` if ``method`` cannot run under this protocol."""
+
+    def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
+        from ..data import sample_episode
+
+        return sample_episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
+
+    def test_items(self, splits: DatasetSplits) -> Sequence[Item]:
+        return splits.test
+
+    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+        """(accuracy fields, extra fields) of one result."""
+        scores = {
+            "test_accuracy": accuracy(logits, labels),
+            "test_mean_per_class": mean_per_class_accuracy(logits, labels, num_classes),
+        }
+        return scores, {"per_class_accuracy": per_class_accuracy(logits, labels, num_classes)}
+
+    def summarize(self, results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return summarize(results)
+
+    def format(self, rows: Sequence[Mapping[str, Any]], seeds_expected: int | None) -> str:
+        return format_summary(rows, seeds_expected)
+
+    def describe(self) -> str:
+        return "top-1 test accuracy (%)"
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b); 0 when both are 0."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def base_new_scores(logits: torch.Tensor, labels: torch.Tensor, num_base: int) -> dict[str, float]:
+    """Base accuracy within the base columns, new accuracy within the new columns (CoCoOp), and the released
+    Candle variant that scores base rows over all columns. Labels < ``num_base`` are base."""
+    base = labels < num_base
+    within_base = logits[base, :num_base].argmax(1)
+    within_new = logits[~base, num_base:].argmax(1) + num_base
+    all_columns = logits.argmax(1)
+
+    def pct(hits: torch.Tensor) -> float:
+        return 100.0 * float(hits.double().mean()) if hits.numel() else float("nan")
+
+    b = pct(within_base == labels[base])
+    n = pct(within_new == labels[~base])
+    return {
+        "base": b,
+        "new": n,
+        "harmonic_mean": harmonic_mean(b, n),
+        "base_all_classes": pct(all_columns[base] == labels[base]),
+        "new_all_classes": pct(all_columns[~base] == labels[~base]),
+    }
+
+
+class BaseToNew(Protocol):
+    """CoCoOp's base-to-new protocol: fit on the base classes' support (the first ceil(C/2) labels), with every
+    class's text row in the bundle; score base test rows within the base columns and new test rows within the new
+    columns; HM from the seed-averaged base and new accuracies. With ``imbalance_ratio`` (Candle), the base classes'
+    support (K = the shot cap) follows the exponential profile."""
+
+    def __init__(self, imbalance_ratio: float | None = None):
+        if imbalance_ratio is not None and not 0 < imbalance_ratio <= 1:
+            raise ResultsError(f"imbalance ratio must be in (0, 1], got {imbalance_ratio!r} (Candle: 0.02).")
+        self.imbalance_ratio = imbalance_ratio
+        self.name = "base2new" if imbalance_ratio is None else "base2new-imbalanced"
+
+    def params(self) -> dict[str, Any]:
+        return {} if self.imbalance_ratio is None else {"imbalance_ratio": self.imbalance_ratio}
+
+    def check_method(self, method: str) -> None:
+        from .. import methods
+
+        if methods.get_class(method).needs_support_for_every_class:
+            able = [m for m in methods.list_methods() if not methods.get_class(m).needs_support_for_every_class]
+            raise ResultsError(
+                f"{method} needs support images for every class, so it cannot score new classes under {self.name}; "
+                f"methods that handle classes without support: {', '.join(able)}."
+            )
+
+    def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
+        from dataclasses import replace
+
+        from ..data import base_new_labels, make_imbalanced
+
+        episode = super().episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
+        base, new = base_new_labels([i.label for i in episode.train])
+        if not new:
+            raise ResultsError(f"{splits.name}: {len(base)} class(es) in the episode; base-to-new needs at least 2.")
+        limit = len(base)
+        train = [i for i in episode.train if i.label < limit]
+        if self.imbalance_ratio is not None:
+            train = make_imbalanced(train, self.imbalance_ratio, seed)
+        val = [i for i in episode.val if i.label < limit]
+        extra = {**episode.extra, "base_classes": base, "new_classes": new}
+        return replace(episode, train=train, val=val, subsample="base-support", extra=extra,
+                       imbalance_ratio=self.imbalance_ratio)  # fmt: skip
+
+    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+        num_base = -(-num_classes // 2)
+        scores = base_new_scores(logits, labels, num_base)
+        extra = {
+            "per_class_accuracy": per_class_accuracy(logits, labels, num_classes),
+            "base_classes": list(range(num_base)),
+            "new_classes": list(range(num_base, num_classes)),
+            "base_eval": "within_base (the all-class argmax variant is base_all_classes)",
+        }
+        return scores, extra
+
+    def summarize(self, results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        base = {(r["method"], r["shots"]): r for r in summarize(results, "base")}
+        new = {(r["method"], r["shots"]): r for r in summarize(results, "new")}
+        rows = []
+        for key, b in base.items():
+            n = new[key]
+            rows.append(
+                {
+                    "method": key[0],
+                    "shots": key[1],
+                    "base": b["mean"],
+                    "base_std": b["std"],
+                    "new": n["mean"],
+                    "new_std": n["std"],
+                    "harmonic_mean": harmonic_mean(b["mean"], n["mean"]),  # from the seed-averaged B and N
+                    "seeds": b["seeds"],
+                    "n": b["n"],
+                }
+            )
+        return rows
+
+    def format(self, rows: Sequence[Mapping[str, Any]], seeds_expected: int | None) -> str:
+        header = ["method", "shots", "base", "new", "HM"]
+        body = [
+            [
+                r["method"],
+                str(r["shots"]),
+                f"{r['base']:.2f} ± {r['base_std']:.2f}",
+                f"{r['new']:.2f} ± {r['new_std']:.2f}",
+                f"{r['harmonic_mean']:.2f}" + ("" if seeds_expected in (None, r["n"]) else f" ({r['n']} seeds)"),
+            ]
+            for r in rows
+        ]
+        return text_table(header, body)
+
+    def describe(self) -> str:
+        return "base (within base classes), new (within new classes), HM of the seed means (%)"
+
+
+def make_protocol(name: str, imbalance_ratio: float | None = None) -> Protocol:
+    """``fewshot``, ``base2new`` or ``base2new-imbalanced`` (which needs ``imbalance_ratio``)."""
+    if name == "fewshot":
+        return Protocol()
+    if name == "base2new":
+        return BaseToNew()
+    if name == "base2new-imbalanced":
+        if imbalance_ratio is None:
+            raise ResultsError("base2new-imbalanced needs an imbalance ratio (--imbalance-ratio, e.g. 0.02).")
+        return BaseToNew(imbalance_ratio)
+    raise ResultsError(f"unknown protocol {name!r}; valid: fewshot, base2new, base2new-imbalanced.")
