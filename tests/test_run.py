@@ -21,7 +21,7 @@ from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
-from fewclip.protocols.protocol import BaseToNew, base_new_scores, harmonic_mean
+from fewclip.protocols.protocol import BaseToNew, base_new_scores, group_accuracies, harmonic_mean, shot_groups
 from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
@@ -260,3 +260,47 @@ def test_run_base2new_end_to_end(env, tmp_path, capsys):
     refused = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "linear-probe")
     assert main(refused) == 2
     assert "cannot score new classes under base2new" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- long-tail
+
+
+def test_shot_groups_and_group_accuracies_by_hand():
+    groups = shot_groups([150, 100, 20, 19, 101])
+    assert groups == {"many": [0, 4], "medium": [1, 2], "few": [3]}
+    accs = group_accuracies([90.0, 50.0, None, 10.0, 70.0], groups)
+    assert accs == {"many": 80.0, "medium": 50.0, "few": 10.0}
+
+
+def make_lt(root: Path, train_counts: list[int]) -> Path:
+    """imagenet_lt/: train/<wnid>/, val/<wnid>/ images, ImageNet_LT_{train,val,test}.txt lists, classnames.txt."""
+    folder = root / "imagenet_lt"
+    wnids = [f"n0000000{c}" for c in range(len(train_counts))]
+    lists = {"train": [], "val": [], "test": []}
+    for c, w in enumerate(wnids):
+        lists["train"] += [(f"train/{w}/{w}_{i}.JPEG", c) for i in range(train_counts[c])]
+        lists["val"] += [(f"train/{w}/{w}_val{i}.JPEG", c) for i in range(2)]  # LT val comes from ImageNet train
+        lists["test"] += [(f"val/{w}/ILSVRC_{c}_{i}.JPEG", c) for i in range(4)]
+    write_images(folder, [item for rows in lists.values() for item in rows], len(wnids), size=32, seed=1)
+    for split, rows in lists.items():
+        (folder / f"ImageNet_LT_{split}.txt").write_text("".join(f"{p} {y}\n" for p, y in rows))
+    (folder / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, NAMES)))
+    return root
+
+
+def test_run_longtail_end_to_end(env, tmp_path, capsys):
+    data_root = make_lt(tmp_path / "data", [120, 30, 5])
+    out = tmp_path / "results"
+    argv = ["run", "--dataset", "imagenet_lt", "--data-root", str(data_root), "--model", env.model, "--views", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--protocol", "longtail",
+            "--method", "zero-shot", "gda", "tip-adapter", "--shots", "0", "4", "--seeds", "1"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "imagenet_lt" / "longtail" / "gda" / "shots_0-seed_1.json").read_text())
+    assert r["episode"]["support"] == 155 and r["episode"]["val"] == 6 and r["episode"]["test"] == 12
+    assert r["shot_groups"] == {"many": 1, "medium": 1, "few": 1}
+    per_class = r["per_class_accuracy"]
+    assert (r["accuracy"]["many"], r["accuracy"]["medium"], r["accuracy"]["few"]) == tuple(per_class)
+    capped = json.loads((out / "imagenet_lt" / "longtail" / "tip-adapter" / "shots_4-seed_1.json").read_text())
+    assert capped["episode"]["support"] == 12 and capped["shot_groups"] == r["shot_groups"]  # groups: full list
+    assert any(line.split()[:2] == ["gda", "all"] for line in printed.splitlines())

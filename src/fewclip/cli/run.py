@@ -183,10 +183,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--method", nargs="+", required=True, help="one or more methods (see: fewclip methods list)")
     run.add_argument(
         "--protocol",
-        choices=["fewshot", "base2new", "base2new-imbalanced"],
+        choices=["fewshot", "base2new", "base2new-imbalanced", "longtail"],
         default="fewshot",
         help="fewshot (all classes); base2new: fit on the first ceil(C/2) classes, score base and new, HM; "
-        "base2new-imbalanced: Candle's exponential profile on the base support (--shots is the cap)",
+        "base2new-imbalanced: Candle's exponential profile on the base support (--shots is the cap); "
+        "longtail: ImageNet-LT / Places-LT, --shots caps each class (0 = the whole list), many/medium/few",
     )
     run.add_argument("--imbalance-ratio", type=float, help="base2new-imbalanced: the ratio r (Candle: 0.02)")
     run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])

@@ -195,12 +195,15 @@ def run_fewshot(
     log = log or _log_default
     out_dir = Path(out_dir)
     shots = list(dict.fromkeys(int(k) for k in config.shots))
+    if any(k < (0 if config.protocol == "longtail" else 1) for k in shots):
+        raise ResultsError(f"shots must be positive (0 = the whole training list, longtail only), got {shots}.")
     seeds = list(dict.fromkeys(int(s) for s in config.seeds))
     if not config.methods or not shots or not seeds:
         raise ResultsError("a few-shot run needs at least one method, one shot count and one seed.")
     splits = load_dataset(config.dataset, config.data_root, path=config.path, **dict(config.kind_options))
     prompts = load_prompts(config.prompts, splits.name)
     protocol = make_protocol(config.protocol, config.imbalance_ratio)
+    protocol.prepare(splits)
     plan = _check_methods(config, splits.name, protocol)
     folder = protocol_dir(out_dir, splits.name, protocol.name)
 

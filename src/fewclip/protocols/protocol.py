@@ -27,6 +27,9 @@ class Protocol:
     def check_method(self, method: str) -> None:
         """Raise :class:`ResultsError` if ``method`` cannot run under this protocol."""
 
+    def prepare(self, splits: DatasetSplits) -> None:
+        """Look at the loaded dataset once, before any episode is drawn."""
+
     def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
         from ..data import sample_episode
 
@@ -173,14 +176,105 @@ class BaseToNew(Protocol):
         return "base (within base classes), new (within new classes), HM of the seed means (%)"
 
 
+MANY_SHOT, FEW_SHOT = 100, 20  # many: > 100 training images; few: < 20; medium: 20 ... 100 (OLTR's shot_acc)
+LONGTAIL_DATASETS = ("imagenet_lt", "places_lt")
+
+
+def shot_groups(train_counts: Sequence[int]) -> dict[str, list[int]]:
+    """Classes by training count: many (> 100), medium (20 ... 100), few (< 20)."""
+    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        groups["many" if n > MANY_SHOT else "few" if n < FEW_SHOT else "medium"].append(c)
+    return groups
+
+
+def group_accuracies(per_class: Sequence[float | None], groups: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Mean of the per-class accuracies within each group (classes without test rows left out; NaN if empty)."""
+    out = {}
+    for name, classes in groups.items():
+        values = [per_class[c] for c in classes if per_class[c] is not None]
+        out[name] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+class LongTail(Protocol):
+    """ImageNet-LT / Places-LT: fit on the long-tailed training list (``shots`` caps each class; 0 = the whole
+    list, so Tip-Adapter can run with a class-balanced cache), choose on the LT validation list, and report overall
+    top-1, mean per-class and many / medium / few accuracies, groups from the training list actually loaded."""
+
+    name = "longtail"
+
+    def __init__(self) -> None:
+        self.train_counts: list[int] | None = None
+
+    def prepare(self, splits: DatasetSplits) -> None:
+        from ..data import DataError
+
+        if not splits.train or not splits.val:
+            raise DataError(
+                f"{splits.name}: the long-tail protocol needs train and val lists (ImageNet-LT, Places-LT)."
+            )
+        counts = [0] * splits.num_classes
+        for item in splits.train:
+            counts[item.label] += 1
+        self.train_counts = counts
+
+    def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
+        from dataclasses import replace
+
+        from ..data import sample_episode
+
+        if k == 0:
+            from ..data import Episode
+
+            return Episode(
+                dataset=splits.name, train=list(splits.train), val=list(splits.val), classnames=list(splits.classnames),
+                k=0, seed=seed, sampler="all", split_sha256=splits.split_sha256, val_kind="full",
+            )  # fmt: skip
+        episode = sample_episode(splits, k, seed, sampler=sampler, val_kind="full")
+        return replace(episode, extra={**episode.extra, "cap": k})
+
+    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+        scores, extra = super().evaluate(logits, labels, num_classes)
+        groups = shot_groups(self.train_counts or [0] * num_classes)
+        scores.update(group_accuracies(extra["per_class_accuracy"], groups))
+        extra["shot_groups"] = {name: len(classes) for name, classes in groups.items()}
+        return scores, extra
+
+    def summarize(self, results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        keys = ("test_accuracy", "many", "medium", "few")
+        parts = {key: {(r["method"], r["shots"]): r for r in summarize(results, key)} for key in keys}
+        rows = []
+        for (method, shots), first in parts["test_accuracy"].items():
+            row: dict[str, Any] = {"method": method, "shots": shots, "seeds": first["seeds"], "n": first["n"]}
+            for key in keys:
+                row[key], row[f"{key}_std"] = parts[key][method, shots]["mean"], parts[key][method, shots]["std"]
+            rows.append(row)
+        return rows
+
+    def format(self, rows: Sequence[Mapping[str, Any]], seeds_expected: int | None) -> str:
+        header = ["method", "cap", "overall", "many", "medium", "few"]
+        body = [
+            [r["method"], "all" if r["shots"] == 0 else str(r["shots"])]
+            + [f"{r[key]:.2f} ± {r[key + '_std']:.2f}" for key in ("test_accuracy", "many", "medium", "few")]
+            for r in rows
+        ]
+        return text_table(header, body)
+
+    def describe(self) -> str:
+        return "top-1 overall and by training count: many (> 100), medium (20-100), few (< 20) (%)"
+
+
 def make_protocol(name: str, imbalance_ratio: float | None = None) -> Protocol:
-    """``fewshot``, ``base2new`` or ``base2new-imbalanced`` (which needs ``imbalance_ratio``)."""
+    """``fewshot``, ``base2new``, ``base2new-imbalanced`` (which needs ``imbalance_ratio``) or ``longtail``."""
     if name == "fewshot":
         return Protocol()
+    if name == "longtail":
+        return LongTail()
     if name == "base2new":
         return BaseToNew()
     if name == "base2new-imbalanced":
         if imbalance_ratio is None:
             raise ResultsError("base2new-imbalanced needs an imbalance ratio (--imbalance-ratio, e.g. 0.02).")
         return BaseToNew(imbalance_ratio)
-    raise ResultsError(f"unknown protocol {name!r}; valid: fewshot, base2new, base2new-imbalanced.")
+    raise ResultsError(f"unknown protocol {name!r}; valid: fewshot, base2new, base2new-imbalanced, longtail.")
