@@ -23,6 +23,7 @@ from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
 from fewclip.protocols.protocol import BaseToNew, base_new_scores, group_accuracies, harmonic_mean, shot_groups
 from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
+from fewclip.protocols.transfer import domain_scores
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
 COUNTS = {"train": 6, "val": 4, "test": 5}
@@ -304,3 +305,43 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
     capped = json.loads((out / "imagenet_lt" / "longtail" / "tip-adapter" / "shots_4-seed_1.json").read_text())
     assert capped["episode"]["support"] == 12 and capped["shot_groups"] == r["shot_groups"]  # groups: full list
     assert any(line.split()[:2] == ["gda", "all"] for line in printed.splitlines())
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+def test_domain_scores_200way_restricts_to_the_variant_columns():
+    logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 1.0]])  # source space: 3 classes
+    local = torch.tensor([1, 0])  # the variant's classes are source classes 0 and 2
+    assert domain_scores(logits, local, [0, 2], "200way")["test_accuracy"] == 100.0
+    assert domain_scores(logits, local, [0, 2], "1000way")["test_accuracy"] == 50.0  # row 0 predicts class 1
+
+
+def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(env.data_root, root)  # oxford_pets: the cross-dataset target
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    names = "".join(f"{w} {n}\n" for w, n in zip(wnids, ["tench", "goldfish", "great white shark"]))
+    items = [(f"imagenet/images/train/{w}/{w}_{i}.JPEG", c) for c, w in enumerate(wnids) for i in range(8)]
+    items += [(f"imagenet/images/val/{w}/val_{i}.JPEG", c) for c, w in enumerate(wnids) for i in range(3)]
+    items += [(f"imagenet-adversarial/imagenet-a/{w}/a_{i}.jpg", c) for c, w in enumerate(wnids) if c != 1
+              for i in range(3)]  # fmt: skip
+    write_images(root, items, 3, size=32, seed=2)
+    for folder in ("imagenet", "imagenet-adversarial"):
+        (root / folder / "classnames.txt").write_text(names)
+    out = tmp_path / "results"
+    argv = ["run", "--dataset", "imagenet", "--data-root", str(root), "--model", env.model, "--views", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--protocol", "transfer",
+            "--targets", "imagenet_a", "oxford_pets", "--method", "zero-shot", "gda", "tip-adapter",
+            "--shots", "2", "--seeds", "1"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    a = json.loads((out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json").read_text())
+    assert (a["transfer"], a["variant_eval"], len(a["per_class_accuracy"])) == ("domain", "200way", 2)
+    pets = json.loads((out / "imagenet" / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json").read_text())
+    assert pets["transfer"] == "cross-dataset" and len(pets["per_class_accuracy"]) == 3
+    assert any(line.split()[:4] == ["method", "shots", "imagenet_a", "oxford_pets"] for line in printed.splitlines())
+    assert main(argv) == 0 and "0 result(s) written, 6 reused." in capsys.readouterr().out
+    refused = [*argv[: argv.index("--method")], "--method", "linear-probe", "--shots", "2", "--seeds", "1"]
+    assert main(refused) == 2
+    assert "cannot score oxford_pets's classes" in capsys.readouterr().err

@@ -111,6 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, methods=list(dict.fromkeys(args.method)))
     try:
+        if args.protocol == "transfer":
+            return _run_transfer(args, config)
         report = run_fewshot(config, args.out, force=args.force)
     except KeyboardInterrupt:
         print(
@@ -126,6 +128,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"encoded, {report.cached} from the cache. Results: {report.summary_path.parent}/"
     )
     return 0
+
+
+def _run_transfer(args: argparse.Namespace, config) -> int:
+    from ..protocols.transfer import run_transfer
+
+    if not args.targets:
+        raise _usage_error("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
+    out = run_transfer(config, args.targets, args.out, variant_eval=args.variant_eval, force=args.force)
+    print(f"\n{config.dataset} -> targets: top-1 test accuracy (%), mean ± std over seeds")
+    print(out["table"])
+    print(f"{len(out['written'])} result(s) written, {len(out['skipped'])} reused.")
+    return 0
+
+
+def _usage_error(message: str) -> Exception:
+    from .main import CLIError
+
+    return CLIError(message)
 
 
 # --------------------------------------------------------------------------- extract
@@ -183,11 +203,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--method", nargs="+", required=True, help="one or more methods (see: fewclip methods list)")
     run.add_argument(
         "--protocol",
-        choices=["fewshot", "base2new", "base2new-imbalanced", "longtail"],
+        choices=["fewshot", "base2new", "base2new-imbalanced", "longtail", "transfer"],
         default="fewshot",
         help="fewshot (all classes); base2new: fit on the first ceil(C/2) classes, score base and new, HM; "
         "base2new-imbalanced: Candle's exponential profile on the base support (--shots is the cap); "
-        "longtail: ImageNet-LT / Places-LT, --shots caps each class (0 = the whole list), many/medium/few",
+        "longtail: ImageNet-LT / Places-LT, --shots caps each class (0 = the whole list), many/medium/few; "
+        "transfer: fit on --dataset, score the --targets",
+    )
+    run.add_argument("--targets", nargs="+", help="transfer: target datasets (ImageNet variants or other datasets)")
+    run.add_argument(
+        "--variant-eval",
+        choices=["200way", "1000way"],
+        default="200way",
+        help="transfer: ImageNet-A/-R scored within their 200 ImageNet columns (default) or over all 1000",
     )
     run.add_argument("--imbalance-ratio", type=float, help="base2new-imbalanced: the ratio r (Candle: 0.02)")
     run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])

@@ -142,7 +142,8 @@ def encode_text_classifier(
     return encode_prompts(backbone, prompts.sentences(classnames), store=store)
 
 
-def _rows(index: Mapping[str, int], items: Sequence[Item]) -> tuple[list[int], list[int]]:
+def index_rows(index: Mapping[str, int], items: Sequence[Item]) -> tuple[list[int], list[int]]:
+    """(rows, labels) of the ``items`` present in ``index`` (images skipped as bad are left out)."""
     rows, labels = [], []
     for item in items:
         row = index.get(item.path)
@@ -164,9 +165,9 @@ def episode_bundle(
 
     ``test`` labels must be in the episode's label space (``splits.test`` for an all-class episode).
     """
-    s_rows, s_labels = _rows(pool.support_index, episode.train)
-    v_rows, v_labels = _rows(pool.eval_index, episode.val)
-    t_rows, t_labels = _rows(pool.eval_index, test)
+    s_rows, s_labels = index_rows(pool.support_index, episode.train)
+    v_rows, v_labels = index_rows(pool.eval_index, episode.val)
+    t_rows, t_labels = index_rows(pool.eval_index, test)
     dropped = {
         "support": len(episode.train) - len(s_rows),
         "val": len(episode.val) - len(v_rows),

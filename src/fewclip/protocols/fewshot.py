@@ -170,6 +170,18 @@ def load_config_backbone(config: FewShotConfig):
     )
 
 
+def existing_result(path: Path, setup: Mapping[str, Any], force: bool) -> dict[str, Any] | None:
+    """The finished result at ``path`` for this ``setup`` (None: run it); another setup's result is an error."""
+    old = None if force else read_result(path)
+    if old is not None and old.get("config_sha256") != config_sha256(setup):
+        diff = "; ".join(setup_difference(old.get("setup", {}), setup)) or "unknown fields"
+        raise ResultsError(
+            f"{path} holds a result of another setup ({diff}). Pass --force to overwrite it, or write to another "
+            "--out folder."
+        )
+    return old
+
+
 def _log_default(message: str) -> None:
     from tqdm import tqdm
 
@@ -218,13 +230,7 @@ def run_fewshot(
                 setup = _setup(config, protocol, splits, prompts, name, preset, params, k, seed)
                 setups[name, k, seed] = setup
                 path = result_path(out_dir, splits.name, name, k, seed, protocol.name)
-                old = None if force else read_result(path)
-                if old is not None and old.get("config_sha256") != config_sha256(setup):
-                    diff = "; ".join(setup_difference(old.get("setup", {}), setup)) or "unknown fields"
-                    raise ResultsError(
-                        f"{path} holds a result of another setup ({diff}). Pass --force to overwrite it, or "
-                        "write to another --out folder."
-                    )
+                old = existing_result(path, setup, force)
                 if old is not None:
                     results[name, k, seed] = old
                     skipped.append(path)
