@@ -74,8 +74,8 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
     [
         (
             ["--method", "nope"],
-            "unknown method 'nope'; available: ape, ape-t, clip-adapter, gda, linear-probe, tip-adapter, "
-            "tip-adapter-f, zero-shot",
+            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, gda, linear-probe, "
+            "tip-adapter, tip-adapter-f, zero-shot",
         ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),
         (["--method", "ape", "--set", "beta=3"], "unknown hyperparameter(s) ['beta']; valid:"),

@@ -18,6 +18,7 @@ FAST = {
     "tip-adapter-f": {"search_step": [12, 6], "epochs": 4, "batch_size": 32},
     "ape-t": {"search_step": [12, 6], "channels": 40, "epochs": 4, "batch_size": 32},
     "clip-adapter": {"epochs": 4, "batch_size": 32},
+    "candle": {"epochs": 4, "batch_size": 32},
 }
 
 

@@ -5,7 +5,7 @@
 >>> logits = model.predict_logits(bundle.test_features)
 """
 
-from . import ape, ape_t, clip_adapter, gda, linear_probe, tip_adapter, tip_adapter_f, zero_shot  # noqa: F401
+from . import ape, ape_t, candle, clip_adapter, gda, linear_probe, tip_adapter, tip_adapter_f, zero_shot  # noqa: F401
 from .base import Method, MethodError, NotFittedError
 from .base import load_model as load
 from .registry import create, get_class, list_methods, list_presets, preset_params, register

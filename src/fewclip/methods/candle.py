@@ -1,0 +1,772 @@
+"""Candle (Shi et al., KDD'24, arXiv 2406.12638): joint cross-modal attention over images and class prototypes.
+
+The model (spec ``candle.md`` §3; every formula from the released code ``shijxcs/Candle`` d285eb3):
+
+- Text prototypes T [C, D], one per class, frozen. Visual prototypes P [C, D]: for a class with support images, the
+  mean of its clean support features (frozen); for a class without support (a *new* class, wherever its label is),
+  a learnable virtual prototype v_c initialised from a **copy** of t_c (``vir_init="text"``) or from the mean base
+  prototype plus N(0, 0.05²) noise (``vir_init="visual"``).
+- Token set X = [x_1 W_I; …; x_B W_I; P W_I; T W_T] (W_I, W_T full D×D, identity init, rows times W from the right),
+  X̄ = LayerNorm(X), Y = X̄ + λ·MHA(X̄, X̄, X̄): one unbatched sequence, 8 heads, attention dropout 0.1 in training,
+  PyTorch's default MHA initialisation, λ learnable from 0.1. ``mask`` blocks edges (True = blocked) between visual
+  tokens (images and visual prototypes), between text tokens, or between the two modalities; a token always sees
+  itself.
+- Logits (s = 100): z⁰ = s·n(q W_I)·n(T W_T)ᵀ, z^{vt} = s·n(ŷ(q))·n(ŷ(T))ᵀ, z^{vv} = s·α·n(ŷ(q))·n(ŷ(P))ᵀ. In training
+  the query rows are the B images and the C prototypes (targets [y; 0…C−1]); each matrix is (B + C)×C and gets the
+  compensating logit-adjusted loss CE(z + τ·log π) with π_c ∝ n_c + 1 (``prior_virtual_count``); the three losses
+  are summed. Prediction = z^{vt} + z^{vv} over all C columns (the protocol restricts columns).
+- Trainable parameters: 6D² + 6D + 1 + C_n·D (W_I, W_T, MHA in/out projections with biases, LayerNorm affine, λ,
+  virtual prototypes).
+
+Training (spec §4): SGD (momentum 0.9, weight decay 5e-4 on every parameter), lr 3e-4, batch 128, 50 epochs,
+⌊N/B⌋ iterations per epoch (at least one; the remainder of the shuffled support set is dropped, as Dassl does), one
+constant warm-up epoch at 1e-5 then a cosine over the epochs stepped once per epoch (Dassl's
+``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epochs)``: lr(e) = lr₀·(1 + cos(π(e − 1)/E))/2 for the
+0-based epoch e ≥ 1). Every epoch draws one of the bundle's V cached augmented views per support image (raw, not
+normalised), so CLIP never runs during training. Weights and compute are float32. With ``selection="val"`` and
+validation data the epoch with the best validation accuracy (per-image inference, no dropout) is kept, ties to the
+earliest; otherwise the last epoch (the released behaviour). Deterministic on CPU for a given ``seed``; support rows
+are put in a canonical order first, so the row order of the bundle does not matter.
+
+Fixed defects, each with an option reproducing the released behaviour (spec §7):
+
+- C1: v_c is a copy of t_c and the text prototypes stay frozen. ``tie_virtual_text=True`` sets t_c := sg(v_c) for
+  the new classes before every forward, as the released aliasing does (only with ``vir_init="text"``).
+- C3: ``inference_context="per_image"`` (default) scores every test image in its own token set {x W_I} ∪ P W_I ∪
+  T W_T, so a prediction depends on nothing but that image. ``"transductive"`` evaluates consecutive chunks of
+  ``test_batch_size`` (100) rows in the given order, one token set per chunk, as released.
+- C2: float32 weights and compute. ``precision="fp16"`` trains fp16 weights with plain SGD and no float32 master copy
+  (losses in float32) and evaluates in fp16, as released: updates below half the fp16 spacing round away.
+
+Exact per-image evaluation (spec §6) without running a (1 + 2C)-token attention per image: the 2C prototype tokens
+are shared, so for every head and prototype query p the prototype-only softmax statistics m_p = max_j σ_pj,
+Z_p = Σ_j e^{σ_pj − m_p} and U_p = Σ_j e^{σ_pj − m_p}·v_j are computed once. In image b's set, p's attention output is
+(U_p·e^{m_p−μ} + e^{σ_pb−μ}·v_b)/(Z_p·e^{m_p−μ} + e^{σ_pb−μ}) = (1 − β_pb)·U_p/Z_p + β_pb·v_b with μ = max(m_p, σ_pb)
+and β_pb the weight of the image key (0 where the mask blocks p → b). The out-projection is linear, so p's fused
+row is ŷ_p = R_p + λ·Σ_h β_pb^h (G_b^h − F_p^h), where R_p (p's fused row without the image) and F_p^h (head h's
+share of the out-projection of U_p/Z_p) are shared and G_b^h = W_o^h v_b^h. Only the cosines of ŷ_b with the ŷ_p are
+needed, and ⟨n(ŷ_b), ŷ_p⟩ and ‖ŷ_p‖² expand into inner products of R, F and G, so no per-image copy of the 2C fused
+prototype rows is ever formed: per image a few [2C, H] and one [2C, H, H] tensor instead of a (1 + 2C)-token
+attention. The image's own query attends to itself and the unmasked prototypes (an ordinary softmax over 1 + 2C
+keys). Images are processed in chunks that bound memory. The result equals a loop over single-image token sets
+(tested to 1e-5 in fp32 and to rounding in fp64).
+
+Deviations forced by the data (recorded, not options):
+
+- The bundle stores L2-normalised text rows (raw text embeddings are not available), so T holds unit rows; image
+  features and the base prototypes are raw. LayerNorm acts per token and z⁰ uses cosines, so the scale of a token
+  changes the forward pass only through LayerNorm's eps; it does change training dynamics of the virtual prototypes
+  (a parameter that is itself a token: its gradient scales as 1/‖v‖, so a unit-norm ``text`` initialisation moves
+  faster relative to its size than a raw CLIP text embedding would). ``vir_init="visual"`` uses raw magnitudes, as
+  specified.
+- Base prototypes are the mean of ``support_clean_features`` (the test transform); a bundle without them falls back
+  to the mean over all cached views of the class (``prototype_source_`` records which).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..features.bundle import Bundle
+from ..protocols.metrics import accuracy
+from .base import Method, MethodError, l2n
+from .registry import register
+from .training import canonical_order, check_training_params
+
+LOGIT_SCALE = 100.0  # s = exp(CLIP logit scale), fixed
+LN_EPS = 1e-5  # nn.LayerNorm's default
+VISUAL_INIT_STD = 0.05  # vir_init="visual": noise on the mean base prototype
+MASKS = ("none", "in_visual", "in_text", "between_visual_text")
+VIR_INITS = ("text", "visual")
+INFERENCE_CONTEXTS = ("per_image", "transductive")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+#: token kinds in a token set
+IMAGE, VISUAL, TEXT = 0, 1, 2
+#: fitted attribute of each learnable parameter
+FITTED_PARAMETERS = {
+    "w_image": "w_image_",
+    "w_text": "w_text_",
+    "ln_weight": "ln_weight_",
+    "ln_bias": "ln_bias_",
+    "in_proj_weight": "in_proj_weight_",
+    "in_proj_bias": "in_proj_bias_",
+    "out_proj_weight": "out_proj_weight_",
+    "out_proj_bias": "out_proj_bias_",
+    "ratio": "ratio_",
+    "virtual": "virtual_prototypes_",
+}
+#: floats per [rows, 2C, H, H] tensor in per-image evaluation (bounds memory; results do not depend on it)
+PER_IMAGE_BUDGET = 1 << 21
+
+
+# --------------------------------------------------------------------------- the loss and the schedule
+
+
+def cla_prior(counts: torch.Tensor, virtual_count: float = 1.0) -> torch.Tensor:
+    """π_c = (n_c + k) / Σ_j (n_j + k) for the per-class training counts n (any numeric dtype); ``counts`` is not
+    modified (the released loss adds 1 in place, defect C9)."""
+    shifted = counts.to(torch.float64) + float(virtual_count)
+    return (shifted / shifted.sum()).float()
+
+
+def cla_loss(
+    logits: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor, tau: float = 1.0, virtual_count: float = 1.0
+) -> torch.Tensor:
+    """Compensating logit-adjusted loss: mean over rows of −log softmax(z + τ·log π)_y, π from :func:`cla_prior`."""
+    log_prior = torch.log(cla_prior(counts, virtual_count)).to(logits.device, logits.dtype)
+    return F.cross_entropy(logits + float(tau) * log_prior, targets)
+
+
+def candle_lr(epoch: int, epochs: int, lr: float, warmup_lr: float) -> float:
+    """Learning rate of the 0-based ``epoch``: ``warmup_lr`` for epoch 0, then lr·(1 + cos(π(e − 1)/E))/2 (Dassl's
+    constant warm-up of one epoch wrapping ``CosineAnnealingLR(T_max=E)``, stepped once per epoch)."""
+    if epoch == 0:
+        return float(warmup_lr)
+    return float(lr) * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) / 2.0
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def token_kinds(images: int, classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Kinds of the rows of [images; P; T]: IMAGE × B, VISUAL × C, TEXT × C."""
+    counts = torch.tensor([images, classes, classes])
+    return torch.repeat_interleave(torch.tensor([IMAGE, VISUAL, TEXT]), counts).to(device)
+
+
+def blocked_edges(query_kinds: torch.Tensor, key_kinds: torch.Tensor, mask: str) -> torch.Tensor:
+    """[Q, K] bool, True where ``mask`` blocks query → key by kind alone (self edges are the caller's business).
+
+    ``in_visual``: visual (image or visual prototype) → visual; ``in_text``: text → text; ``between_visual_text``:
+    visual ↔ text both ways; ``none``: nothing.
+    """
+    qv = (query_kinds != TEXT)[:, None]
+    kv = (key_kinds != TEXT)[None, :]
+    if mask == "none":
+        return torch.zeros(qv.shape[0], kv.shape[1], dtype=torch.bool, device=query_kinds.device)
+    if mask == "in_visual":
+        return qv & kv
+    if mask == "in_text":
+        return ~qv & ~kv
+    if mask == "between_visual_text":
+        return qv != kv
+    raise MethodError(f"candle: mask={mask!r} is not valid; choose one of {list(MASKS)}.")
+
+
+def attention_mask(kinds: torch.Tensor, mask: str) -> torch.Tensor | None:
+    """The boolean attention mask of a token set (True = blocked); every token keeps its edge to itself. None for
+    ``mask="none"``."""
+    if mask == "none":
+        return None
+    own = torch.eye(kinds.numel(), dtype=torch.bool, device=kinds.device)
+    return blocked_edges(kinds, kinds, mask) & ~own
+
+
+def multi_head_attention(
+    x: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    heads: int,
+    blocked: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention over one unbatched sequence x [L, D], as ``nn.MultiheadAttention(D, heads)(x, x, x)`` computes
+    it (in-projection rows ordered q, k, v; head h uses columns h·d … (h+1)·d − 1). Dropout with probability
+    ``dropout`` acts on the attention weights; its mask is drawn from ``generator`` (CPU). Returns the output [L, D]
+    and the per-head weights [H, L, L] that were applied."""
+    length, dim = x.shape
+    d = dim // heads
+    q, k, v = F.linear(x, in_proj_weight, in_proj_bias).view(length, 3, heads, d).permute(1, 2, 0, 3)
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(d)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if dropout > 0.0:
+        keep = torch.rand(weights.shape, generator=generator) >= dropout
+        weights = weights * keep.to(weights.device, weights.dtype) / (1.0 - dropout)
+    out = (weights @ v).transpose(0, 1).reshape(length, dim)
+    return F.linear(out, out_proj_weight, out_proj_bias), weights
+
+
+def image_key_weight(sigma_pb: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """β = e^{σ_pb − μ} / (Z_p·e^{m_p − μ} + e^{σ_pb − μ}), μ = max(m_p, σ_pb): the weight prototype query p gives the
+    one image key when its prototype-only softmax has maximum m_p and normaliser Z_p (spec §6)."""
+    mu = torch.maximum(m, sigma_pb)
+    own = torch.exp(sigma_pb - mu)
+    return own / (z * torch.exp(m - mu) + own)
+
+
+@dataclass
+class PrototypeContext:
+    """What every per-image token set shares (spec §6), for 2C prototype tokens [P W_I; T W_T]:
+
+    - ``q, k, v`` [H, 2C, d]: the heads' queries, keys and values of the layer-normalised prototype tokens;
+    - ``m, z`` [H, 2C] and ``u`` [H, 2C, d]: the prototype-only softmax statistics m_p, Z_p, U_p;
+    - ``head_out`` F [2C, H, D]: head h's share of the out-projection applied to U_p/Z_p (no bias);
+    - ``residual`` R [2C, D]: the fused prototype rows of a set without images, X̄_p + λ·(Σ_h F_p^h + b_o);
+    - ``residual_sq`` ‖R_p‖² [2C], ``residual_head`` ⟨R_p, F_p^h⟩ [2C, H], ``head_gram`` ⟨F_p^h, F_p^k⟩ [2C, H, H];
+    - ``sees_image`` / ``seen_by_image`` [2C] bool: whether the mask lets prototype p attend to the image / the image
+      attend to p.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    m: torch.Tensor
+    z: torch.Tensor
+    u: torch.Tensor
+    head_out: torch.Tensor
+    residual: torch.Tensor
+    residual_sq: torch.Tensor
+    residual_head: torch.Tensor
+    head_gram: torch.Tensor
+    sees_image: torch.Tensor
+    seen_by_image: torch.Tensor
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def initial_parameters(dim: int, virtual: torch.Tensor, ratio_init: float, generator: torch.Generator) -> dict:
+    """The initial learnable tensors: identity projections, LayerNorm (1, 0), ``nn.MultiheadAttention``'s default
+    initialisation (Xavier-uniform in-projection, zero biases, out-projection U(±1/√D)) drawn from ``generator``,
+    λ = ``ratio_init`` and the given virtual prototypes (copied)."""
+    in_bound = math.sqrt(6.0 / (dim + 3 * dim))  # xavier_uniform_ on [3D, D]
+    out_bound = 1.0 / math.sqrt(dim)  # kaiming_uniform_(a=√5) of the Linear out-projection
+    return {
+        "w_image": torch.eye(dim),
+        "w_text": torch.eye(dim),
+        "ln_weight": torch.ones(dim),
+        "ln_bias": torch.zeros(dim),
+        "in_proj_weight": (torch.rand(3 * dim, dim, generator=generator) * 2 - 1) * in_bound,
+        "in_proj_bias": torch.zeros(3 * dim),
+        "out_proj_weight": (torch.rand(dim, dim, generator=generator) * 2 - 1) * out_bound,
+        "out_proj_bias": torch.zeros(dim),
+        "ratio": torch.tensor(float(ratio_init)),
+        "virtual": virtual.detach().clone().float(),
+    }
+
+
+def initial_prototypes(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    text: torch.Tensor,
+    vir_init: str,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(base prototypes [C, D], new classes [C_n], initial virtual prototypes [C_n, D]).
+
+    Base prototype c = mean of the rows of ``features`` [N, D] labelled c (zero rows for the new classes, the
+    classes with ``counts`` 0). Virtual prototypes: a copy of the new classes' text rows (``text``), or the mean of
+    the base prototypes plus N(0, 0.05²) noise per class (``visual``).
+    """
+    num_classes, dim = text.shape
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=features.device)
+    sums.index_add_(0, labels, features.double())
+    base = counts > 0
+    prototypes = (sums / counts.clamp_min(1).to(sums)[:, None]).float()
+    prototypes[~base] = 0.0
+    new = (~base).nonzero().flatten()
+    if vir_init == "text":
+        virtual = text[new].detach().clone().float()
+    elif vir_init == "visual":
+        noise = torch.randn(new.numel(), dim, generator=generator).to(features.device)
+        virtual = prototypes[base].mean(0, keepdim=True) + VISUAL_INIT_STD * noise
+    else:
+        raise MethodError(f"candle: vir_init={vir_init!r} is not valid; choose one of {list(VIR_INITS)}.")
+    return prototypes, new, virtual
+
+
+class CandleHead(torch.nn.Module):
+    """The learnable head: parameters (names of :data:`FITTED_PARAMETERS`, all of the dtype of ``w_image``) plus the
+    frozen base prototypes, text prototypes and new-class indices. ``mask``, ``scale`` (α) and ``tie_virtual_text``
+    as in :class:`Candle`."""
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        base_prototypes: torch.Tensor,
+        text_prototypes: torch.Tensor,
+        new_classes: torch.Tensor,
+        *,
+        heads: int = 8,
+        mask: str = "none",
+        scale: float = 1.0,
+        tie_virtual_text: bool = False,
+    ):
+        super().__init__()
+        dtype = params["w_image"].dtype  # float32, or float16 for a model trained with precision="fp16"
+        for name in FITTED_PARAMETERS:
+            self.register_parameter(name, torch.nn.Parameter(params[name].detach().clone().to(dtype)))
+        self.register_buffer("base_prototypes", base_prototypes.detach().clone().to(dtype))
+        self.register_buffer("text_prototypes", text_prototypes.detach().clone().to(dtype))
+        self.register_buffer("new_classes", new_classes.detach().clone().long())
+        self.heads = int(heads)
+        self.mask = mask
+        self.scale = float(scale)
+        self.tie_virtual_text = bool(tie_virtual_text)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_prototypes.shape[0])
+
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, T) [C, D] each: P holds the virtual prototypes in the new classes' rows (differentiable); T is the
+        frozen text, with t_c := sg(v_c) for the new classes under ``tie_virtual_text``."""
+        visual = self.base_prototypes.index_copy(0, self.new_classes, self.virtual)
+        text = self.text_prototypes
+        if self.tie_virtual_text:
+            text = text.index_copy(0, self.new_classes, self.virtual.detach())
+        return visual, text
+
+    def token_set(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, kinds): X = [images·W_I; P·W_I; T·W_T] [B + 2C, D] and the kind of every row."""
+        visual, text = self.prototypes()
+        tokens = torch.cat([torch.cat([images, visual]) @ self.w_image, text @ self.w_text])
+        return tokens, token_kinds(images.shape[0], self.num_classes, images.device)
+
+    def layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.ln_weight, self.ln_bias, LN_EPS)
+
+    def fuse(
+        self,
+        tokens: torch.Tensor,
+        kinds: torch.Tensor,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Y, attention weights [H, L, L]) with Y = X̄ + λ·MHA(X̄), X̄ = LayerNorm(X), over one token set."""
+        normed = self.layer_norm(tokens)
+        attended, weights = multi_head_attention(
+            normed,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.out_proj_weight,
+            self.out_proj_bias,
+            self.heads,
+            attention_mask(kinds, self.mask),
+            dropout,
+            generator,
+        )
+        return normed + self.ratio * attended, weights
+
+    def train_logits(
+        self, images: torch.Tensor, dropout: float = 0.0, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z⁰, z^{vt}, z^{vv}), each [B + C, C]: rows are the B images then the C visual/virtual prototypes (targets
+        [y; 0 … C − 1]), over the joint token set of the batch."""
+        b, c = images.shape[0], self.num_classes
+        tokens, kinds = self.token_set(images)
+        fused, _ = self.fuse(tokens, kinds, dropout, generator)
+        queries, text = l2n(tokens[: b + c]), l2n(tokens[b + c :])
+        z0 = LOGIT_SCALE * queries @ text.T
+        rows = l2n(fused[: b + c])
+        zvt = LOGIT_SCALE * rows @ l2n(fused[b + c :]).T
+        zvv = LOGIT_SCALE * self.scale * rows @ l2n(fused[b : b + c]).T
+        return z0, zvt, zvv
+
+    def joint_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """z^{vt} + z^{vv} [B, C] of the image rows of one token set holding all of ``images`` (no dropout): the
+        released (transductive) evaluation of one test batch."""
+        _, zvt, zvv = self.train_logits(images)
+        return zvt[: images.shape[0]] + zvv[: images.shape[0]]
+
+    # ----------------------------------------------------------------- exact per-image evaluation
+    def prototype_context(self) -> PrototypeContext:
+        """The prototype-only statistics of spec §6, shared by every image."""
+        visual, text = self.prototypes()
+        tokens = torch.cat([visual @ self.w_image, text @ self.w_text])
+        count, dim = tokens.shape
+        h, d = self.heads, dim // self.heads
+        normed = self.layer_norm(tokens)
+        q, k, v = F.linear(normed, self.in_proj_weight, self.in_proj_bias).view(count, 3, h, d).permute(1, 2, 0, 3)
+        sigma = (q @ k.transpose(1, 2)) / math.sqrt(d)  # [H, 2C, 2C]
+        kinds = token_kinds(0, self.num_classes, tokens.device)
+        blocked = attention_mask(kinds, self.mask)
+        if blocked is not None:
+            sigma = sigma.masked_fill(blocked, float("-inf"))
+        m = sigma.amax(dim=-1)  # finite: a prototype always sees itself
+        e = torch.exp(sigma - m[..., None])
+        z = e.sum(dim=-1)
+        u = e @ v
+        head_out = torch.einsum("hpe,dhe->phd", u / z[..., None], self.out_proj_weight.view(dim, h, d))
+        residual = normed + self.ratio * (head_out.sum(dim=1) + self.out_proj_bias)
+        image_kind = torch.tensor([IMAGE], device=tokens.device)
+        return PrototypeContext(
+            q=q,
+            k=k,
+            v=v,
+            m=m,
+            z=z,
+            u=u,
+            head_out=head_out,
+            residual=residual,
+            residual_sq=(residual * residual).sum(dim=-1),
+            residual_head=torch.einsum("pd,phd->ph", residual, head_out),
+            head_gram=head_out @ head_out.transpose(1, 2),
+            sees_image=~blocked_edges(kinds, image_kind, self.mask)[:, 0],
+            seen_by_image=~blocked_edges(image_kind, kinds, self.mask)[0],
+        )
+
+    def per_image_scores(self, images: torch.Tensor, context: PrototypeContext | None = None) -> torch.Tensor:
+        """z^{vt} + z^{vv} [M, C], every image scored in its own token set {x W_I} ∪ P W_I ∪ T W_T (exact, vectorised,
+        processed in chunks that bound memory)."""
+        ctx = self.prototype_context() if context is None else context
+        rows = max(1, PER_IMAGE_BUDGET // max(1, ctx.head_gram.numel()))
+        parts = [self._per_image_chunk(ctx, images[i : i + rows]) for i in range(0, images.shape[0], rows)]
+        return torch.cat(parts) if parts else images.new_zeros(0, self.num_classes)
+
+    def _per_image_chunk(self, ctx: PrototypeContext, images: torch.Tensor) -> torch.Tensor:
+        """The scores of a chunk of images, each in its own token set.
+
+        Prototype p's fused row in image b's set is ŷ_p = R_p + λ·Σ_h β_p^h (G^h − F_p^h), where β_p^h is the weight
+        p gives the image key (:func:`image_key_weight`) and G^h = W_o^h v_b^h, F_p^h = W_o^h U_p^h/Z_p^h are head h's
+        shares of the out-projection. Only ⟨n(ŷ_b), ŷ_p⟩ and ‖ŷ_p‖ are needed, and both expand into inner products of
+        R, G and F, so no [M, 2C, D] tensor is formed.
+        """
+        count, dim = images.shape
+        h, d = self.heads, dim // self.heads
+        c, lam = self.num_classes, self.ratio
+        normed = self.layer_norm(images @ self.w_image)
+        q, k, v = F.linear(normed, self.in_proj_weight, self.in_proj_bias).view(count, 3, h, d).unbind(1)
+        # the image query over itself and the prototypes it may see: the image's fused row ŷ_b
+        own = (q * k).sum(dim=-1, keepdim=True) / math.sqrt(d)  # [M, H, 1]
+        sigma_bp = torch.einsum("mhe,hpe->mhp", q, ctx.k) / math.sqrt(d)
+        sigma_bp = sigma_bp.masked_fill(~ctx.seen_by_image, float("-inf"))
+        weights = torch.softmax(torch.cat([own, sigma_bp], dim=-1), dim=-1)
+        attended = weights[..., :1] * v + torch.einsum("mhp,hpe->mhe", weights[..., 1:], ctx.v)
+        image_row = normed + lam * F.linear(attended.reshape(count, dim), self.out_proj_weight, self.out_proj_bias)
+        unit = l2n(image_row)  # [M, D]
+        # every prototype query p, given the one extra key and value of this image
+        sigma_pb = torch.einsum("hpe,mhe->mph", ctx.q, k) / math.sqrt(d)  # [M, 2C, H]
+        beta = image_key_weight(sigma_pb, ctx.m.T, ctx.z.T) * ctx.sees_image[:, None].to(sigma_pb.dtype)
+        g = torch.einsum("mhe,dhe->mhd", v, self.out_proj_weight.view(dim, h, d))  # [M, H, D]
+        flat_f = ctx.head_out.reshape(-1, dim)  # [2C·H, D]
+        # numerator ⟨n(ŷ_b), ŷ_p⟩
+        unit_g = torch.einsum("md,mhd->mh", unit, g)[:, None, :]  # [M, 1, H]
+        unit_f = (unit @ flat_f.T).view(count, 2 * c, h)  # [M, 2C, H]
+        numerator = unit @ ctx.residual.T + lam * (beta * (unit_g - unit_f)).sum(dim=-1)
+        # squared norm ‖ŷ_p‖²
+        flat_g = g.reshape(count * h, dim)
+        residual_g = (flat_g @ ctx.residual.T).view(count, h, 2 * c).transpose(1, 2)  # ⟨R_p, G^h⟩ [M, 2C, H]
+        cross = (flat_g @ flat_f.T).view(count, h, 2 * c, h).transpose(1, 2)  # ⟨G^h, F_p^k⟩ [M, 2C, H, H]
+        gram_g = g @ g.transpose(1, 2)  # ⟨G^h, G^k⟩ [M, H, H]
+        quadratic = torch.bmm(beta, gram_g) - 2.0 * (cross * beta[:, :, None, :]).sum(dim=-1)
+        quadratic = quadratic + (ctx.head_gram * beta[..., None, :]).sum(dim=-1)  # [M, 2C, H], then · β
+        squared = (
+            ctx.residual_sq
+            + 2.0 * lam * (beta * (residual_g - ctx.residual_head)).sum(dim=-1)
+            + lam * lam * (quadratic * beta).sum(dim=-1)
+        )
+        cos = numerator / squared.clamp_min(1e-24).sqrt()  # [M, 2C]
+        return LOGIT_SCALE * cos[:, c:] + LOGIT_SCALE * self.scale * cos[:, :c]
+
+    def transductive_scores(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The released evaluation: consecutive chunks of ``batch_size`` rows, each chunk one token set."""
+        parts = [self.joint_scores(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+        return torch.cat(parts) if parts else images.new_zeros(0, self.num_classes)
+
+
+# --------------------------------------------------------------------------- the estimator
+
+
+def _number(name: str, value: Any, *, low: float | None = None, low_open: bool = False, high_open: float | None = None):
+    """Raise a :class:`MethodError` naming ``value`` unless it is a finite number within the given bounds."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high_open is not None:
+        ok = value < high_open
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high_open is not None:
+            bounds.append(f"< {high_open:g}")
+        where = " " + " and ".join(bounds) if bounds else ""
+        raise MethodError(f"candle: {name}={value!r} must be a finite number{where}.")
+
+
+@register("candle")
+class Candle(Method):
+    """Candle with the released defaults of the run example (ViT-B/16, batch 128, lr 3e-4, 50 epochs, α = 1).
+
+    Hyperparameters (spec §8): ``scale`` α, ``mask``, ``vir_init``, ``tau`` τ, ``prior_virtual_count`` (the +1 of the
+    CLA prior), ``inference_context`` / ``test_batch_size``, ``tie_virtual_text``, ``precision`` (``"fp32"``;
+    ``"fp16"`` reproduces the released fp16 weights with plain SGD and no master copy, losses in fp32, defect C2),
+    ``heads``, ``dropout`` (attention weights, training only), ``ratio_init`` (λ), and the optimiser's ``lr``,
+    ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``, ``warmup_lr``, ``seed``, ``selection``.
+    ``inference_context`` and ``test_batch_size`` are read at prediction time, so a fitted model can be evaluated
+    both ways.
+
+    Fitted attributes: the learned tensors ``w_image_``, ``w_text_`` [D, D], ``ln_weight_``, ``ln_bias_`` [D],
+    ``in_proj_weight_`` [3D, D], ``in_proj_bias_`` [3D], ``out_proj_weight_`` [D, D], ``out_proj_bias_`` [D],
+    ``ratio_`` (λ, 0-d), ``virtual_prototypes_`` [C_n, D]; the frozen ``base_prototypes_`` [C, D] (zero rows for new
+    classes), ``text_prototypes_`` [C, D] (as used: tied rows under ``tie_virtual_text``), ``new_classes_`` [C_n];
+    ``class_counts_`` n_c and ``prior_`` π [C]; ``prototype_source_``; ``trained_parameters_``,
+    ``iterations_per_epoch_``, ``history_`` (epoch, lr, loss, val_accuracy), ``best_epoch_``, ``selection_used_``
+    (``"val"`` or ``"last_epoch"``), ``selected_`` and ``val_accuracy_``.
+    """
+
+    #: ``selection="val"`` uses validation data when the bundle has it and keeps the last epoch otherwise
+    selects = False
+
+    def __init__(
+        self,
+        *,
+        scale: float = 1.0,
+        mask: str = "none",
+        vir_init: str = "text",
+        tau: float = 1.0,
+        prior_virtual_count: float = 1.0,
+        inference_context: str = "per_image",
+        test_batch_size: int = 100,
+        tie_virtual_text: bool = False,
+        precision: str = "fp32",
+        heads: int = 8,
+        dropout: float = 0.1,
+        ratio_init: float = 0.1,
+        lr: float = 3e-4,
+        epochs: int = 50,
+        batch_size: int = 128,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_lr: float = 1e-5,
+        seed: int = 1,
+        selection: str = "val",
+    ):
+        self.scale = scale
+        self.mask = mask
+        self.vir_init = vir_init
+        self.tau = tau
+        self.prior_virtual_count = prior_virtual_count
+        self.inference_context = inference_context
+        self.test_batch_size = test_batch_size
+        self.tie_virtual_text = tie_virtual_text
+        self.precision = precision
+        self.heads = heads
+        self.dropout = dropout
+        self.ratio_init = ratio_init
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.warmup_lr = warmup_lr
+        self.seed = seed
+        self.selection = selection
+
+    # ----------------------------------------------------------------- validation
+    def _check_inference(self) -> None:
+        if self.inference_context not in INFERENCE_CONTEXTS:
+            raise MethodError(
+                f"candle: inference_context={self.inference_context!r} is not valid; choose one of "
+                f"{list(INFERENCE_CONTEXTS)} ('transductive' reproduces the released batched evaluation)."
+            )
+        v = self.test_batch_size
+        if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or int(v) < 1:
+            raise MethodError(f"candle: test_batch_size={v!r} must be a positive integer.")
+
+    def _check(self, dim: int) -> None:
+        check_training_params(
+            self.name, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size
+        )
+        if self.mask not in MASKS:
+            raise MethodError(f"candle: mask={self.mask!r} is not valid; choose one of {list(MASKS)}.")
+        if self.vir_init not in VIR_INITS:
+            raise MethodError(f"candle: vir_init={self.vir_init!r} is not valid; choose one of {list(VIR_INITS)}.")
+        if self.precision not in PRECISIONS:
+            raise MethodError(
+                f"candle: precision={self.precision!r} is not valid; choose one of {list(PRECISIONS)} "
+                "('fp16' reproduces the released fp16 weights)."
+            )
+        self._check_inference()
+        h = self.heads
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise MethodError(f"candle: heads={h!r} must be a positive integer.")
+        if dim % h:
+            divisors = [k for k in range(1, min(dim, 16) + 1) if dim % k == 0]
+            raise MethodError(
+                f"candle: D = {dim} is not divisible by heads = {h}; set heads to a divisor of D (e.g. {divisors})."
+            )
+        _number("scale", self.scale, low=0.0, low_open=True)
+        _number("tau", self.tau)
+        _number("prior_virtual_count", self.prior_virtual_count, low=0.0)
+        _number("dropout", self.dropout, low=0.0, high_open=1.0)
+        _number("ratio_init", self.ratio_init)
+        _number("momentum", self.momentum, low=0.0, high_open=1.0)
+        _number("warmup_lr", self.warmup_lr, low=0.0, low_open=True)
+        if not isinstance(self.tie_virtual_text, bool):
+            raise MethodError(f"candle: tie_virtual_text={self.tie_virtual_text!r} must be True or False.")
+        if self.tie_virtual_text and self.vir_init != "text":
+            raise MethodError(
+                "candle: tie_virtual_text=True reproduces the released aliasing of the virtual prototypes with the "
+                f"new classes' text rows, which only exists with vir_init='text' (got vir_init={self.vir_init!r})."
+            )
+
+    # ----------------------------------------------------------------- fitting
+    def _fit(self, bundle: Bundle) -> None:
+        self._check(bundle.dim)
+        device = bundle.support_features.device
+        counts = bundle.shots_per_class()
+        if int(counts.sum()) == 0:
+            raise MethodError(
+                "candle: no class has support images; Candle needs labelled images of at least one (base) class "
+                "to build visual prototypes. Use zero-shot for a bundle without support."
+            )
+        prior_counts = counts.double() + float(self.prior_virtual_count)
+        if bool((prior_counts <= 0).any()):
+            empty = [bundle.classnames[i] for i in (prior_counts <= 0).nonzero().flatten()[:5].tolist()]
+            raise MethodError(
+                f"candle: prior_virtual_count=0 gives the classes without support (e.g. {empty}) a zero prior and an "
+                "infinite loss; use prior_virtual_count > 0 (the released value is 1)."
+            )
+
+        order = canonical_order(bundle.support_features, bundle.support_labels)
+        support = bundle.support_features[:, order].float()
+        labels = bundle.support_labels[order]
+        if bundle.support_clean_features is not None:
+            proto_rows, source = bundle.support_clean_features[order].float(), "support_clean_features"
+        else:
+            proto_rows, source = support.mean(dim=0), "support_features_mean_over_views"
+        text = bundle.text_weights.float()
+        generator = torch.Generator().manual_seed(int(self.seed))
+        base_prototypes, new_classes, virtual = initial_prototypes(
+            proto_rows, labels, counts, text, self.vir_init, generator
+        )
+        init = initial_parameters(bundle.dim, virtual, float(self.ratio_init), generator)
+        dtype = PRECISIONS[self.precision]
+        head = CandleHead(
+            init, base_prototypes, text, new_classes,
+            heads=self.heads, mask=self.mask, scale=float(self.scale), tie_virtual_text=self.tie_virtual_text,
+        ).to(device, dtype)  # fmt: skip
+        support = support.to(dtype)
+
+        evaluate = None
+        if self.selection == "val" and bundle.has_val:
+            val = bundle.val_features.to(device, dtype)
+            val_labels = bundle.val_labels.to(device)
+
+            def evaluate() -> float:
+                return accuracy(head.per_image_scores(val), val_labels)
+
+        best_state, best_epoch, history = self._train(head, support, labels, counts, generator, evaluate)
+        with torch.no_grad():
+            for name, param in head.named_parameters():
+                param.copy_(best_state[name])
+            _, used_text = head.prototypes()
+        for name, attr in FITTED_PARAMETERS.items():
+            setattr(self, attr, getattr(head, name).detach().cpu().clone())
+        self.base_prototypes_ = head.base_prototypes.cpu().clone()
+        self.text_prototypes_ = used_text.detach().cpu().clone()
+        self.new_classes_ = new_classes.cpu().clone()
+        self.class_counts_ = counts.cpu().clone()
+        self.prior_ = cla_prior(counts, float(self.prior_virtual_count)).cpu()
+        self.prototype_source_ = source
+        self.iterations_per_epoch_ = max(1, labels.numel() // int(self.batch_size))
+        self.trained_parameters_ = int(sum(p.numel() for p in head.parameters()))
+        self.best_epoch_ = best_epoch
+        self.history_ = history
+        self.selection_used_ = "val" if evaluate is not None else "last_epoch"
+        self.selected_ = {"epoch": best_epoch}
+        self.val_accuracy_ = self.score(bundle.val_features.cpu(), bundle.val_labels.cpu()) if bundle.has_val else None
+
+    def _train(
+        self,
+        head: CandleHead,
+        support: torch.Tensor,
+        labels: torch.Tensor,
+        counts: torch.Tensor,
+        generator: torch.Generator,
+        evaluate,
+    ) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
+        """SGD over the epochs; returns (chosen parameters, chosen 1-based epoch, per-epoch history)."""
+        device = support.device
+        epochs, batch = int(self.epochs), int(self.batch_size)
+        num_views, num = support.shape[:2]
+        iters = max(1, num // batch)
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=float(self.warmup_lr), momentum=float(self.momentum),
+            weight_decay=float(self.weight_decay),
+        )  # fmt: skip
+        tau, virtual_count = float(self.tau), float(self.prior_virtual_count)
+        prototype_targets = torch.arange(head.num_classes, device=device)
+        rows = torch.arange(num, device=device)
+        dropout = float(self.dropout)
+        best_acc, best_epoch, best_state = None, epochs, None
+        history: list[dict[str, Any]] = []
+        with tqdm(range(epochs), desc=f"{self.name} train", unit="epoch", leave=False, disable=None) as bar:
+            for epoch in bar:
+                lr = candle_lr(epoch, epochs, float(self.lr), float(self.warmup_lr))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                views = torch.randint(num_views, (num,), generator=generator).to(device)
+                images = support[views, rows]  # one raw cached view per support image
+                order = torch.randperm(num, generator=generator).to(device)
+                total = 0.0
+                for it in range(iters):
+                    idx = order[it * batch : (it + 1) * batch]
+                    targets = torch.cat([labels[idx], prototype_targets])
+                    logits = head.train_logits(images[idx], dropout, generator)
+                    loss = sum(cla_loss(z.float(), targets, counts, tau, virtual_count) for z in logits)
+                    if not torch.isfinite(loss):
+                        raise MethodError(
+                            f"candle: the training loss became {float(loss)} at epoch {epoch + 1}; lower lr "
+                            f"(now {self.lr})."
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach())
+                record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": total / iters, "val_accuracy": None}
+                postfix = {"loss": f"{record['loss']:.4f}"}
+                if evaluate is not None:
+                    with torch.no_grad():
+                        acc = float(evaluate())
+                    record["val_accuracy"] = acc
+                    postfix["val"] = f"{acc:.2f}"
+                    if best_acc is None or acc > best_acc:
+                        best_acc, best_epoch = acc, epoch + 1
+                        best_state = {k: v.detach().clone() for k, v in head.named_parameters()}
+                history.append(record)
+                bar.set_postfix(postfix)
+        if best_state is None:
+            best_state = {k: v.detach().clone() for k, v in head.named_parameters()}
+        return best_state, best_epoch, history
+
+    # ----------------------------------------------------------------- prediction
+    def head(self) -> CandleHead:
+        """The fitted head (a fresh module around the fitted tensors)."""
+        self._check_fitted()
+        params = {name: getattr(self, attr) for name, attr in FITTED_PARAMETERS.items()}
+        return CandleHead(
+            params, self.base_prototypes_, self.text_prototypes_, self.new_classes_,
+            heads=self.heads, mask=self.mask, scale=float(self.scale), tie_virtual_text=self.tie_virtual_text,
+        )  # fmt: skip
+
+    def predict_logits(self, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+        """[M, C] = z^{vt} + z^{vv}. Per image by default; under ``inference_context="transductive"`` the rows are
+        scored in consecutive chunks of ``test_batch_size`` (the outer ``batch_size`` is rounded to a multiple)."""
+        self._check_inference()
+        if self.inference_context == "transductive":
+            step = int(self.test_batch_size)
+            batch_size = max(step, (int(batch_size) // step) * step)
+        return super().predict_logits(features, batch_size)
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        head = self.head().to(features.device)
+        features = features.to(head.w_image.dtype)
+        if self.inference_context == "transductive":
+            return head.transductive_scores(features, int(self.test_batch_size)).float()
+        return head.per_image_scores(features).float()
