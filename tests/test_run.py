@@ -345,3 +345,10 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     refused = [*argv[: argv.index("--method")], "--method", "linear-probe", "--shots", "2", "--seeds", "1"]
     assert main(refused) == 2
     assert "cannot score oxford_pets's classes" in capsys.readouterr().err
+    # Candle's published setting: the variant's classes join as separate new classes, scored within them
+    copies = [*argv[: argv.index("--targets")], "--targets", "imagenet_a", "--method", "zero-shot", "--shots", "2",
+              "--seeds", "1", "--variant-scoring", "new-classes"]  # fmt: skip
+    copies[copies.index("--out") + 1] = str(tmp_path / "copies")
+    assert main(copies) == 0
+    r = json.loads((tmp_path / "copies/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json").read_text())
+    assert r["transfer"] == "cross-dataset" and r["variant_eval"] is None and len(r["per_class_accuracy"]) == 2

@@ -135,7 +135,14 @@ def _run_transfer(args: argparse.Namespace, config) -> int:
 
     if not args.targets:
         raise _usage_error("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
-    out = run_transfer(config, args.targets, args.out, variant_eval=args.variant_eval, force=args.force)
+    out = run_transfer(
+        config,
+        args.targets,
+        args.out,
+        variant_eval=args.variant_eval,
+        variant_scoring=args.variant_scoring.replace("-", "_"),
+        force=args.force,
+    )
     print(f"\n{config.dataset} -> targets: top-1 test accuracy (%), mean ± std over seeds")
     print(out["table"])
     print(f"{len(out['written'])} result(s) written, {len(out['skipped'])} reused.")
@@ -216,6 +223,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         choices=["200way", "1000way"],
         default="200way",
         help="transfer: ImageNet-A/-R scored within their 200 ImageNet columns (default) or over all 1000",
+    )
+    run.add_argument(
+        "--variant-scoring",
+        choices=["source-columns", "new-classes"],
+        default="source-columns",
+        help="transfer: score ImageNet variants through the source's columns (default) or append their classes as "
+        "new classes, as Candle's published cross-dataset setting does",
     )
     run.add_argument("--imbalance-ratio", type=float, help="base2new-imbalanced: the ratio r (Candle: 0.02)")
     run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])

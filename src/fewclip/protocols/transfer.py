@@ -3,7 +3,8 @@
 - **Domain shift** (ImageNet-V2 / -Sketch / -A / -R, whose classes are ImageNet classes): the method fitted on all
   1000 source classes scores the target test set; V2 and Sketch are 1000-way, A and R 200-way by default (the
   logits restricted to their 200 ImageNet columns, as CoOp rebuilds the 200-name classifier) or 1000-way with
-  ``variant_eval="1000way"``. The choice is recorded.
+  ``variant_eval="1000way"``. The choice is recorded. ``variant_scoring="new_classes"`` treats the variants like
+  any other target instead (their classes appended as separate new copies), which is Candle's published setting.
 - **Cross-dataset** (any other target): as published for Candle, the target's class names are appended to the
   source classes as classes without support (text rows from the target's own prompts), one model is fitted per
   target, and the target test set is scored within the target columns. Methods that need support for every class
@@ -58,8 +59,14 @@ class Transfer(Protocol):
             )
 
 
-def transfer_kind(source, target) -> str:
-    """``domain`` when every target class is a source class (ImageNet variants on ImageNet), else ``cross-dataset``."""
+VARIANT_SCORINGS = ("source_columns", "new_classes")
+
+
+def transfer_kind(source, target, variant_scoring: str = "source_columns") -> str:
+    """``domain`` when every target class is a source class (ImageNet variants on ImageNet) and they are scored
+    through the source columns, else ``cross-dataset``."""
+    if variant_scoring == "new_classes":
+        return "cross-dataset"
     if source.name == "imagenet" and target.imagenet_indices is not None and target.name != source.name:
         return "domain"
     return "cross-dataset"
@@ -81,6 +88,7 @@ def run_transfer(
     out_dir: str | Path,
     *,
     variant_eval: str = "200way",
+    variant_scoring: str = "source_columns",
     force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -92,6 +100,8 @@ def run_transfer(
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle, index_rows
     from ..features.store import FeatureStore
 
+    if variant_scoring not in VARIANT_SCORINGS:
+        raise ResultsError(f"variant_scoring {variant_scoring!r} is unknown; valid: {', '.join(VARIANT_SCORINGS)}.")
     if variant_eval not in VARIANT_EVALS:
         raise ResultsError(f"variant_eval {variant_eval!r} is unknown; valid: {', '.join(VARIANT_EVALS)}.")
     if not targets:
@@ -106,7 +116,9 @@ def run_transfer(
         if t == source.name:
             raise ResultsError(f"the target {t} is the source dataset; use --protocol fewshot for it.")
         target_splits[t] = load_dataset(t, config.data_root)
-    protocols = {t: Transfer(t, transfer_kind(source, s), variant_eval) for t, s in target_splits.items()}
+    protocols = {
+        t: Transfer(t, transfer_kind(source, s, variant_scoring), variant_eval) for t, s in target_splits.items()
+    }
     plans = {t: _check_methods(config, source.name, p) for t, p in protocols.items()}
     prompts = load_prompts(config.prompts, source.name)
 
