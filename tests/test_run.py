@@ -23,7 +23,7 @@ from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
 from fewclip.protocols.protocol import BaseToNew, base_new_scores, group_accuracies, harmonic_mean, shot_groups
 from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
-from fewclip.protocols.transfer import domain_scores
+from fewclip.protocols.transfer import domain_hits
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
 COUNTS = {"train": 6, "val": 4, "test": 5}
@@ -310,11 +310,11 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
 # --------------------------------------------------------------------------- transfer
 
 
-def test_domain_scores_200way_restricts_to_the_variant_columns():
+def test_domain_hits_200way_restricts_to_the_variant_columns():
     logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 1.0]])  # source space: 3 classes
     local = torch.tensor([1, 0])  # the variant's classes are source classes 0 and 2
-    assert domain_scores(logits, local, [0, 2], "200way")["test_accuracy"] == 100.0
-    assert domain_scores(logits, local, [0, 2], "1000way")["test_accuracy"] == 50.0  # row 0 predicts class 1
+    assert domain_hits(logits, local, [0, 2], "200way").tolist() == [True, True]
+    assert domain_hits(logits, local, [0, 2], "1000way").tolist() == [False, True]  # row 0 predicts class 1
 
 
 def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
@@ -338,6 +338,7 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     printed = capsys.readouterr().out
     a = json.loads((out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json").read_text())
     assert (a["transfer"], a["variant_eval"], len(a["per_class_accuracy"])) == ("domain", "200way", 2)
+    assert a["accuracy"]["test_accuracy"] == pytest.approx(sum(a["per_class_accuracy"]) / 2)  # 3 images per class
     pets = json.loads((out / "imagenet" / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json").read_text())
     assert pets["transfer"] == "cross-dataset" and len(pets["per_class_accuracy"]) == 3
     assert any(line.split()[:4] == ["method", "shots", "imagenet_a", "oxford_pets"] for line in printed.splitlines())

@@ -14,7 +14,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
     """Accuracy of each class in percent (None for a class without evaluation rows)."""
-    correct = (logits.argmax(dim=1) == labels).long()
+    return per_class_from_hits(logits.argmax(dim=1) == labels, labels, num_classes)
+
+
+def per_class_from_hits(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Per-class accuracy in percent from a boolean hit per row (None for a class without rows)."""
     hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
     totals = torch.bincount(labels, minlength=num_classes)
     return [100.0 * float(h) / int(t) if int(t) else None for h, t in zip(hits, totals)]

@@ -30,7 +30,7 @@ from .fewshot import (
     existing_result,
     load_config_backbone,
 )
-from .metrics import accuracy, mean_per_class_accuracy, per_class_accuracy
+from .metrics import per_class_from_hits
 from .protocol import Protocol
 from .results import RESULT_FORMAT, ResultsError, config_sha256, mean_std, text_table, versions, write_result
 
@@ -72,14 +72,14 @@ def transfer_kind(source, target, variant_scoring: str = "source_columns") -> st
     return "cross-dataset"
 
 
-def domain_scores(logits: torch.Tensor, labels: torch.Tensor, columns: Sequence[int], variant_eval: str) -> dict:
-    """Top-1 of a variant's test rows (``labels`` local to the variant) from source-space ``logits``:
-    within the variant's source ``columns`` (``200way`` for A/R; V2 and Sketch have all 1000) or over all."""
+def domain_hits(logits: torch.Tensor, labels: torch.Tensor, columns: Sequence[int], variant_eval: str) -> torch.Tensor:
+    """Whether each of a variant's test rows (``labels`` local to the variant) is right, from source-space
+    ``logits``: arg-max within the variant's source ``columns`` (``200way``; V2 and Sketch have all 1000) or over
+    all source columns (``1000way``, right only when the source class is the variant's class)."""
     columns_t = torch.as_tensor(list(columns), dtype=torch.long)
     if variant_eval == "200way":
-        restricted = logits[:, columns_t]
-        return {"test_accuracy": accuracy(restricted, labels), "restricted": restricted}
-    return {"test_accuracy": accuracy(logits, columns_t[labels]), "restricted": logits[:, columns_t]}
+        return logits[:, columns_t].argmax(1) == labels
+    return logits.argmax(1) == columns_t[labels]
 
 
 def run_transfer(
@@ -95,7 +95,7 @@ def run_transfer(
     """Fit each method on the source episodes of ``config`` and score every target; returns
     ``{"results": [...], "written": [...], "skipped": [...], "table": str}``."""
     from .. import methods
-    from ..data import load_dataset, load_prompts, resolve_name
+    from ..data import TEMPLATE_SETS, load_dataset, load_prompts, resolve_name
     from ..features.bundle import make_bundle
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle, index_rows
     from ..features.store import FeatureStore
@@ -154,9 +154,9 @@ def run_transfer(
         for t, s in target_splits.items():
             target_pools[t] = encode_images_once(backbone, s, [], test=s.test, store=store, options=config.extraction)
             if protocols[t].kind == "cross-dataset":
-                target_text[t], _ = encode_text_classifier(
-                    backbone, s.classnames, load_prompts("single", t), store=store
-                )
+                # a template set resolves per dataset; a prompts file belongs to the source, so targets get theirs
+                target_prompts = load_prompts(config.prompts if config.prompts in TEMPLATE_SETS else "single", t)
+                target_text[t], _ = encode_text_classifier(backbone, s.classnames, target_prompts, store=store)
         common = {"format": RESULT_FORMAT, "protocol": "transfer", "versions": versions(), "model": backbone.identity}
         for (k, seed), pairs in todo.items():
             base, _ = episode_bundle(pool, episodes[k, seed], [], text, metadata={"backbone": config.model})
@@ -188,12 +188,15 @@ def run_transfer(
                 logits = model.predict_logits(features)
                 t2 = time.perf_counter()
                 if protocol.kind == "domain":
-                    scored = domain_scores(logits, local, s.imagenet_indices, variant_eval)
-                    restricted = scored.pop("restricted")
+                    hits = domain_hits(logits, local, s.imagenet_indices, variant_eval)
                 else:
-                    restricted = logits[:, source.num_classes :]
-                    scored = {"test_accuracy": accuracy(restricted, local)}
-                scored["test_mean_per_class"] = mean_per_class_accuracy(restricted, local, s.num_classes)
+                    hits = logits[:, source.num_classes :].argmax(1) == local  # within the target's columns
+                per_class = per_class_from_hits(hits, local, s.num_classes)
+                present = [v for v in per_class if v is not None]
+                scored = {
+                    "test_accuracy": 100.0 * float(hits.double().mean()) if hits.numel() else float("nan"),
+                    "test_mean_per_class": sum(present) / len(present) if present else float("nan"),
+                }
                 setup = setups[t, name, k, seed]
                 result = {
                     **common,
@@ -209,7 +212,7 @@ def run_transfer(
                     "hyperparameters": model.hyperparameters(),
                     "selected": getattr(model, "selected_", {}),
                     "accuracy": {**scored, "val_accuracy": model.val_accuracy_},
-                    "per_class_accuracy": per_class_accuracy(restricted, local, s.num_classes),
+                    "per_class_accuracy": per_class,
                     "bad_images": [b.as_dict() for b in tpool.bad],
                     "seconds": {"fit_and_predict": t2 - t1},
                 }
