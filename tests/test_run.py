@@ -21,6 +21,7 @@ from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
+from fewclip.protocols.metrics import macro_f1
 from fewclip.protocols.protocol import BaseToNew, base_new_scores, group_accuracies, harmonic_mean, shot_groups
 from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
 from fewclip.protocols.transfer import domain_hits
@@ -353,3 +354,20 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     assert main(copies) == 0
     r = json.loads((tmp_path / "copies/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json").read_text())
     assert r["transfer"] == "cross-dataset" and r["variant_eval"] is None and len(r["per_class_accuracy"]) == 2
+
+
+def test_macro_f1_by_hand():
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1]), 4).float()  # class 3: no rows, no predictions
+    # F1: class 0 = 2·1/(1 + 2), class 1 = 2·1/(3 + 1), class 2 = 0/(0 + 1); class 3 undefined, left out
+    assert macro_f1(logits, torch.tensor([0, 0, 1, 2]), 4) == pytest.approx(100 * (2 / 3 + 0.5 + 0) / 3)
+
+
+def test_base_eval_all_classes_makes_the_released_scoring_the_headline():
+    logits = torch.tensor([[5.0, 1.0, 9.0], [1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1, 2])  # 3 classes: base 0, 1; new 2
+    default, _ = BaseToNew().evaluate(logits, labels, 3)
+    released, extra = BaseToNew(base_eval="all_classes").evaluate(logits, labels, 3)
+    assert (default["base"], default["new"]) == (100.0, 100.0)
+    assert (released["base"], released["base_within_base"], released["new"]) == (50.0, 100.0, 100.0)
+    assert released["harmonic_mean"] == pytest.approx(2 * 50 * 100 / 150) and extra["base_eval"] == "all_classes"
+    assert BaseToNew(base_eval="all_classes").params() == {"base_eval": "all_classes"}  # part of the fingerprint

@@ -67,6 +67,7 @@ class FewShotConfig:
     trust_checkpoint: bool = False
     protocol: str = "fewshot"
     imbalance_ratio: float | None = None
+    base_eval: str = "within_base"
 
 
 @dataclass
@@ -214,7 +215,7 @@ def run_fewshot(
         raise ResultsError("a few-shot run needs at least one method, one shot count and one seed.")
     splits = load_dataset(config.dataset, config.data_root, path=config.path, **dict(config.kind_options))
     prompts = load_prompts(config.prompts, splits.name)
-    protocol = make_protocol(config.protocol, config.imbalance_ratio)
+    protocol = make_protocol(config.protocol, config.imbalance_ratio, config.base_eval)
     protocol.prepare(splits)
     plan = _check_methods(config, splits.name, protocol)
     folder = protocol_dir(out_dir, splits.name, protocol.name)

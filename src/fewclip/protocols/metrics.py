@@ -27,3 +27,15 @@ def per_class_from_hits(correct: torch.Tensor, labels: torch.Tensor, num_classes
 def mean_per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     values = [v for v in per_class_accuracy(logits, labels, num_classes) if v is not None]
     return sum(values) / len(values) if values else float("nan")
+
+
+def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes of F1 = 2·TP / (2·TP + FP + FN), in percent; classes with no rows and no predictions are
+    left out (their F1 is undefined)."""
+    pred = logits.argmax(dim=1)
+    tp = torch.bincount(labels[pred == labels], minlength=num_classes).double()
+    predicted = torch.bincount(pred, minlength=num_classes).double()
+    actual = torch.bincount(labels, minlength=num_classes).double()
+    denom = predicted + actual  # 2·TP + FP + FN
+    defined = denom > 0
+    return 100.0 * float((2 * tp[defined] / denom[defined]).mean()) if bool(defined.any()) else float("nan")
