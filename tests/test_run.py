@@ -259,6 +259,12 @@ def test_run_base2new_end_to_end(env, tmp_path, capsys):
     assert r["episode"]["support"] == 4 and r["episode"]["test"] == 15  # base support only; every test image
     assert set(r["accuracy"]) >= {"base", "new", "harmonic_mean", "base_all_classes", "val_accuracy"}
     assert any(line.split() == ["method", "shots", "base", "new", "HM"] for line in printed.splitlines())
+    imbalanced = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new-imbalanced", "--imbalance-ratio",
+                          "0.5", "--method", "gda", "--shots", "4", "--seeds", "1")  # fmt: skip
+    assert main(imbalanced) == 0
+    r = json.loads((out / "oxford_pets/base2new-imbalanced/gda/shots_4-seed_1.json").read_text())
+    assert r["setup"]["imbalance_ratio"] == 0.5 and r["episode"]["support"] == 4 + 2  # profile [4, 2] on the base
+    capsys.readouterr()
     refused = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "linear-probe")
     assert main(refused) == 2
     assert "cannot score new classes under base2new" in capsys.readouterr().err
