@@ -9,32 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def _cli_error(message: str) -> Exception:
-    from .main import CLIError
-
-    return CLIError(message)
-
-
-def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn :class:`fewclip.data.DataError` into the CLI's one-line error (exit status 2)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from ..data import DataError
-
-        try:
-            return func(args)
-        except DataError as exc:
-            raise _cli_error(str(exc)) from None
-
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
-    return run
-
+from .main import CLIError
 
 # --------------------------------------------------------------------------- shared options
 
@@ -225,7 +203,7 @@ def cmd_datasets_check(args: argparse.Namespace) -> int:
         for w in report["warnings"]:
             print(f"warning: {w}")
     if missing:
-        raise _cli_error(
+        raise CLIError(
             f"{report['dataset']}: {len(missing)} of {report['files']} images named by {report['split_source']} "
             f"are missing under {report['image_root']} (listed above)."
         )
@@ -297,25 +275,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="the registered datasets, their folder names and published counts")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guard(cmd_datasets_list))
+    p.set_defaults(func=(cmd_datasets_list))
 
     p = sub.add_parser("check", help="verify a dataset's layout, missing files and counts")
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_guard(cmd_datasets_check))
+    p.set_defaults(func=(cmd_datasets_check))
 
     p = sub.add_parser("prompts", help="print the sentences each class gets under --prompts")
     add_data_arguments(p)
     add_prompt_argument(p)
     p.add_argument("--max-sentences", type=int, default=3, help="sentences shown per class (text output)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guard(cmd_datasets_prompts))
+    p.set_defaults(func=(cmd_datasets_prompts))
 
     p = sub.add_parser("sample", help="draw a K-shot episode and save it as JSON")
     add_data_arguments(p)
     add_episode_arguments(p)
     p.add_argument("--out", required=True, help="episode file, or a folder (the file is named by its key)")
-    p.set_defaults(func=_guard(cmd_datasets_sample))
+    p.set_defaults(func=(cmd_datasets_sample))
 
     p = sub.add_parser("import-coop", help="turn CoOp's split_fewshot/shot_K-seed_S.pkl into an episode JSON")
     add_data_arguments(p)
@@ -323,4 +301,4 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, help="K (default: from the file name)")
     p.add_argument("--seed", type=int, help="seed (default: from the file name)")
     p.add_argument("--out", required=True, help="episode file, or a folder")
-    p.set_defaults(func=_guard(cmd_datasets_import_coop))
+    p.set_defaults(func=(cmd_datasets_import_coop))

@@ -9,6 +9,7 @@ from typing import Any
 
 from .cache import add_cache_dir_argument
 from .datasets import add_data_arguments, add_episode_arguments, add_prompt_argument, kind_options_from_args
+from .main import CLIError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +136,7 @@ def _run_transfer(args: argparse.Namespace, config) -> int:
     from ..protocols.transfer import run_transfer
 
     if not args.targets:
-        raise _usage_error("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
+        raise CLIError("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
     out = run_transfer(
         config,
         args.targets,
@@ -148,12 +149,6 @@ def _run_transfer(args: argparse.Namespace, config) -> int:
     print(out["table"])
     print(f"{len(out['written'])} result(s) written, {len(out['skipped'])} reused.")
     return 0
-
-
-def _usage_error(message: str) -> Exception:
-    from .main import CLIError
-
-    return CLIError(message)
 
 
 # --------------------------------------------------------------------------- extract

@@ -32,7 +32,7 @@ from .base import MethodError, l2n
 from .cache import CacheMethod, check_grid, support_cache
 from .registry import register
 from .search import ClassLayout, ape_criterion, phi, search_row_chunk, select_channels
-from .training import canonical_order, check_training_params, cross_entropy, train_on_views
+from .training import check_adapter_settings, cross_entropy, train_adapter
 
 CRITERION_POOLS = ("text", "text+cache")
 
@@ -126,10 +126,7 @@ class APET(CacheMethod):
 
     def _fit(self, bundle: Bundle) -> None:
         scale, step = check_grid(self.name, self.search_scale, self.search_step, 2)
-        check_training_params(
-            self.name, epochs=self.epochs, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-        )  # fmt: skip
+        check_adapter_settings(self)
         if self.criterion_pool not in CRITERION_POOLS:
             raise MethodError(
                 f"{self.name}: criterion_pool={self.criterion_pool!r} is not valid; "
@@ -170,21 +167,7 @@ class APET(CacheMethod):
                 logits = [factored_logits(*part, residual, values, layout, alpha, beta) for part in val_parts]
                 return accuracy(torch.cat(logits), val_labels)
 
-        order = canonical_order(bundle.support_features, bundle.support_labels)
-        result = train_on_views(
-            {"residual": residual, "value_weights": value_weights},
-            loss_fn,
-            bundle.support_features[:, order],
-            bundle.support_labels[order],
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-            evaluate=evaluate,
-            desc=f"{self.name} train",
-        )
+        result = train_adapter(self, {"residual": residual, "value_weights": value_weights}, loss_fn, bundle, evaluate)
         self.channels_train_ = channels.cpu()
         self.residual_ = result.state["residual"].cpu()
         self.value_weights_ = result.state["value_weights"].cpu()

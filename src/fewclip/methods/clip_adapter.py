@@ -24,7 +24,7 @@ from ..features.bundle import Bundle
 from ..protocols.metrics import accuracy
 from .base import Method, MethodError, l2n
 from .registry import register
-from .training import canonical_order, check_training_params, cross_entropy, train_on_views
+from .training import check_adapter_settings, cross_entropy, train_adapter
 
 
 def adapter_features(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -70,10 +70,7 @@ class CLIPAdapter(Method):
         self.selection = selection
 
     def _check(self, dim: int) -> list[float]:
-        check_training_params(
-            self.name, epochs=self.epochs, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-        )  # fmt: skip
+        check_adapter_settings(self)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or not 1 <= self.reduction <= dim:
             raise MethodError(f"{self.name}: reduction={self.reduction!r} must be an integer in [1, D = {dim}].")
         ratios = list(self.ratios) if self.selection == "val" else [self.init_ratio]
@@ -111,21 +108,7 @@ class CLIPAdapter(Method):
                                     range(0, val.shape[0], 4096)], dim=1)  # fmt: skip
                 return torch.tensor([accuracy(logits[r], val_labels) for r in range(num)])
 
-        order = canonical_order(bundle.support_features, bundle.support_labels)
-        result = train_on_views(
-            {"w1": w1, "w2": w2},
-            loss_fn,
-            bundle.support_features[:, order],
-            bundle.support_labels[order],
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-            evaluate=evaluate,
-            desc=f"{self.name} train",
-        )
+        result = train_adapter(self, {"w1": w1, "w2": w2}, loss_fn, bundle, evaluate)
         best = 0
         if result.best_accuracies is not None:
             best = max(range(num), key=lambda r: (result.best_accuracies[r], -r))

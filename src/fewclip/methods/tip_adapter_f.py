@@ -20,7 +20,7 @@ from .base import l2n
 from .cache import CacheMethod, check_grid, support_cache
 from .registry import register
 from .search import ClassLayout, phi
-from .training import canonical_order, check_training_params, cross_entropy, train_on_views
+from .training import check_adapter_settings, cross_entropy, train_adapter
 
 
 def cache_logits(
@@ -65,10 +65,7 @@ class TipAdapterF(CacheMethod):
 
     def _fit(self, bundle: Bundle) -> None:
         scale, step = check_grid(self.name, self.search_scale, self.search_step, 2)
-        check_training_params(
-            self.name, epochs=self.epochs, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-        )  # fmt: skip
+        check_adapter_settings(self)
         device = bundle.support_features.device
         text = bundle.text_weights.float()
         init_keys, key_labels = support_cache(bundle)
@@ -91,21 +88,7 @@ class TipAdapterF(CacheMethod):
                 ]
                 return accuracy(torch.cat(parts), val_labels)
 
-        order = canonical_order(bundle.support_features, bundle.support_labels)
-        result = train_on_views(
-            {"keys": keys},
-            loss_fn,
-            bundle.support_features[:, order],
-            bundle.support_labels[order],
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-            evaluate=evaluate,
-            desc=f"{self.name} train",
-        )
+        result = train_adapter(self, {"keys": keys}, loss_fn, bundle, evaluate)
         self.text_ = text.cpu().clone()
         self.cache_keys_ = result.state["keys"].cpu()
         self.key_labels_ = key_labels.cpu()

@@ -176,3 +176,33 @@ def train_on_views(
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Batch-mean cross-entropy (the published losses; APE-T's SmoothCrossEntropy has smoothing 0)."""
     return F.cross_entropy(logits, labels)
+
+
+ADAMW_SETTINGS = ("epochs", "batch_size", "lr", "eps", "weight_decay")
+
+
+def check_adapter_settings(method: Any) -> None:
+    """:func:`check_training_params` on an estimator's AdamW settings (epochs, batch_size, lr, eps, weight_decay)."""
+    check_training_params(method.name, **{key: getattr(method, key) for key in ADAMW_SETTINGS})
+
+
+def train_adapter(
+    method: Any,
+    params: Mapping[str, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    bundle: Any,
+    evaluate: Callable[[], float | torch.Tensor] | None,
+) -> TrainResult:
+    """:func:`train_on_views` on ``bundle``'s support in canonical row order, with the estimator's AdamW settings
+    and ``seed``."""
+    order = canonical_order(bundle.support_features, bundle.support_labels)
+    return train_on_views(
+        params,
+        loss_fn,
+        bundle.support_features[:, order],
+        bundle.support_labels[order],
+        **{key: getattr(method, key) for key in ADAMW_SETTINGS},
+        seed=method.seed,
+        evaluate=evaluate,
+        desc=f"{method.name} train",
+    )

@@ -108,7 +108,7 @@ def method_overrides(overrides: Mapping[str, Mapping[str, Any]], method: str) ->
     return {**overrides.get("*", {}), **overrides.get(method, {})}
 
 
-def _check_methods(
+def check_methods(
     config: FewShotConfig, dataset: str, protocol: Protocol
 ) -> dict[str, tuple[str | None, dict[str, Any]]]:
     """Create every method once before any image is encoded, so a bad name or override fails fast."""
@@ -128,7 +128,7 @@ def _check_methods(
     return plan
 
 
-def _setup(
+def result_setup(
     config: FewShotConfig, protocol: Protocol, splits, prompts, method: str, preset: str | None, params: dict, k, seed
 ):
     """The fields that decide a result (its fingerprint): not paths, devices, batch sizes or timings."""
@@ -183,7 +183,7 @@ def existing_result(path: Path, setup: Mapping[str, Any], force: bool) -> dict[s
     return old
 
 
-def _log_default(message: str) -> None:
+def console_log(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message)
@@ -205,7 +205,7 @@ def run_fewshot(
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
     from ..features.store import FeatureStore
 
-    log = log or _log_default
+    log = log or console_log
     out_dir = Path(out_dir)
     shots = list(dict.fromkeys(int(k) for k in config.shots))
     if any(k < (0 if config.protocol == "longtail" else 1) for k in shots):
@@ -217,7 +217,7 @@ def run_fewshot(
     prompts = load_prompts(config.prompts, splits.name)
     protocol = make_protocol(config.protocol, config.imbalance_ratio, config.base_eval)
     protocol.prepare(splits)
-    plan = _check_methods(config, splits.name, protocol)
+    plan = check_methods(config, splits.name, protocol)
     folder = protocol_dir(out_dir, splits.name, protocol.name)
 
     # Which results exist already (same setup: skip), which are missing, which conflict.
@@ -228,7 +228,7 @@ def run_fewshot(
     for k in shots:
         for seed in seeds:
             for name, (preset, params) in plan.items():
-                setup = _setup(config, protocol, splits, prompts, name, preset, params, k, seed)
+                setup = result_setup(config, protocol, splits, prompts, name, preset, params, k, seed)
                 setups[name, k, seed] = setup
                 path = result_path(out_dir, splits.name, name, k, seed, protocol.name)
                 old = existing_result(path, setup, force)

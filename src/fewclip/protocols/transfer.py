@@ -24,11 +24,11 @@ import torch
 
 from .fewshot import (
     FewShotConfig,
-    _check_methods,
-    _log_default,
-    _setup,
+    check_methods,
+    console_log,
     existing_result,
     load_config_backbone,
+    result_setup,
 )
 from .metrics import per_class_from_hits
 from .protocol import Protocol
@@ -106,7 +106,7 @@ def run_transfer(
         raise ResultsError(f"variant_eval {variant_eval!r} is unknown; valid: {', '.join(VARIANT_EVALS)}.")
     if not targets:
         raise ResultsError("transfer needs at least one target dataset (--targets).")
-    log = log or _log_default
+    log = log or console_log
     out_dir = Path(out_dir)
     shots = list(dict.fromkeys(int(k) for k in config.shots))
     seeds = list(dict.fromkeys(int(s) for s in config.seeds))
@@ -119,7 +119,7 @@ def run_transfer(
     protocols = {
         t: Transfer(t, transfer_kind(source, s, variant_scoring), variant_eval) for t, s in target_splits.items()
     }
-    plans = {t: _check_methods(config, source.name, p) for t, p in protocols.items()}
+    plans = {t: check_methods(config, source.name, p) for t, p in protocols.items()}
     prompts = load_prompts(config.prompts, source.name)
 
     todo: dict[tuple[int, int], list[tuple[str, str]]] = {}
@@ -129,7 +129,7 @@ def run_transfer(
         for seed in seeds:
             for t, plan in plans.items():
                 for name, (preset, params) in plan.items():
-                    setup = _setup(config, protocols[t], source, prompts, name, preset, params, k, seed)
+                    setup = result_setup(config, protocols[t], source, prompts, name, preset, params, k, seed)
                     setup["target_split_sha256"] = target_splits[t].split_sha256
                     setups[t, name, k, seed] = setup
                     path = out_dir / source.name / "transfer" / t / name / f"shots_{k}-seed_{seed}.json"
