@@ -47,9 +47,10 @@ row is ŷ_p = R_p + λ·Σ_h β_pb^h (G_b^h − F_p^h), where R_p (p's fused row
 share of the out-projection of U_p/Z_p) are shared and G_b^h = W_o^h v_b^h. Only the cosines of ŷ_b with the ŷ_p are
 needed, and ⟨n(ŷ_b), ŷ_p⟩ and ‖ŷ_p‖² expand into inner products of R, F and G, so no per-image copy of the 2C fused
 prototype rows is ever formed: per image a few [2C, H] and one [2C, H, H] tensor instead of a (1 + 2C)-token
-attention. The image's own query attends to itself and the unmasked prototypes (an ordinary softmax over 1 + 2C
-keys). Images are processed in chunks that bound memory. The result equals a loop over single-image token sets
-(tested to 1e-5 in fp32 and to rounding in fp64).
+attention. The inner products that involve the image are taken in the heads' d-dimensional value spaces (R and F
+carried back through W_o once per evaluation), about 2C·H²·d multiply-adds per image. The image's own query attends
+to itself and the unmasked prototypes (an ordinary softmax over 1 + 2C keys). Images are processed in chunks that
+bound memory. The result equals a loop over single-image token sets (tested to 1e-5 in fp32 and to rounding in fp64).
 
 Deviations forced by the data (recorded, not options):
 
@@ -103,7 +104,7 @@ FITTED_PARAMETERS = {
     "virtual": "virtual_prototypes_",
 }
 #: floats per [rows, 2C, H, H] tensor in per-image evaluation (bounds memory; results do not depend on it)
-PER_IMAGE_BUDGET = 1 << 21
+PER_IMAGE_BUDGET = 1 << 23
 
 
 # --------------------------------------------------------------------------- the loss and the schedule
@@ -183,18 +184,21 @@ def multi_head_attention(
     """Self-attention over one unbatched sequence x [L, D], as ``nn.MultiheadAttention(D, heads)(x, x, x)`` computes
     it (in-projection rows ordered q, k, v; head h uses columns h·d … (h+1)·d − 1). Dropout with probability
     ``dropout`` acts on the attention weights; its mask is drawn from ``generator`` (CPU). Returns the output [L, D]
-    and the per-head weights [H, L, L] that were applied."""
+    and the per-head softmax weights [H, L, L] (before dropout)."""
     length, dim = x.shape
     d = dim // heads
     q, k, v = F.linear(x, in_proj_weight, in_proj_bias).view(length, 3, heads, d).permute(1, 2, 0, 3)
-    scores = (q @ k.transpose(1, 2)) / math.sqrt(d)
+    scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(1, 2)  # scale the [H, L, d] queries, not the [H, L, L] scores
     if blocked is not None:
         scores = scores.masked_fill(blocked, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if dropout > 0.0:
-        keep = torch.rand(weights.shape, generator=generator) >= dropout
-        weights = weights * keep.to(weights.device, weights.dtype) / (1.0 - dropout)
-    out = (weights @ v).transpose(0, 1).reshape(length, dim)
+        keep = torch.rand(weights.shape, generator=generator).ge_(dropout)  # 1.0 kept, 0.0 dropped, in place
+        # dropout's 1/(1 − p) rescaling is applied to the [H, L, d] output rather than the [H, L, L] weights
+        out = ((weights * keep.to(weights.device, weights.dtype)) @ v) * (1.0 / (1.0 - dropout))
+    else:
+        out = weights @ v
+    out = out.transpose(0, 1).reshape(length, dim)
     return F.linear(out, out_proj_weight, out_proj_bias), weights
 
 
@@ -208,13 +212,17 @@ def image_key_weight(sigma_pb: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -
 
 @dataclass
 class PrototypeContext:
-    """What every per-image token set shares (spec §6), for 2C prototype tokens [P W_I; T W_T]:
+    """What every per-image token set shares (spec §6), for 2C prototype tokens [P W_I; T W_T] and H heads of
+    width d (W_o^h [D, d]: head h's columns of the out-projection):
 
     - ``q, k, v`` [H, 2C, d]: the heads' queries, keys and values of the layer-normalised prototype tokens;
-    - ``m, z`` [H, 2C] and ``u`` [H, 2C, d]: the prototype-only softmax statistics m_p, Z_p, U_p;
-    - ``head_out`` F [2C, H, D]: head h's share of the out-projection applied to U_p/Z_p (no bias);
-    - ``residual`` R [2C, D]: the fused prototype rows of a set without images, X̄_p + λ·(Σ_h F_p^h + b_o);
-    - ``residual_sq`` ‖R_p‖² [2C], ``residual_head`` ⟨R_p, F_p^h⟩ [2C, H], ``head_gram`` ⟨F_p^h, F_p^k⟩ [2C, H, H];
+    - ``m, z`` [H, 2C]: the prototype-only softmax statistics m_p, Z_p; ``mean_value`` ū_p^h = U_p^h/Z_p^h [H, 2C, d];
+    - ``residual`` R [2C, D]: the fused prototype rows of a set without images, X̄_p + λ·(Σ_h F_p^h + b_o), where
+      F_p^h = W_o^h ū_p^h; ``residual_sq`` ‖R_p‖² [2C]; ``residual_head`` ⟨R_p, F_p^h⟩ [2C, H]; ``head_gram``
+      ⟨F_p^h, F_p^k⟩ [2C, H, H];
+    - ``residual_back`` (W_o^h)ᵀ R_p [H, d, 2C] and ``head_back`` (W_o^h)ᵀ F_p^k [H, d, 2C·H]: R and F carried back
+      into each head's d-dimensional value space, so that their inner products with an image's G^h = W_o^h v^h cost
+      d rather than D per pair;
     - ``sees_image`` / ``seen_by_image`` [2C] bool: whether the mask lets prototype p attend to the image / the image
       attend to p.
     """
@@ -224,12 +232,13 @@ class PrototypeContext:
     v: torch.Tensor
     m: torch.Tensor
     z: torch.Tensor
-    u: torch.Tensor
-    head_out: torch.Tensor
+    mean_value: torch.Tensor
     residual: torch.Tensor
     residual_sq: torch.Tensor
     residual_head: torch.Tensor
     head_gram: torch.Tensor
+    residual_back: torch.Tensor
+    head_back: torch.Tensor
     sees_image: torch.Tensor
     seen_by_image: torch.Tensor
 
@@ -399,9 +408,13 @@ class CandleHead(torch.nn.Module):
         m = sigma.amax(dim=-1)  # finite: a prototype always sees itself
         e = torch.exp(sigma - m[..., None])
         z = e.sum(dim=-1)
-        u = e @ v
-        head_out = torch.einsum("hpe,dhe->phd", u / z[..., None], self.out_proj_weight.view(dim, h, d))
+        mean_value = (e @ v) / z[..., None]  # [H, 2C, d]
+        w_out = self.out_proj_weight.view(dim, h, d).permute(1, 0, 2)  # W_o^h [H, D, d]
+        head_out = (mean_value @ w_out.transpose(1, 2)).transpose(0, 1)  # F_p^h [2C, H, D]
         residual = normed + self.ratio * (head_out.sum(dim=1) + self.out_proj_bias)
+        # (W_o^h)ᵀ F_p^k = (W_o^h)ᵀ W_o^k ū_p^k through the [H, H, d, d] blocks of W_oᵀW_o: [H(h), d, 2C·H(k)]
+        blocks = torch.einsum("hDe,kDf->hkef", w_out, w_out)
+        head_back = torch.einsum("hkef,kpf->hepk", blocks, mean_value).reshape(h, d, count * h)
         image_kind = torch.tensor([IMAGE], device=tokens.device)
         return PrototypeContext(
             q=q,
@@ -409,12 +422,13 @@ class CandleHead(torch.nn.Module):
             v=v,
             m=m,
             z=z,
-            u=u,
-            head_out=head_out,
+            mean_value=mean_value,
             residual=residual,
             residual_sq=(residual * residual).sum(dim=-1),
             residual_head=torch.einsum("pd,phd->ph", residual, head_out),
             head_gram=head_out @ head_out.transpose(1, 2),
+            residual_back=w_out.transpose(1, 2) @ residual.T,  # [H, d, 2C]
+            head_back=head_back,
             sees_image=~blocked_edges(kinds, image_kind, self.mask)[:, 0],
             seen_by_image=~blocked_edges(image_kind, kinds, self.mask)[0],
         )
@@ -431,9 +445,11 @@ class CandleHead(torch.nn.Module):
         """The scores of a chunk of images, each in its own token set.
 
         Prototype p's fused row in image b's set is ŷ_p = R_p + λ·Σ_h β_p^h (G^h − F_p^h), where β_p^h is the weight
-        p gives the image key (:func:`image_key_weight`) and G^h = W_o^h v_b^h, F_p^h = W_o^h U_p^h/Z_p^h are head h's
+        p gives the image key (:func:`image_key_weight`) and G^h = W_o^h v_b^h, F_p^h = W_o^h ū_p^h are head h's
         shares of the out-projection. Only ⟨n(ŷ_b), ŷ_p⟩ and ‖ŷ_p‖ are needed, and both expand into inner products of
-        R, G and F, so no [M, 2C, D] tensor is formed.
+        R, G and F. Those that involve the image are taken in the heads' d-dimensional value spaces:
+        ⟨u, F_p^h⟩ = ⟨(W_o^h)ᵀu, ū_p^h⟩, ⟨R_p, G^h⟩ = ⟨(W_o^h)ᵀR_p, v_b^h⟩ and ⟨G^h, F_p^k⟩ = ⟨v_b^h, (W_o^h)ᵀF_p^k⟩, so
+        an image costs about 2C·H²·d multiply-adds and no [M, 2C, D] tensor is formed.
         """
         count, dim = images.shape
         h, d = self.heads, dim // self.heads
@@ -451,19 +467,21 @@ class CandleHead(torch.nn.Module):
         # every prototype query p, given the one extra key and value of this image
         sigma_pb = torch.einsum("hpe,mhe->mph", ctx.q, k) / math.sqrt(d)  # [M, 2C, H]
         beta = image_key_weight(sigma_pb, ctx.m.T, ctx.z.T) * ctx.sees_image[:, None].to(sigma_pb.dtype)
-        g = torch.einsum("mhe,dhe->mhd", v, self.out_proj_weight.view(dim, h, d))  # [M, H, D]
-        flat_f = ctx.head_out.reshape(-1, dim)  # [2C·H, D]
+        w_out = self.out_proj_weight.view(dim, h, d)
+        g = torch.einsum("mhe,dhe->mhd", v, w_out)  # G^h [M, H, D]
+        heads_v = v.transpose(0, 1)  # v_b^h [H, M, d]
         # numerator ⟨n(ŷ_b), ŷ_p⟩
-        unit_g = torch.einsum("md,mhd->mh", unit, g)[:, None, :]  # [M, 1, H]
-        unit_f = (unit @ flat_f.T).view(count, 2 * c, h)  # [M, 2C, H]
+        unit_back = (unit @ self.out_proj_weight).view(count, h, d).transpose(0, 1)  # (W_o^h)ᵀu [H, M, d]
+        unit_g = (unit_back * heads_v).sum(dim=-1).T[:, None, :]  # ⟨u, G^h⟩ [M, 1, H]
+        unit_f = (unit_back @ ctx.mean_value.transpose(1, 2)).permute(1, 2, 0)  # ⟨u, F_p^h⟩ [M, 2C, H]
         numerator = unit @ ctx.residual.T + lam * (beta * (unit_g - unit_f)).sum(dim=-1)
         # squared norm ‖ŷ_p‖²
-        flat_g = g.reshape(count * h, dim)
-        residual_g = (flat_g @ ctx.residual.T).view(count, h, 2 * c).transpose(1, 2)  # ⟨R_p, G^h⟩ [M, 2C, H]
-        cross = (flat_g @ flat_f.T).view(count, h, 2 * c, h).transpose(1, 2)  # ⟨G^h, F_p^k⟩ [M, 2C, H, H]
+        residual_g = (heads_v @ ctx.residual_back).permute(1, 2, 0)  # ⟨R_p, G^h⟩ [M, 2C, H]
+        cross = (heads_v @ ctx.head_back).view(h, count, 2 * c, h)  # ⟨G^h, F_p^k⟩ [H(h), M, 2C, H(k)]
         gram_g = g @ g.transpose(1, 2)  # ⟨G^h, G^k⟩ [M, H, H]
-        quadratic = torch.bmm(beta, gram_g) - 2.0 * (cross * beta[:, :, None, :]).sum(dim=-1)
-        quadratic = quadratic + (ctx.head_gram * beta[..., None, :]).sum(dim=-1)  # [M, 2C, H], then · β
+        # [M, 2C, H]; Σ_h β^h·quadratic_h = Σ_{h,k} β^h β^k ⟨G^h − F_p^h, G^k − F_p^k⟩ (cross terms as 2⟨G^h, F_p^k⟩)
+        quadratic = torch.bmm(beta, gram_g) - 2.0 * torch.einsum("hmpk,mpk->mph", cross, beta)
+        quadratic = quadratic + torch.einsum("phk,mpk->mph", ctx.head_gram, beta)
         squared = (
             ctx.residual_sq
             + 2.0 * lam * (beta * (residual_g - ctx.residual_head)).sum(dim=-1)
