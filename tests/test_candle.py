@@ -26,6 +26,7 @@ from fewclip.methods.candle import (
     candle_lr,
     cla_loss,
     cla_prior,
+    epoch_order,
     initial_parameters,
     initial_prototypes,
     multi_head_attention,
@@ -448,6 +449,36 @@ def test_deterministic_for_a_seed_and_dependent_on_it(b2n):
     assert [h["loss"] for h in a.history_] != [h["loss"] for h in c.history_]
 
 
+def test_epoch_order_is_a_shuffle_of_the_support_set_repeated_as_needed():
+    g = torch.Generator().manual_seed(0)
+    short = epoch_order(10, 7, g)
+    assert short.numel() == 7 and short.unique().numel() == 7 and int(short.max()) < 10
+    long = epoch_order(10, 25, g)  # two whole shuffles, then 5 rows of a third
+    assert long.numel() == 25
+    assert sorted(long[:10].tolist()) == list(range(10)) and sorted(long[10:20].tolist()) == list(range(10))
+    assert long[20:].unique().numel() == 5
+    assert not torch.equal(long[:10], long[10:20])
+
+
+def test_iterations_per_epoch_sets_the_steps_and_none_is_the_released_epoch(b2n, monkeypatch):
+    support = int(b2n.support_labels.numel())  # 30 rows: the released epoch at batch 16 is one step
+    released = M.create("candle", **FAST).fit(b2n)
+    assert released.iterations_per_epoch_ == support // 16 == 1
+    explicit = M.create("candle", iterations_per_epoch=1, **FAST).fit(b2n)
+    assert explicit.history_ == released.history_  # same draws, same steps
+
+    calls, original = [], CandleHead.train_logits
+
+    def counted(self, x, *args):
+        calls.append(x.shape[0])
+        return original(self, x, *args)
+
+    monkeypatch.setattr(CandleHead, "train_logits", counted)
+    longer = M.create("candle", iterations_per_epoch=4, **FAST).fit(b2n)
+    assert longer.iterations_per_epoch_ == 4 and len(calls) == 3 * 4 and set(calls) == {16}
+    assert longer.history_ != released.history_
+
+
 def test_visual_init_and_masks_train(b2n):
     for kw in ({"vir_init": "visual"}, {"mask": "in_visual"}, {"mask": "between_visual_text"}):
         model = M.create("candle", **FAST, **kw).fit(b2n)
@@ -478,6 +509,7 @@ def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
         ({"dropout": 1.0}, r"dropout=1.0 must be a finite number >= 0 and < 1"),
         ({"precision": "bf16"}, r"precision='bf16' is not valid; choose one of \['fp32', 'fp16'\]"),
         ({"epochs": 0}, r"epochs=0 must be a positive integer"),
+        ({"iterations_per_epoch": 0}, r"iterations_per_epoch=0 must be a positive integer, or None for"),
     ],
 )
 def test_bad_settings_name_the_value_and_the_fix(b2n, params, message):

@@ -19,7 +19,9 @@ The model (spec ``candle.md`` §3; every formula from the released code ``shijxc
   virtual prototypes).
 
 Training (spec §4): SGD (momentum 0.9, weight decay 5e-4 on every parameter), lr 3e-4, batch 128, 50 epochs,
-⌊N/B⌋ iterations per epoch (at least one; the remainder of the shuffled support set is dropped, as Dassl does), one
+⌊N/B⌋ iterations per epoch (at least one; the remainder of the shuffled support set is dropped, as Dassl does;
+``iterations_per_epoch`` sets another number, drawn from fresh shuffles of the support set, which the long-tail
+protocol uses to bound a 115k-image training set, see :mod:`fewclip.protocols.protocol`), one
 constant warm-up epoch at 1e-5 then a cosine over the epochs stepped once per epoch (Dassl's
 ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epochs)``: lr(e) = lr₀·(1 + cos(π(e − 1)/E))/2 for the
 0-based epoch e ≥ 1). Every epoch draws one of the bundle's V cached augmented views per support image (raw, not
@@ -131,6 +133,13 @@ def candle_lr(epoch: int, epochs: int, lr: float, warmup_lr: float) -> float:
     if epoch == 0:
         return float(warmup_lr)
     return float(lr) * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)) / 2.0
+
+
+def epoch_order(num: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """The first ``count`` support rows of one epoch: fresh random permutations of range(num), concatenated as far
+    as needed. With count ≤ num this is one permutation, truncated (Dassl's shuffled epoch with ``drop_last``)."""
+    parts = [torch.randperm(num, generator=generator) for _ in range(max(1, -(-count // num)))]
+    return torch.cat(parts)[:count]
 
 
 # --------------------------------------------------------------------------- attention
@@ -524,7 +533,8 @@ class Candle(Method):
     CLA prior), ``inference_context`` / ``test_batch_size``, ``tie_virtual_text``, ``precision`` (``"fp32"``;
     ``"fp16"`` reproduces the released fp16 weights with plain SGD and no master copy, losses in fp32, defect C2),
     ``heads``, ``dropout`` (attention weights, training only), ``ratio_init`` (λ), and the optimiser's ``lr``,
-    ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``, ``warmup_lr``, ``seed``, ``selection``.
+    ``epochs``, ``batch_size``, ``iterations_per_epoch`` (None: ⌊N/B⌋, every support image once per epoch as
+    released), ``momentum``, ``weight_decay``, ``warmup_lr``, ``seed``, ``selection``.
     ``inference_context`` and ``test_batch_size`` are read at prediction time, so a fitted model can be evaluated
     both ways.
 
@@ -558,6 +568,7 @@ class Candle(Method):
         lr: float = 3e-4,
         epochs: int = 50,
         batch_size: int = 128,
+        iterations_per_epoch: int | None = None,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup_lr: float = 1e-5,
@@ -579,6 +590,7 @@ class Candle(Method):
         self.lr = lr
         self.epochs = epochs
         self.batch_size = batch_size
+        self.iterations_per_epoch = iterations_per_epoch
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.warmup_lr = warmup_lr
@@ -610,6 +622,12 @@ class Candle(Method):
                 "('fp16' reproduces the released fp16 weights)."
             )
         self._check_inference()
+        ipe = self.iterations_per_epoch
+        if ipe is not None and (isinstance(ipe, bool) or not isinstance(ipe, int) or ipe < 1):
+            raise MethodError(
+                f"candle: iterations_per_epoch={ipe!r} must be a positive integer, or None for ⌊N/B⌋ (the released "
+                "epoch: every support image once)."
+            )
         h = self.heads
         if isinstance(h, bool) or not isinstance(h, int) or h < 1:
             raise MethodError(f"candle: heads={h!r} must be a positive integer.")
@@ -692,13 +710,19 @@ class Candle(Method):
         self.class_counts_ = counts.cpu().clone()
         self.prior_ = cla_prior(counts, float(self.prior_virtual_count)).cpu()
         self.prototype_source_ = source
-        self.iterations_per_epoch_ = max(1, labels.numel() // int(self.batch_size))
+        self.iterations_per_epoch_ = self._iterations(labels.numel())
         self.trained_parameters_ = int(sum(p.numel() for p in head.parameters()))
         self.best_epoch_ = best_epoch
         self.history_ = history
         self.selection_used_ = "val" if evaluate is not None else "last_epoch"
         self.selected_ = {"epoch": best_epoch}
         self.val_accuracy_ = self.score(bundle.val_features.cpu(), bundle.val_labels.cpu()) if bundle.has_val else None
+
+    def _iterations(self, num: int) -> int:
+        """Steps per epoch: ``iterations_per_epoch``, or ⌊N/B⌋ (at least 1) for N support images."""
+        if self.iterations_per_epoch is not None:
+            return int(self.iterations_per_epoch)
+        return max(1, num // int(self.batch_size))
 
     def _train(
         self,
@@ -711,32 +735,32 @@ class Candle(Method):
     ) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
         """SGD over the epochs; returns (chosen parameters, chosen 1-based epoch, per-epoch history)."""
         device = support.device
-        epochs, batch = int(self.epochs), int(self.batch_size)
+        epochs = int(self.epochs)
         num_views, num = support.shape[:2]
-        iters = max(1, num // batch)
+        batch = min(int(self.batch_size), num)
+        iters = self._iterations(num)
         optimizer = torch.optim.SGD(
             head.parameters(), lr=float(self.warmup_lr), momentum=float(self.momentum),
             weight_decay=float(self.weight_decay),
         )  # fmt: skip
         tau, virtual_count = float(self.tau), float(self.prior_virtual_count)
         prototype_targets = torch.arange(head.num_classes, device=device)
-        rows = torch.arange(num, device=device)
         dropout = float(self.dropout)
         best_acc, best_epoch, best_state = None, epochs, None
         history: list[dict[str, Any]] = []
-        with tqdm(range(epochs), desc=f"{self.name} train", unit="epoch", leave=False, disable=None) as bar:
-            for epoch in bar:
+        bar = tqdm(total=epochs * iters, desc=f"{self.name} train", unit="step", leave=False, disable=None)
+        with bar:
+            for epoch in range(epochs):
                 lr = candle_lr(epoch, epochs, float(self.lr), float(self.warmup_lr))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                views = torch.randint(num_views, (num,), generator=generator).to(device)
-                images = support[views, rows]  # one raw cached view per support image
-                order = torch.randperm(num, generator=generator).to(device)
+                views = torch.randint(num_views, (num,), generator=generator).to(device)  # one view per image
+                order = epoch_order(num, iters * batch, generator).to(device)
                 total = 0.0
                 for it in range(iters):
                     idx = order[it * batch : (it + 1) * batch]
                     targets = torch.cat([labels[idx], prototype_targets])
-                    logits = head.train_logits(images[idx], dropout, generator)
+                    logits = head.train_logits(support[views[idx], idx], dropout, generator)
                     loss = sum(cla_loss(z.float(), targets, counts, tau, virtual_count) for z in logits)
                     if not torch.isfinite(loss):
                         raise MethodError(
@@ -747,8 +771,9 @@ class Candle(Method):
                     loss.backward()
                     optimizer.step()
                     total += float(loss.detach())
+                    bar.update()
                 record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": total / iters, "val_accuracy": None}
-                postfix = {"loss": f"{record['loss']:.4f}"}
+                postfix = {"epoch": epoch + 1, "loss": f"{record['loss']:.4f}"}
                 if evaluate is not None:
                     with torch.no_grad():
                         acc = float(evaluate())
