@@ -108,6 +108,15 @@ def method_overrides(overrides: Mapping[str, Mapping[str, Any]], method: str) ->
     return {**overrides.get("*", {}), **overrides.get(method, {})}
 
 
+def create_method(config: FewShotConfig, protocol: Protocol, name: str, preset: str | None, params: Mapping[str, Any]):
+    """The unfitted estimator: the preset, then the protocol's defaults for this method, then the user's overrides."""
+    from .. import methods
+
+    return methods.create(
+        name, preset=preset, selection=config.selection, **{**protocol.method_defaults(name), **params}
+    )
+
+
 def check_methods(
     config: FewShotConfig, dataset: str, protocol: Protocol
 ) -> dict[str, tuple[str | None, dict[str, Any]]]:
@@ -123,7 +132,7 @@ def check_methods(
         protocol.check_method(name)
         preset = method_preset(name, config.preset, dataset)
         params = method_overrides(config.overrides, name)
-        methods.create(name, preset=preset, selection=config.selection, **params)
+        create_method(config, protocol, name, preset, params)
         plan[name] = (preset, params)
     return plan
 
@@ -132,6 +141,7 @@ def result_setup(
     config: FewShotConfig, protocol: Protocol, splits, prompts, method: str, preset: str | None, params: dict, k, seed
 ):
     """The fields that decide a result (its fingerprint): not paths, devices, batch sizes or timings."""
+    defaults = protocol.method_defaults(method)
     return {
         "protocol": protocol.name,
         **protocol.params(),
@@ -148,6 +158,7 @@ def result_setup(
         **config.extraction.recorded(),
         "method": method,
         "preset": preset,
+        **({"protocol_defaults": defaults} if defaults else {}),
         "overrides": params,
         "selection": config.selection,
         "shots": k,
@@ -200,7 +211,6 @@ def run_fewshot(
     ``<out>/<dataset>/<method>/shots_<K>-seed_<S>.json`` (``<out>/<dataset>/<protocol>/...`` for the others)."""
     from tqdm import tqdm
 
-    from .. import methods
     from ..data import episode_filename, load_dataset, load_prompts, save_episode
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
     from ..features.store import FeatureStore
@@ -305,7 +315,7 @@ def run_fewshot(
                 )
                 for name in names:
                     preset, params = plan[name]
-                    model = methods.create(name, preset=preset, selection=config.selection, **params)
+                    model = create_method(config, protocol, name, preset, params)
                     t1 = time.perf_counter()
                     model.fit(bundle)
                     t2 = time.perf_counter()

@@ -26,6 +26,7 @@ from .fewshot import (
     FewShotConfig,
     check_methods,
     console_log,
+    create_method,
     existing_result,
     load_config_backbone,
     result_setup,
@@ -94,7 +95,6 @@ def run_transfer(
 ) -> dict[str, Any]:
     """Fit each method on the source episodes of ``config`` and score every target; returns
     ``{"results": [...], "written": [...], "skipped": [...], "table": str}``."""
-    from .. import methods
     from ..data import TEMPLATE_SETS, load_dataset, load_prompts, resolve_name
     from ..features.bundle import make_bundle
     from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle, index_rows
@@ -181,7 +181,7 @@ def run_transfer(
                     model = None
                 t1 = time.perf_counter()
                 if model is None:
-                    model = methods.create(name, preset=preset, selection=config.selection, **params)
+                    model = create_method(config, protocols[t], name, preset, params)
                     model.fit(bundle)
                     if protocol.kind == "domain":
                         fitted[name] = model
