@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from fewclip import data
@@ -21,9 +23,16 @@ from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
-from fewclip.protocols.metrics import macro_f1
-from fewclip.protocols.protocol import BaseToNew, base_new_scores, group_accuracies, harmonic_mean, shot_groups
-from fewclip.protocols.results import ResultsError, format_summary, mean_std, summarize
+from fewclip.protocols.metrics import confusion_matrix, macro_f1
+from fewclip.protocols.protocol import (
+    LONGTAIL_METHOD_DEFAULTS,
+    BaseToNew,
+    base_new_scores,
+    group_accuracies,
+    harmonic_mean,
+    shot_groups,
+)
+from fewclip.protocols.results import ResultsError, format_summary, mean_std, read_predictions, summarize
 from fewclip.protocols.transfer import domain_hits
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
@@ -76,6 +85,21 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     assert episode == data.sample_episode(splits, 2, 1)  # the subset file is the dassl draw, reloadable
     assert len(r["per_class_accuracy"]) == 3 and "alpha" in r["selected"]
     assert r["accuracy"]["test_mean_per_class"] == pytest.approx(sum(r["per_class_accuracy"]) / 3)
+    # the test rows' predictions are saved beside the result; the confusion matrix comes from them
+    result_file = out / "oxford_pets" / "gda" / "shots_2-seed_1.json"
+    predictions, labels = read_predictions(result_file)
+    assert r["predictions_file"] == "shots_2-seed_1.predictions.safetensors" and labels.numel() == 15
+    assert 100 * float((predictions == labels).double().mean()) == pytest.approx(r["accuracy"]["test_accuracy"])
+    capsys.readouterr()
+    assert main(["results", "confusion", str(result_file), "--out", str(tmp_path / "cmat.safetensors")]) == 0
+    shown = capsys.readouterr().out
+    assert f"3 classes, mean per-class accuracy {r['accuracy']['test_mean_per_class']:.2f}%" in shown
+    matrix = safetensors.torch.load_file(str(tmp_path / "cmat.safetensors"))["confusion"]
+    assert matrix.shape == (3, 3) and torch.allclose(matrix.sum(1), torch.ones(3))
+    assert 100 * matrix.diagonal().tolist()[0] == pytest.approx(r["per_class_accuracy"][0])
+    assert safetensors.safe_open(str(tmp_path / "cmat.safetensors"), "pt").metadata()["classnames"].split("\n") == (
+        splits.classnames
+    )
 
     # the printed table is mean ± population std over the seeds' files
     accs = [json.loads((out / "oxford_pets" / "gda" / f"shots_2-seed_{s}.json").read_text()) for s in (1, 2)]
@@ -301,10 +325,17 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["run", "--dataset", "imagenet_lt", "--data-root", str(data_root), "--model", env.model, "--views", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--protocol", "longtail",
-            "--method", "zero-shot", "gda", "tip-adapter", "--shots", "0", "4", "--seeds", "1"]  # fmt: skip
+            "--method", "zero-shot", "gda", "tip-adapter", "candle", "--shots", "0", "4", "--seeds", "1",
+            "--set", "candle:epochs=3"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     r = json.loads((out / "imagenet_lt" / "longtail" / "gda" / "shots_0-seed_1.json").read_text())
+    assert "protocol_defaults" not in r["setup"]
+    # Candle gets the protocol's step budget; the user's --set still wins over it
+    c = json.loads((out / "imagenet_lt" / "longtail" / "candle" / "shots_0-seed_1.json").read_text())
+    assert c["setup"]["protocol_defaults"] == LONGTAIL_METHOD_DEFAULTS["candle"] and c["overrides"] == {"epochs": 3}
+    assert c["hyperparameters"]["iterations_per_epoch"] == LONGTAIL_METHOD_DEFAULTS["candle"]["iterations_per_epoch"]
+    assert c["hyperparameters"]["epochs"] == 3 and len(c["history"]) == 3
     assert r["episode"]["support"] == 155 and r["episode"]["val"] == 6 and r["episode"]["test"] == 12
     assert r["shot_groups"] == {"many": 1, "medium": 1, "few": 1}
     per_class = r["per_class_accuracy"]
@@ -377,3 +408,28 @@ def test_base_eval_all_classes_makes_the_released_scoring_the_headline():
     assert (released["base"], released["base_within_base"], released["new"]) == (50.0, 100.0, 100.0)
     assert released["harmonic_mean"] == pytest.approx(2 * 50 * 100 / 150) and extra["base_eval"] == "all_classes"
     assert BaseToNew(base_eval="all_classes").params() == {"base_eval": "all_classes"}  # part of the fingerprint
+
+
+def test_base2new_predictions_and_per_class_accuracy_follow_the_column_scoring():
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 9.0, 0.0],  # label 0: within base -> 0; all columns -> 2
+            [9.0, 0.0, 1.0, 3.0],  # label 3: within new -> 3 (all columns would say 0)
+            [0.0, 0.0, 2.0, 1.0],  # label 3: within new -> 2
+        ]
+    )
+    labels = torch.tensor([0, 3, 3])
+    assert BaseToNew().predictions(logits, labels).tolist() == [0, 3, 2]
+    assert BaseToNew(base_eval="all_classes").predictions(logits, labels).tolist() == [2, 3, 2]
+    _, extra = BaseToNew().evaluate(logits, labels, 4)
+    assert extra["per_class_accuracy"] == [100.0, None, None, 50.0]
+    _, released = BaseToNew(base_eval="all_classes").evaluate(logits, labels, 4)
+    assert released["per_class_accuracy"] == [0.0, None, None, 50.0]
+
+
+def test_confusion_matrix_by_hand():
+    predictions, labels = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 2])
+    counts = confusion_matrix(predictions, labels, 4, normalize=False)
+    assert counts.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    rows = confusion_matrix(predictions, labels, 4)
+    assert rows.tolist() == [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]  # class 3: no rows

@@ -32,6 +32,7 @@ from .results import (
     result_path,
     setup_difference,
     versions,
+    write_predictions,
     write_result,
 )
 
@@ -353,7 +354,10 @@ def run_fewshot(
                         "seconds": {"fit": t2 - t1, "predict": t3 - t2},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     }
-                    path = write_result(result_path(out_dir, splits.name, name, k, seed, protocol.name), result)
+                    path = result_path(out_dir, splits.name, name, k, seed, protocol.name)
+                    saved = write_predictions(path, protocol.predictions(logits, labels), labels)
+                    result["predictions_file"] = saved.name
+                    write_result(path, result)
                     results[name, k, seed] = result
                     report.written.append(path)
                     val = "n/a" if model.val_accuracy_ is None else f"{model.val_accuracy_:.2f}"

@@ -39,3 +39,15 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> fl
     denom = predicted + actual  # 2·TP + FP + FN
     defined = denom > 0
     return 100.0 * float((2 * tp[defined] / denom[defined]).mean()) if bool(defined.any()) else float("nan")
+
+
+def confusion_matrix(
+    predictions: torch.Tensor, labels: torch.Tensor, num_classes: int, normalize: bool = True
+) -> torch.Tensor:
+    """[C, C] float64: entry (i, j) counts the rows of class i predicted as j; with ``normalize`` each row is divided
+    by its class's row count (Dassl's ``cmat``), and a class without rows keeps a zero row."""
+    flat = labels.long() * num_classes + predictions.long()
+    counts = torch.bincount(flat, minlength=num_classes * num_classes).double().view(num_classes, num_classes)
+    if normalize:
+        counts = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return counts

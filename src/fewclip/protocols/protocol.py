@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy
+from .metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy, per_class_from_hits
 from .results import ResultsError, format_summary, summarize, text_table
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ class Protocol:
 
     def test_items(self, splits: DatasetSplits) -> Sequence[Item]:
         return splits.test
+
+    def predictions(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The class each test row is predicted as, under this protocol's headline scoring (the arg-max over all
+        columns here); saved with every result, so a confusion matrix can be made from it."""
+        return logits.argmax(dim=1)
 
     def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
         """(accuracy fields, extra fields) of one result."""
@@ -141,6 +146,17 @@ class BaseToNew(Protocol):
         return replace(episode, train=train, val=val, subsample="base-support", extra=extra,
                        imbalance_ratio=self.imbalance_ratio)  # fmt: skip
 
+    def predictions(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Base rows: the arg-max within the base columns (over all columns under ``base_eval="all_classes"``); new
+        rows: the arg-max within the new columns."""
+        num_base = -(-logits.shape[1] // 2)
+        base = labels < num_base
+        out = logits.argmax(dim=1)
+        if self.base_eval == "within_base":
+            out[base] = logits[base, :num_base].argmax(dim=1)
+        out[~base] = logits[~base, num_base:].argmax(dim=1) + num_base
+        return out
+
     def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
         num_base = -(-num_classes // 2)
         scores = base_new_scores(logits, labels, num_base)
@@ -148,8 +164,9 @@ class BaseToNew(Protocol):
             scores["base_within_base"] = scores["base"]
             scores["base"] = scores["base_all_classes"]
             scores["harmonic_mean"] = harmonic_mean(scores["base"], scores["new"])
+        hits = self.predictions(logits, labels) == labels  # per class under the scoring of base and new
         extra = {
-            "per_class_accuracy": per_class_accuracy(logits, labels, num_classes),
+            "per_class_accuracy": per_class_from_hits(hits, labels, num_classes),
             "base_classes": list(range(num_base)),
             "new_classes": list(range(num_base, num_classes)),
             "base_eval": self.base_eval,

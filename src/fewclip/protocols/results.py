@@ -10,7 +10,10 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
@@ -78,6 +81,62 @@ def write_result(path: Path, result: Mapping[str, Any]) -> Path:
 
     atomic_write_text(path, json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
     return path
+
+
+def predictions_path(result: Path) -> Path:
+    """``shots_<K>-seed_<S>.predictions.safetensors`` beside the result JSON."""
+    return result.with_name(result.stem + ".predictions.safetensors")
+
+
+def write_predictions(result: Path, predictions: torch.Tensor, labels: torch.Tensor) -> Path:
+    """Save the predicted and true class of every test row (int32, in test order) beside ``result``, atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..features.bundle import atomic_write
+
+    path = predictions_path(result)
+    tensors = {"predictions": predictions.to(torch.int32).cpu(), "labels": labels.to(torch.int32).cpu()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "fewclip-predictions-1"}))
+    return path
+
+
+def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, labels) saved beside the result JSON ``result``."""
+    from safetensors.torch import load_file
+
+    path = predictions_path(result)
+    if not path.is_file():
+        raise ResultsError(
+            f"{path}: no saved predictions (the result predates them, or came from the transfer protocol); re-run the "
+            "result with --force."
+        )
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ResultsError(f"{path}: not a readable predictions file ({exc}); re-run with --force.") from exc
+    return tensors["predictions"].long(), tensors["labels"].long()
+
+
+def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
+    """(row-normalised confusion matrix [C, C], class names or None) of the result JSON at ``path``, from its saved
+    predictions; C is the number of classes the result was scored over, and the names come from its episode file."""
+    from ..data import load_episode
+    from .metrics import confusion_matrix
+
+    path = Path(path)
+    result = read_result(path)
+    if result is None:
+        raise ResultsError(f"{path}: not a fewclip result JSON (fewclip run writes <out>/<dataset>/<method>/*.json).")
+    predictions, labels = read_predictions(path)
+    num_classes = len(result.get("per_class_accuracy") or []) or int(max(predictions.max(), labels.max())) + 1
+    names = None
+    episode = (result.get("episode") or {}).get("file")
+    for folder in path.parents if episode else ():  # the episode path is relative to the run's --out folder
+        if (folder / episode).is_file():
+            names = load_episode(folder / episode).classnames
+            break
+    return confusion_matrix(predictions, labels, num_classes), names
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
