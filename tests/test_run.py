@@ -32,8 +32,17 @@ from fewclip.protocols.protocol import (
     harmonic_mean,
     shot_groups,
 )
-from fewclip.protocols.results import ResultsError, format_summary, mean_std, read_predictions, summarize
-from fewclip.protocols.transfer import domain_hits
+from fewclip.protocols.results import (
+    RESULT_FORMAT,
+    ResultsError,
+    format_summary,
+    mean_std,
+    read_predictions,
+    result_confusion,
+    summarize,
+    write_predictions,
+)
+from fewclip.protocols.transfer import domain_predictions
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
 COUNTS = {"train": 6, "val": 4, "test": 5}
@@ -348,11 +357,13 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
 # --------------------------------------------------------------------------- transfer
 
 
-def test_domain_hits_200way_restricts_to_the_variant_columns():
+def test_domain_predictions_200way_restricts_to_the_variant_columns():
     logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 1.0]])  # source space: 3 classes
     local = torch.tensor([1, 0])  # the variant's classes are source classes 0 and 2
-    assert domain_hits(logits, local, [0, 2], "200way").tolist() == [True, True]
-    assert domain_hits(logits, local, [0, 2], "1000way").tolist() == [False, True]  # row 0 predicts class 1
+    predicted, truth, in_source = domain_predictions(logits, local, [0, 2], "200way")
+    assert (predicted.tolist(), truth.tolist(), in_source) == ([1, 0], [1, 0], False)  # local: both right
+    predicted, truth, in_source = domain_predictions(logits, local, [0, 2], "1000way")
+    assert (predicted.tolist(), truth.tolist(), in_source) == ([1, 0], [2, 0], True)  # row 0 predicts source class 1
 
 
 def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
@@ -377,8 +388,17 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     a = json.loads((out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json").read_text())
     assert (a["transfer"], a["variant_eval"], len(a["per_class_accuracy"])) == ("domain", "200way", 2)
     assert a["accuracy"]["test_accuracy"] == pytest.approx(sum(a["per_class_accuracy"]) / 2)  # 3 images per class
-    pets = json.loads((out / "imagenet" / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json").read_text())
+    pets_file = out / "imagenet" / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json"
+    pets = json.loads(pets_file.read_text())
     assert pets["transfer"] == "cross-dataset" and len(pets["per_class_accuracy"]) == 3
+    # predictions are saved in the target's classes; the confusion matrix carries the target's names
+    predictions, labels = read_predictions(pets_file)
+    assert labels.numel() == 15 and int(predictions.max()) < 3 and pets["predictions_file"].endswith(".safetensors")
+    assert 100 * float((predictions == labels).double().mean()) == pytest.approx(pets["accuracy"]["test_accuracy"])
+    matrix, names = result_confusion(pets_file)
+    assert matrix.shape == (3, 3) and names == data.load_dataset("oxford_pets", root, warn=False).classnames
+    predictions, labels = read_predictions(out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json")
+    assert sorted(set(labels.tolist())) == [0, 1] and int(predictions.max()) < 2  # 200way: the variant's classes
     assert any(line.split()[:4] == ["method", "shots", "imagenet_a", "oxford_pets"] for line in printed.splitlines())
     assert main(argv) == 0 and "0 result(s) written, 6 reused." in capsys.readouterr().out
     refused = [*argv[: argv.index("--method")], "--method", "linear-probe", "--shots", "2", "--seeds", "1"]
@@ -391,6 +411,18 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     assert main(copies) == 0
     r = json.loads((tmp_path / "copies/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json").read_text())
     assert r["transfer"] == "cross-dataset" and r["variant_eval"] is None and len(r["per_class_accuracy"]) == 2
+    # all 1000 (here 3) source columns: predictions and labels in the source's classes, named by the source
+    wide = [*argv[: argv.index("--targets")], "--targets", "imagenet_a", "--method", "zero-shot", "--shots", "2",
+            "--seeds", "1", "--variant-eval", "1000way"]  # fmt: skip
+    wide[wide.index("--out") + 1] = str(tmp_path / "wide")
+    assert main(wide) == 0
+    wide_file = tmp_path / "wide/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json"
+    w = json.loads(wide_file.read_text())
+    predictions, labels = read_predictions(wide_file)
+    assert sorted(set(labels.tolist())) == [0, 2]  # source indices of the variant's classes (no goldfish)
+    assert 100 * float((predictions == labels).double().mean()) == pytest.approx(w["accuracy"]["test_accuracy"])
+    matrix, names = result_confusion(wide_file)
+    assert matrix.shape == (3, 3) and names == ["tench", "goldfish", "great white shark"]
 
 
 def test_macro_f1_by_hand():
@@ -433,3 +465,18 @@ def test_confusion_matrix_by_hand():
     assert counts.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
     rows = confusion_matrix(predictions, labels, 4)
     assert rows.tolist() == [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]  # class 3: no rows
+
+
+def test_result_confusion_takes_classes_from_the_predictions_file(tmp_path):
+    predictions, labels = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 2])
+    result = tmp_path / "shots_1-seed_1.json"
+    result.write_text(json.dumps({"format": RESULT_FORMAT, "per_class_accuracy": [50.0, 100.0, 0.0, None]}))
+    write_predictions(result, predictions, labels, ["a", "b", "c", "d", "e"])  # 5 names: C = 5
+    matrix, names = result_confusion(result)
+    assert names == ["a", "b", "c", "d", "e"] and matrix.shape == (5, 5) and matrix[0, :2].tolist() == [0.5, 0.5]
+    write_predictions(result, predictions, labels)  # no names recorded: C from the per-class accuracies
+    matrix, names = result_confusion(result)
+    assert names is None and matrix.shape == (4, 4)
+    result.with_name("shots_1-seed_1.predictions.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ResultsError, match="not a readable predictions file"):
+        result_confusion(result)

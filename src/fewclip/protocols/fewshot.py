@@ -355,7 +355,7 @@ def run_fewshot(
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     }
                     path = result_path(out_dir, splits.name, name, k, seed, protocol.name)
-                    saved = write_predictions(path, protocol.predictions(logits, labels), labels)
+                    saved = write_predictions(path, protocol.predictions(logits, labels), labels, bundle.classnames)
                     result["predictions_file"] = saved.name
                     write_result(path, result)
                     results[name, k, seed] = result

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
+PREDICTIONS_FORMAT = "fewclip-predictions/1"
 
 
 class ResultsError(ValueError):
@@ -88,8 +89,11 @@ def predictions_path(result: Path) -> Path:
     return result.with_name(result.stem + ".predictions.safetensors")
 
 
-def write_predictions(result: Path, predictions: torch.Tensor, labels: torch.Tensor) -> Path:
-    """Save the predicted and true class of every test row (int32, in test order) beside ``result``, atomically."""
+def write_predictions(
+    result: Path, predictions: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str] | None = None
+) -> Path:
+    """Save the predicted and true class of every test row (int32, in test order) beside ``result``, atomically;
+    ``classnames`` (the classes the two index) go into the file's metadata."""
     import torch
     from safetensors.torch import save_file
 
@@ -97,45 +101,48 @@ def write_predictions(result: Path, predictions: torch.Tensor, labels: torch.Ten
 
     path = predictions_path(result)
     tensors = {"predictions": predictions.to(torch.int32).cpu(), "labels": labels.to(torch.int32).cpu()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "fewclip-predictions-1"}))
+    metadata = {"format": PREDICTIONS_FORMAT}
+    if classnames is not None:
+        metadata["classnames"] = "\n".join(classnames)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 
 def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions, labels) saved beside the result JSON ``result``."""
-    from safetensors.torch import load_file
+    predictions, labels, _ = _read_predictions_file(predictions_path(result))
+    return predictions, labels
 
-    path = predictions_path(result)
+
+def _read_predictions_file(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    from safetensors import safe_open
+
     if not path.is_file():
-        raise ResultsError(
-            f"{path}: no saved predictions (the result predates them, or came from the transfer protocol); re-run the "
-            "result with --force."
-        )
+        raise ResultsError(f"{path}: no saved predictions (the result predates them); re-run the result with --force.")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            names = (f.metadata() or {}).get("classnames")
+            predictions, labels = f.get_tensor("predictions").long(), f.get_tensor("labels").long()
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ResultsError(f"{path}: not a readable predictions file ({exc}); re-run with --force.") from exc
-    return tensors["predictions"].long(), tensors["labels"].long()
+    return predictions, labels, None if names is None else names.split("\n")
 
 
 def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
     """(row-normalised confusion matrix [C, C], class names or None) of the result JSON at ``path``, from its saved
-    predictions; C is the number of classes the result was scored over, and the names come from its episode file."""
-    from ..data import load_episode
+    predictions. C and the names are those the predictions file records; a file without names (written before they
+    were recorded) gives C from the result's per-class accuracies and no names."""
     from .metrics import confusion_matrix
 
     path = Path(path)
     result = read_result(path)
     if result is None:
         raise ResultsError(f"{path}: not a fewclip result JSON (fewclip run writes <out>/<dataset>/<method>/*.json).")
-    predictions, labels = read_predictions(path)
-    num_classes = len(result.get("per_class_accuracy") or []) or int(max(predictions.max(), labels.max())) + 1
-    names = None
-    episode = (result.get("episode") or {}).get("file")
-    for folder in path.parents if episode else ():  # the episode path is relative to the run's --out folder
-        if (folder / episode).is_file():
-            names = load_episode(folder / episode).classnames
-            break
+    predictions, labels, names = _read_predictions_file(predictions_path(path))
+    if names is not None:
+        num_classes = len(names)
+    else:
+        num_classes = len(result.get("per_class_accuracy") or []) or int(max(predictions.max(), labels.max())) + 1
     return confusion_matrix(predictions, labels, num_classes), names
 
 

@@ -33,7 +33,16 @@ from .fewshot import (
 )
 from .metrics import per_class_from_hits
 from .protocol import Protocol
-from .results import RESULT_FORMAT, ResultsError, config_sha256, mean_std, text_table, versions, write_result
+from .results import (
+    RESULT_FORMAT,
+    ResultsError,
+    config_sha256,
+    mean_std,
+    text_table,
+    versions,
+    write_predictions,
+    write_result,
+)
 
 VARIANT_EVALS = ("200way", "1000way")
 
@@ -73,14 +82,17 @@ def transfer_kind(source, target, variant_scoring: str = "source_columns") -> st
     return "cross-dataset"
 
 
-def domain_hits(logits: torch.Tensor, labels: torch.Tensor, columns: Sequence[int], variant_eval: str) -> torch.Tensor:
-    """Whether each of a variant's test rows (``labels`` local to the variant) is right, from source-space
-    ``logits``: arg-max within the variant's source ``columns`` (``200way``; V2 and Sketch have all 1000) or over
-    all source columns (``1000way``, right only when the source class is the variant's class)."""
+def domain_predictions(
+    logits: torch.Tensor, labels: torch.Tensor, columns: Sequence[int], variant_eval: str
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(predictions, labels, in_source_space) of a variant's test rows (``labels`` local to the variant) from
+    source-space ``logits``. ``200way`` (V2 and Sketch have all 1000 columns): arg-max within the variant's source
+    ``columns``, both in the variant's local classes. ``1000way``: arg-max over all source columns, both in the source
+    classes, since the prediction may be a class the variant does not have. A row is right when the two agree."""
     columns_t = torch.as_tensor(list(columns), dtype=torch.long)
     if variant_eval == "200way":
-        return logits[:, columns_t].argmax(1) == labels
-    return logits.argmax(1) == columns_t[labels]
+        return logits[:, columns_t].argmax(1), labels, False
+    return logits.argmax(1), columns_t[labels], True
 
 
 def run_transfer(
@@ -187,10 +199,13 @@ def run_transfer(
                         fitted[name] = model
                 logits = model.predict_logits(features)
                 t2 = time.perf_counter()
+                names = s.classnames
                 if protocol.kind == "domain":
-                    hits = domain_hits(logits, local, s.imagenet_indices, variant_eval)
+                    predicted, truth, in_source = domain_predictions(logits, local, s.imagenet_indices, variant_eval)
+                    names = source.classnames if in_source else names
                 else:
-                    hits = logits[:, source.num_classes :].argmax(1) == local  # within the target's columns
+                    predicted, truth = logits[:, source.num_classes :].argmax(1), local  # within the target's columns
+                hits = predicted == truth
                 per_class = per_class_from_hits(hits, local, s.num_classes)
                 present = [v for v in per_class if v is not None]
                 scored = {
@@ -217,6 +232,7 @@ def run_transfer(
                     "seconds": {"fit_and_predict": t2 - t1},
                 }
                 path = out_dir / source.name / "transfer" / t / name / f"shots_{k}-seed_{seed}.json"
+                result["predictions_file"] = write_predictions(path, predicted, truth, names).name
                 written.append(write_result(path, result))
                 results[t, name, k, seed] = result
                 log(f"{k}-shot seed {seed} {name} -> {t}: {scored['test_accuracy']:.2f}")
