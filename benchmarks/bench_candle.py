@@ -6,7 +6,7 @@
     python benchmarks/bench_candle.py --shape imagenet-lt --full   # the whole long-tail fit, selection included
 
 ``base2new100`` fits Candle with its defaults (50 epochs, batch 128, selection on 200 base validation rows) and
-reports the wall time of ``fit``. ``imagenet-lt`` (1,000 classes, an ImageNet-LT-like profile of 115,626 support rows
+reports the wall time of ``fit``. ``imagenet-lt`` (1,000 classes, an ImageNet-LT-like profile of 115,627 support rows
 from 1,280 down to 5 images, 386 / 478 / 136 many / medium / few classes, D=512, one view) times ``--iterations``
 steps of the released step (B = 128 images + 2,000 prototype tokens) and projects the released regime (905 steps an
 epoch, 50 epochs) and the long-tail protocol's budget; ``--full`` runs the whole fit with the long-tail protocol's
@@ -45,7 +45,7 @@ IMAGENET_LT_TRAIN = 115_846
 
 def lt_counts() -> torch.Tensor:
     """1,000 per-class counts shaped like ImageNet-LT's: log-linear between the ranks 0, 25, 385, 864 and 999 at
-    1,280, 350, 101, 20 and 5 images (115,626 in all; 386 classes above 100 images, 136 below 20)."""
+    1,280, 350, 101, 20 and 5 images (115,627 in all; 386 classes above 100 images, 136 below 20)."""
     ranks = torch.arange(1000, dtype=torch.float64)
     knots = torch.tensor([0.0, 25.0, 385.0, 864.0, 999.0], dtype=torch.float64)
     logs = torch.tensor([1280.0, 350.0, 101.0, 20.0, 5.0], dtype=torch.float64).log()
@@ -91,6 +91,7 @@ def full_longtail(device: str, overrides: dict) -> None:
     """The whole long-tail fit on a synthetic ImageNet-LT-shaped bundle, as ``fewclip run --protocol longtail``
     configures Candle (``overrides`` on top). The classes overlap more than the synthetic default (within-class
     spread 2.5): zero-shot is about 27% and a 10-shot nearest class mean about 80%, so training has room to show."""
+    from fewclip.protocols.metrics import per_class_from_hits
     from fewclip.protocols.protocol import LONGTAIL_METHOD_DEFAULTS, group_accuracies, shot_groups
 
     counts = lt_counts()
@@ -110,8 +111,9 @@ def full_longtail(device: str, overrides: dict) -> None:
     t0 = time.perf_counter()
     logits = model.predict_logits(bundle.test_features)
     predict = time.perf_counter() - t0
-    hits = (logits.argmax(1).cpu() == bundle.test_labels.cpu()).double()
-    per_class = [100.0 * float(hits[bundle.test_labels.cpu() == c].mean()) for c in range(1000)]
+    labels = bundle.test_labels.cpu()
+    hits = logits.argmax(1).cpu() == labels
+    per_class = per_class_from_hits(hits, labels, 1000)
     groups = group_accuracies(per_class, shot_groups(counts.tolist()))
     steps = model.epochs * model.iterations_per_epoch_
     print(
@@ -121,7 +123,7 @@ def full_longtail(device: str, overrides: dict) -> None:
     )
     print("val by epoch: " + ", ".join(f"{h['val_accuracy']:.1f}" for h in model.history_))
     print(
-        f"test: overall {100 * float(hits.mean()):.2f}%, "
+        f"test: overall {100 * float(hits.double().mean()):.2f}%, "
         + ", ".join(f"{name} {value:.2f}%" for name, value in groups.items())
     )
 

@@ -275,25 +275,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="the registered datasets, their folder names and published counts")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=(cmd_datasets_list))
+    p.set_defaults(func=cmd_datasets_list)
 
     p = sub.add_parser("check", help="verify a dataset's layout, missing files and counts")
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=(cmd_datasets_check))
+    p.set_defaults(func=cmd_datasets_check)
 
     p = sub.add_parser("prompts", help="print the sentences each class gets under --prompts")
     add_data_arguments(p)
     add_prompt_argument(p)
     p.add_argument("--max-sentences", type=int, default=3, help="sentences shown per class (text output)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=(cmd_datasets_prompts))
+    p.set_defaults(func=cmd_datasets_prompts)
 
     p = sub.add_parser("sample", help="draw a K-shot episode and save it as JSON")
     add_data_arguments(p)
     add_episode_arguments(p)
     p.add_argument("--out", required=True, help="episode file, or a folder (the file is named by its key)")
-    p.set_defaults(func=(cmd_datasets_sample))
+    p.set_defaults(func=cmd_datasets_sample)
 
     p = sub.add_parser("import-coop", help="turn CoOp's split_fewshot/shot_K-seed_S.pkl into an episode JSON")
     add_data_arguments(p)
@@ -301,4 +301,4 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, help="K (default: from the file name)")
     p.add_argument("--seed", type=int, help="seed (default: from the file name)")
     p.add_argument("--out", required=True, help="episode file, or a folder")
-    p.set_defaults(func=(cmd_datasets_import_coop))
+    p.set_defaults(func=cmd_datasets_import_coop)
