@@ -91,7 +91,7 @@ def full_longtail(device: str, overrides: dict) -> None:
     """The whole long-tail fit on a synthetic ImageNet-LT-shaped bundle, as ``fewclip run --protocol longtail``
     configures Candle (``overrides`` on top). The classes overlap more than the synthetic default (within-class
     spread 2.5): zero-shot is about 27% and a 10-shot nearest class mean about 80%, so training has room to show."""
-    from fewclip.protocols.metrics import per_class_from_hits
+    from fewclip.metrics import per_class_from_hits
     from fewclip.protocols.protocol import LONGTAIL_METHOD_DEFAULTS, group_accuracies, shot_groups
 
     counts = lt_counts()

@@ -116,7 +116,7 @@ def test_missing_required_tensor_and_wrong_format(tmp_path):
     with pytest.raises(BundleError, match="classnames' lists 2 names"):
         bio.load(write(tmp_path / "c.safetensors", tensors(), {"classnames": json.dumps(["a", "b"])}))
     (tmp_path / "d.safetensors").write_bytes(b"garbage")
-    with pytest.raises(BundleError, match="not a readable safetensors file"):
+    with pytest.raises(BundleError, match="not a readable bundle file"):
         bio.load(tmp_path / "d.safetensors")
     with pytest.raises(BundleError, match="no such bundle file"):
         bio.load(tmp_path / "missing.safetensors")
@@ -128,7 +128,7 @@ def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("fewclip.features.bundle.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         bio.save(b, tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []

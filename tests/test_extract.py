@@ -121,8 +121,6 @@ def test_resume_after_interruption(backbone, dataset, tmp_path, monkeypatch):
 
 
 def test_failed_writes_leave_no_partial_files(backbone, dataset, tmp_path, monkeypatch):
-    import safetensors.torch
-
     root, paths = dataset
     store = FeatureStore(tmp_path / "cache")
 
@@ -131,7 +129,7 @@ def test_failed_writes_leave_no_partial_files(backbone, dataset, tmp_path, monke
             f.write(b"\x00" * 17)  # half a file, then the process "dies"
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr("fewclip.features.store.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         extract(backbone, root, paths, store=store, progress=False)
     monkeypatch.undo()
@@ -175,7 +173,7 @@ def test_corrupt_images_are_listed_together_or_skipped(backbone, dataset, tmp_pa
     out = extract_support(backbone, root, paths, views=2, store=store, skip_bad_images=True, progress=False)
     assert out.encoded == 0  # the readable images were cached by the failed run
     assert out.kept == [0, 1, 2] and out.features.shape == (2, 3, 16) and out.clean.shape == (3, 16)
-    report = out.bad_report()
+    report = [b.as_dict() for b in out.bad]
     assert [b["path"] for b in report] == paths[3:]
     assert "FileNotFoundError" in report[1]["error"]
 

@@ -11,14 +11,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from fewclip.data import Prompts  # noqa: E402
+from fewclip.errors import TextClassifierError  # noqa: E402
 from fewclip.features.store import FeatureStore  # noqa: E402
+from fewclip.features.text import encode_prompts, encode_text_classifier  # noqa: E402
 from fewclip.models import (  # noqa: E402
     OPENAI_MODELS,
     BackboneError,
-    TextClassifierError,
     load_backbone,
     resolve_model,
-    text_classifier,
 )
 from fewclip.models.backbones import is_torchscript_archive  # noqa: E402
 from fewclip.models.tiny import save_openai_torchscript, save_tiny_hf_clip, save_tiny_openclip  # noqa: E402
@@ -246,35 +247,37 @@ def test_hf_backend_matches_open_clip(tiny, vit, images, tmp_path):
 
 
 def test_text_classifier_normalises_per_prompt_then_averages(vit):
-    classnames = ["cat", "dog", "red fox"]
-    templates = ["a photo of a {}.", "a drawing of a {}."]
-    descriptions = {"dog": ["a loyal animal that barks"], "unicorn": ["not a class here"]}
-    weights, info = text_classifier(vit, classnames, templates, descriptions, batch_size=2, return_info=True)
+    classnames = ["cat", "dog", "red_fox"]
+    templates = ("a photo of a {}.", "a drawing of a {c}.")
+    weights, info = encode_text_classifier(vit, classnames, Prompts("t", "templates", templates), batch_size=2)
     assert weights.shape == (3, 16)
     torch.testing.assert_close(weights.norm(dim=1), torch.ones(3))
     expected = []
-    for c in classnames:
-        prompts = [t.replace("{}", c) for t in templates] + descriptions.get(c, [])
-        mean = unit(vit.encode_text(prompts)).mean(0)
+    for c in ("cat", "dog", "red fox"):  # underscores become spaces: the run path's one prompt builder
+        mean = unit(vit.encode_text([f"a photo of a {c}.", f"a drawing of a {c}."])).mean(0)
         expected.append(mean / mean.norm())
     torch.testing.assert_close(weights, torch.stack(expected), atol=1e-5, rtol=1e-5)
-    assert info["prompts"] == 7 and info["classes_with_descriptions"] == 1 and info["truncated"] == 0
+    assert info["prompts"] == 6 and info["truncated"] == 0
+
+    descriptions = Prompts("d", "descriptions", descriptions={"cat": ["a small feline"], "dog": ["barks", "a dog"]})
+    weights, info = encode_text_classifier(vit, ["cat", "dog"], descriptions)
+    mean = unit(vit.encode_text(["barks", "a dog"])).mean(0)
+    torch.testing.assert_close(weights[1], mean / mean.norm(), atol=1e-5, rtol=1e-5)
+    assert info["prompts"] == 3
 
 
 def test_text_classifier_counts_truncated_and_caches(vit, tmp_path):
     store = FeatureStore(tmp_path / "cache")
-    long = {"cat": ["a cat " * 60]}
-    w1, info1 = text_classifier(vit, ["cat", "dog"], ["a {}"], long, store=store, return_info=True)
+    prompts = [["a cat", "a cat " * 60], ["a dog"]]
+    w1, info1 = encode_prompts(vit, prompts, store=store)
     assert info1["truncated"] == 1 and info1["encoded"] == 3
-    w2, info2 = text_classifier(vit, ["cat", "dog"], ["a {}"], long, store=store, return_info=True)
+    w2, info2 = encode_prompts(vit, prompts, store=store)
     assert info2["encoded"] == 0
     torch.testing.assert_close(w1, w2)
 
 
 def test_text_classifier_errors(vit):
-    with pytest.raises(TextClassifierError, match="placeholder"):
-        text_classifier(vit, ["cat"], ["a photo"])
-    with pytest.raises(TextClassifierError, match="spelled like the class names"):
-        text_classifier(vit, ["cat"], ["a {}"], {"Cat_": ["x"]})
-    with pytest.raises(TextClassifierError, match="no prompt"):
-        text_classifier(vit, ["cat", "dog"], [], {"cat": ["a small feline"]})
+    with pytest.raises(TextClassifierError, match=r"class\(es\) \[1\] have none"):
+        encode_prompts(vit, [["a cat"], []])
+    with pytest.raises(TextClassifierError, match="batch_size"):
+        encode_prompts(vit, [["a cat"]], batch_size=0)

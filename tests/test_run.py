@@ -21,9 +21,9 @@ from fewclip.data.generate import write_images
 from fewclip.features import bundle as bundle_io
 from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
+from fewclip.metrics import confusion_matrix, macro_f1
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
-from fewclip.protocols.metrics import confusion_matrix, macro_f1
 from fewclip.protocols.protocol import (
     LONGTAIL_METHOD_DEFAULTS,
     BaseToNew,

@@ -36,6 +36,7 @@ def add_parsers(subparsers: Any) -> None:
 
 def cmd_cache_info(args: argparse.Namespace) -> int:
     from ..features.store import FeatureStore
+    from ..protocols.results import text_table
 
     store = FeatureStore(args.cache_dir)
     info = store.info()
@@ -73,8 +74,6 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
             )
             for g in groups
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         print()
-        for line in (header, tuple("-" * w for w in widths), *rows):
-            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        print(text_table(header, rows))
     return 0

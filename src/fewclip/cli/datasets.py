@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .main import CLIError
+from .common import CLIError, format_table
 
 # --------------------------------------------------------------------------- shared options
 
@@ -126,7 +126,6 @@ def episode_from_args(args: argparse.Namespace, splits):
 def cmd_datasets_list(args: argparse.Namespace) -> int:
     """One row per registered dataset: key, CoOp folder, other folder names, kind, published counts, template."""
     from ..data import dataset_info, list_datasets
-    from .main import format_table
 
     rows = []
     for info in map(dataset_info, list_datasets()):

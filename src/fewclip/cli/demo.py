@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .common import CLIError, fit_and_evaluate, fmt, format_table
+
 HYPERPARAMETER_COLUMNS = ["method", "hyperparameters chosen", "val acc", "test acc", "seconds"]
 # Coarser search grids than the published ones (200 x 20 [x 20]) keep the demo within seconds on two cores.
 DEMO_GRIDS = {
@@ -24,8 +26,6 @@ DEMO_CLASSES = ("amber", "azure", "cobalt", "coral", "crimson", "jade", "lilac",
 
 
 def _hyperparameter_rows(results: list[dict]) -> list[dict[str, str]]:
-    from .main import _fmt
-
     rows = []
     for r in results:
         selected = {k: v for k, v in (r.get("selected") or {}).items() if v is not None}
@@ -35,7 +35,7 @@ def _hyperparameter_rows(results: list[dict]) -> list[dict[str, str]]:
         rows.append(
             {
                 "method": r["method"],
-                "hyperparameters chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in selected.items()) or "-",
+                "hyperparameters chosen": ", ".join(f"{k}={fmt(v)}" for k, v in selected.items()) or "-",
                 "val acc": "n/a" if val is None else f"{val:.2f}",
                 "test acc": f"{r['accuracy']['test_accuracy']:.2f}",
                 "seconds": f"{r['seconds']['fit'] + r['seconds']['predict']:.2f}",
@@ -50,7 +50,6 @@ def run_image_demo(args: argparse.Namespace) -> int:
     from ..features.pipeline import ExtractionOptions
     from ..models.tiny import save_tiny_openclip
     from ..protocols.fewshot import FewShotConfig, run_fewshot
-    from .main import CLIError, format_table
 
     classes = args.classes or 8
     if not 2 <= classes <= len(DEMO_CLASSES):
@@ -104,7 +103,6 @@ def run_bundle_demo(args: argparse.Namespace) -> int:
     from .. import methods
     from ..features import bundle as bundle_io
     from ..features.synthetic import make_synthetic_bundle
-    from .main import fit_and_evaluate, format_table
 
     shots = max(args.shots)
     bundle = make_synthetic_bundle(

@@ -5,76 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
-from ..features.bundle import BundleError
-
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; VALUE is read as JSON (numbers, lists, true/false/null), else kept as a string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--set expects KEY=VALUE, got {item!r} (example: --set search_scale=[7,7,1]).")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    from ..protocols.results import text_table
-
-    return text_table(columns, [[str(r.get(c, "")) for c in columns] for r in rows])
-
+from ..errors import FewclipError
+from .common import EXIT_USAGE, fit_and_evaluate, fmt, parse_set
 
 # --------------------------------------------------------------------------- fit
-
-
-def fit_and_evaluate(
-    bundle, method: str, preset: str | None, overrides: dict[str, Any], selection: str
-) -> tuple[Any, dict]:
-    """Fit one method on a bundle and evaluate test once; returns (model, the result dict of ``fit --json``)."""
-    from .. import methods
-
-    model = methods.create(method, preset=preset, selection=selection, **overrides)
-    t0 = time.perf_counter()
-    model.fit(bundle)
-    t1 = time.perf_counter()
-    test_accuracy = model.score(bundle.test_features, bundle.test_labels)
-    t2 = time.perf_counter()
-    result = {
-        "method": method,
-        "test_accuracy": test_accuracy,
-        "val_accuracy": model.val_accuracy_,
-        "hyperparameters": model.hyperparameters(),
-        "fit_seconds": t1 - t0,
-        "predict_seconds": t2 - t1,
-        "bundle": bundle.summary(),
-        "selection": selection,
-        "preset": preset,
-        "overrides": overrides,
-        "test_tuned": False,
-    }
-    return model, result
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -89,7 +25,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     val = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.2f}%"
-    hp = ", ".join(f"{k}={_fmt(v)}" for k, v in result["hyperparameters"].items())
+    hp = ", ".join(f"{k}={fmt(v)}" for k, v in result["hyperparameters"].items())
     print(f"method          {args.method}" + (f" (preset {args.preset})" if args.preset else ""))
     print(f"bundle          {args.bundle}: {json.dumps(result['bundle'])}")
     print(f"selection       {args.selection}")
@@ -229,36 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that carry a one-line message for the user (printed without a traceback, exit 2)."""
-    from ..data import DataError
-    from ..features.extract import BadImagesError
-    from ..features.store import FeatureStoreError
-    from ..methods.base import MethodError, NotFittedError
-    from ..models import BackboneError, PresetError, TextClassifierError
-    from ..protocols.results import ResultsError
-
-    return (
-        CLIError,
-        BundleError,
-        MethodError,
-        NotFittedError,
-        DataError,
-        BadImagesError,
-        FeatureStoreError,
-        BackboneError,
-        PresetError,
-        TextClassifierError,
-        ResultsError,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except user_errors() as exc:
+    except FewclipError as exc:
         print(f"fewclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

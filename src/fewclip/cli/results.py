@@ -23,8 +23,9 @@ def add_parsers(subparsers: Any) -> None:
 
 def cmd_confusion(args: argparse.Namespace) -> int:
     import torch
+    from safetensors.torch import save_file
 
-    from ..features.bundle import atomic_write
+    from ..io import atomic_write
     from ..protocols.results import result_confusion
 
     matrix, names = result_confusion(Path(args.result))
@@ -42,10 +43,8 @@ def cmd_confusion(args: argparse.Namespace) -> int:
         true, predicted = divmod(index, classes)
         print(f"  {100 * value:6.2f}%  {label[true]} -> {label[predicted]}")
     if args.out:
-        from safetensors.torch import save_file
-
         out = Path(args.out)
-        meta = {"format": "fewclip-confusion-1", "rows": "true class", "columns": "predicted class"}
+        meta = {"format": "fewclip-confusion/1", "rows": "true class", "columns": "predicted class"}
         meta["classnames"] = "\n".join(label)
         atomic_write(out, lambda tmp: save_file({"confusion": matrix.to(torch.float32)}, str(tmp), metadata=meta))
         print(f"wrote {out}")

@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from .cache import add_cache_dir_argument
+from .common import CLIError, parse_set
 from .datasets import add_data_arguments, add_episode_arguments, add_prompt_argument, kind_options_from_args
-from .main import CLIError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +55,6 @@ def extraction_options(args: argparse.Namespace):
 
 def parse_method_sets(items: list[str]) -> dict[str, dict[str, Any]]:
     """``KEY=VALUE`` (every method) or ``METHOD:KEY=VALUE`` pairs -> {method or "*": {key: value}}."""
-    from .main import parse_set
-
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         target, sep, value = item.partition("=")
@@ -157,8 +155,9 @@ def _run_transfer(args: argparse.Namespace, config) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from ..data import load_prompts, subsample_splits
     from ..features import bundle as bundle_io
-    from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
+    from ..features.pipeline import encode_images_once, episode_bundle
     from ..features.store import FeatureStore
+    from ..features.text import encode_text_classifier
     from ..protocols.fewshot import load_config_backbone
     from .datasets import episode_from_args, load_from_args
 

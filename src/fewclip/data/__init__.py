@@ -15,13 +15,12 @@ class names, image root, split SHA-256). Errors are :class:`DataError` (a ``Valu
 messages; count differences from the published numbers are :class:`DataWarning`.
 """
 
+from ..errors import DataError, DataWarning
 from .classnames import canonical_imagenet_classnames, prompt_name
 from .datasets import (
     KIND_OPTIONS,
-    DataError,
     DatasetInfo,
     DatasetSplits,
-    DataWarning,
     Item,
     dataset_info,
     find_missing,

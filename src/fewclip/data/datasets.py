@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,19 +33,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError, DataWarning
+from ..io import atomic_write_text
 from .classnames import imagenet_classnames_difference
 
 #: File suffixes read as images in users' own folders (case-insensitive).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as described. The message names the file, the value and the fix."""
-
-
-class DataWarning(UserWarning):
-    """A dataset that loads but differs from the published one (counts, class names)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,14 +252,6 @@ def resolve_folder(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def listing_sha256(train: Sequence[Item], val: Sequence[Item], test: Sequence[Item]) -> str:
@@ -912,22 +897,6 @@ def load_dataset(
         for w in all_warnings:
             warnings.warn(w, DataWarning, stacklevel=2)
     return splits
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it onto ``path`` (never half-written).
-
-    Same contract as ``fewclip.features.bundle.atomic_write``, without importing torch.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_split(splits: DatasetSplits, path: str | Path) -> Path:

@@ -24,8 +24,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError, DataWarning
 from .classnames import open_clip_metadata, prompt_name
-from .datasets import DataError, DataWarning, dataset_info
+from .datasets import dataset_info
 
 TEMPLATE_SETS = ("single", "imagenet7", "imagenet80")
 

@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import SPLITS, DataError, DatasetSplits, Item, atomic_write_text, dataset_info
+from .. import __version__
+from ..errors import DataError
+from ..io import atomic_write_text
+from .datasets import SPLITS, DatasetSplits, Item, dataset_info
 
 SAMPLERS = ("dassl", "portable")
 VAL_KINDS = ("fewshot", "full")
@@ -68,8 +71,6 @@ class Episode:
         return counts
 
     def to_json(self) -> dict[str, Any]:
-        from .. import __version__
-
         meta = {
             "format": EPISODE_FORMAT,
             "dataset": self.dataset,

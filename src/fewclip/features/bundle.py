@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from ..errors import BundleError
+from ..io import atomic_write, read_safetensors
 
 FORMAT = "fewclip-bundle/1"
 
@@ -39,10 +42,6 @@ REQUIRED_TENSORS = ("support_features", "support_labels", "text_weights", "test_
 OPTIONAL_TENSORS = ("val_features", "val_labels", "support_clean_features")
 ALL_TENSORS = REQUIRED_TENSORS + OPTIONAL_TENSORS
 KNOWN_METADATA = ("dataset", "backbone", "pretrained", "shots", "seed", "views", "split_sha256")
-
-
-class BundleError(ValueError):
-    """A bundle file or object that does not follow the format. The message names the tensor and the fix."""
 
 
 @dataclass(frozen=True)
@@ -271,8 +270,6 @@ def make_bundle(
 
 def save(bundle: Bundle, path: str | os.PathLike) -> Path:
     """Write ``bundle`` atomically (temporary file in the same folder, then rename)."""
-    from safetensors.torch import save_file
-
     if not bundle.has_test:
         raise BundleError("cannot save a bundle without test features (this copy was stripped for fitting).")
     path = Path(path)
@@ -289,37 +286,11 @@ def save(bundle: Bundle, path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: Path, writer) -> None:
-    """Call ``writer(tmp_path)`` then rename onto ``path``; nothing half-written is ever left at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
     """Read and validate a bundle file. Every problem is a :class:`BundleError` naming the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise BundleError(f"{where}: no such bundle file.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            names = set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise BundleError(f"{where}: not a readable safetensors file ({exc}).") from exc
-    fmt = meta.get("format")
-    if fmt != FORMAT:
-        raise BundleError(f"{where}: metadata 'format' is {fmt!r}; expected {FORMAT!r}. Is this a fewclip bundle?")
+    meta, tensors = read_safetensors(path, expected_format=FORMAT, what="bundle", error=BundleError)
+    names = set(tensors)
     unknown = names - set(ALL_TENSORS)
     if unknown:
         raise BundleError(
@@ -341,11 +312,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
         where=where,
     )
     return bundle.to(device) if str(device) != "cpu" else bundle
-
-
-def validate(path: str | os.PathLike) -> Bundle:
-    """Alias of :func:`load` for readability at call sites that only check a file."""
-    return load(path)
 
 
 def info(bundle: Bundle) -> dict:

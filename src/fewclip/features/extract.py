@@ -29,11 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from ..errors import BadImagesError
 from .store import FeatureGroup, FeatureStore
 
 if TYPE_CHECKING:
-    from ..models.backbones import Backbone
+    from ..models import Backbone
 
 View = str | int  # "clean" or an augmentation index 0..V-1
 
@@ -45,19 +48,6 @@ class BadImage:
 
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "error": self.error}
-
-
-class BadImagesError(ValueError):
-    """Unreadable or corrupt images; the message lists every one of them and the fix."""
-
-    def __init__(self, bad: Sequence[BadImage], root: Path):
-        self.bad = list(bad)
-        lines = "\n".join(f"  {b.path}: {b.error}" for b in self.bad)
-        super().__init__(
-            f"{len(self.bad)} image(s) under {root} could not be read:\n{lines}\n"
-            "Replace or delete these files, or pass --skip-bad-images (skip_bad_images=True) to leave them out "
-            "and record them in the results. Features of the other images are cached already."
-        )
 
 
 @dataclass
@@ -75,9 +65,6 @@ class Extraction:
     clean: torch.Tensor | None = None  # extract_support: [N, D] under the evaluation transform
     encoded: int = 0  # (image, view) pairs run through the model in this call
     cached: int = 0  # (image, view) pairs read from the store
-
-    def bad_report(self) -> list[dict[str, str]]:
-        return [b.as_dict() for b in self.bad]
 
 
 def view_seed(seed: int, path: str, view: int) -> int:
@@ -103,8 +90,6 @@ def seeded(seed: int):
 
 def load_image(path: Path):
     """Open ``path`` fully (so truncated files fail here, not later) and return an RGB PIL image."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")
@@ -183,8 +168,6 @@ def _extract_views(
     desc: str | None,
     flush_rows: int,
 ) -> tuple[dict[View, torch.Tensor], list[int], list[BadImage], int, int]:
-    from tqdm import tqdm
-
     root = Path(root)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")

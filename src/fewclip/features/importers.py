@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fewclip.features.bundle import Bundle, BundleError, make_bundle
+from ..errors import BundleError
+from .bundle import Bundle, make_bundle
 
 KINDS = ("ape", "tip-adapter")
 APE_TEXT_FILE = "text_weights_cupl_t.pt"

@@ -1,7 +1,6 @@
 """From a dataset on disk to feature bundles: encode every image an experiment needs once, then slice.
 
 >>> pool = encode_images_once(backbone, splits, episodes, store=FeatureStore())
->>> text = encode_text_classifier(backbone, splits.classnames, prompts, store=store)
 >>> bundle = episode_bundle(pool, episode, splits.test, text, metadata={...})
 
 :func:`encode_images_once` takes the union of the support images of all episodes (every shot count and seed) and
@@ -19,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data import DatasetSplits, Episode, Item
 from .bundle import Bundle, make_bundle
 from .extract import BadImage, extract, extract_support
+from .store import FeatureStore
 
 if TYPE_CHECKING:
-    from ..data import DatasetSplits, Episode, Item, Prompts
     from ..models import Backbone
-    from .store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -127,19 +126,6 @@ def encode_images_once(
         encoded=support.encoded + evaluation.encoded,
         cached=support.cached + evaluation.cached,
     )
-
-
-def encode_text_classifier(
-    backbone: Backbone,
-    classnames: Sequence[str],
-    prompts: Prompts,
-    *,
-    store: FeatureStore | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """[C, D] zero-shot weights for ``classnames`` under ``prompts`` (templates or descriptions), plus a report."""
-    from ..models import encode_prompts
-
-    return encode_prompts(backbone, prompts.sentences(classnames), store=store)
 
 
 def index_rows(index: Mapping[str, int], items: Sequence[Item]) -> tuple[list[int], list[int]]:

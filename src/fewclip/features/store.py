@@ -31,23 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .bundle import atomic_write
+from ..errors import FeatureStoreError
+from ..io import atomic_write, default_cache_dir
 
 logger = logging.getLogger("fewclip.features")
 
 FORMAT = "fewclip-features/1"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-class FeatureStoreError(ValueError):
-    """A cache folder or shard that cannot be used; the message names the path and the fix."""
-
-
-def default_cache_dir() -> Path:
-    """``$FEWCLIP_CACHE`` or ``~/.cache/fewclip``."""
-    env = os.environ.get("FEWCLIP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fewclip"
 
 
 def canonical_json(obj: Any) -> str:
@@ -142,8 +135,6 @@ class FeatureGroup:
     # ----------------------------------------------------------------- read / write
     def get(self, keys: Sequence[str]) -> torch.Tensor:
         """[len(keys), D] float32 features; every key must be present."""
-        from safetensors import safe_open
-
         self.refresh()
         missing = [k for k in keys if k not in self._index]
         if missing:
@@ -165,8 +156,6 @@ class FeatureGroup:
 
     def put(self, keys: Sequence[str], features: torch.Tensor) -> Path | None:
         """Write one shard holding ``features`` [n, D] under ``keys`` (atomically). Returns its path."""
-        from safetensors.torch import save_file
-
         keys = [str(k) for k in keys]
         if features.dim() != 2 or features.shape[0] != len(keys):
             raise FeatureStoreError(

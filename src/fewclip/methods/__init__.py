@@ -5,10 +5,11 @@
 >>> logits = model.predict_logits(bundle.test_features)
 """
 
+from ..errors import MethodError, NotFittedError
 from . import ape, ape_t, candle, clip_adapter, gda, linear_probe, tip_adapter, tip_adapter_f, zero_shot  # noqa: F401
-from .base import Method, MethodError, NotFittedError
-from .base import load_model as load
+from .base import Method
 from .registry import create, get_class, list_methods, list_presets, preset_params, register
+from .registry import load_model as load
 
 __all__ = [
     "Method",

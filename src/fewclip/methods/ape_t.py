@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ..features.bundle import Bundle
-from ..protocols.metrics import accuracy
+from ..metrics import accuracy
 from .ape import resolve_channels
 from .base import MethodError, l2n
 from .cache import CacheMethod, check_grid, support_cache

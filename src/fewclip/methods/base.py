@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 
-from ..features.bundle import Bundle, BundleError, atomic_write
+from .. import __version__
+from ..errors import MethodError, NotFittedError
+from ..features.bundle import Bundle
+from ..io import atomic_write
+from ..metrics import accuracy
 
 MODEL_FORMAT = "fewclip-model/1"
 SELECTIONS = ("val", "none")
-
-
-class NotFittedError(RuntimeError):
-    pass
-
-
-class MethodError(ValueError):
-    """Bad hyperparameters or a bundle a method cannot handle; the message names the value and the fix."""
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +122,6 @@ class Method:
 
     def score(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 accuracy in percent."""
-        from ..protocols.metrics import accuracy
-
         return accuracy(self.predict_logits(features), labels)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -150,10 +145,6 @@ class Method:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write hyperparameters and fitted state to ``path`` (a safetensors file), atomically."""
-        from safetensors.torch import save_file
-
-        from .. import __version__
-
         self._check_fitted()
         tensors, scalars = self._fitted_state()
         meta = {
@@ -166,28 +157,3 @@ class Method:
         path = Path(path)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return path
-
-
-def load_model(path: str | os.PathLike) -> Method:
-    """Load an estimator written by :meth:`Method.save`."""
-    from safetensors import safe_open
-
-    from .registry import create
-
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: no such model file.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise BundleError(f"{path}: not a readable safetensors file ({exc}).") from exc
-    if meta.get("format") != MODEL_FORMAT:
-        raise BundleError(f"{path}: metadata 'format' is {meta.get('format')!r}; expected {MODEL_FORMAT!r}.")
-    model = create(meta["method"], **json.loads(meta["params"]))
-    for key, value in json.loads(meta["fitted"]).items():
-        setattr(model, key, value)
-    for key, value in tensors.items():
-        setattr(model, key, value)
-    return model

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..features.bundle import Bundle
-from ..protocols.metrics import accuracy
+from ..metrics import accuracy
 from .base import Method, MethodError, l2n
 from .registry import register
 from .training import canonical_order, check_training_params

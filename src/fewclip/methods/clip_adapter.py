@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from ..features.bundle import Bundle
-from ..protocols.metrics import accuracy
+from ..metrics import accuracy
 from .base import Method, MethodError, l2n
 from .registry import register
 from .training import check_adapter_settings, cross_entropy, train_adapter

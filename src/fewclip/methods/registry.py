@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from .base import Method, MethodError
+from ..errors import MethodError
+from ..io import read_safetensors
+from .base import MODEL_FORMAT, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -92,3 +95,14 @@ def create(name: str, *, preset: str | None = None, **params: Any) -> Method:
     if "preset" in valid:
         merged["preset"] = PRESET_ALIASES.get(preset, preset) if preset else merged.get("preset")
     return cls(**merged)
+
+
+def load_model(path: str | os.PathLike) -> Method:
+    """Load an estimator written by :meth:`Method.save`."""
+    meta, tensors = read_safetensors(path, expected_format=MODEL_FORMAT, what="model", error=MethodError)
+    model = create(meta["method"], **json.loads(meta["params"]))
+    for key, value in json.loads(meta["fitted"]).items():
+        setattr(model, key, value)
+    for key, value in tensors.items():
+        setattr(model, key, value)
+    return model

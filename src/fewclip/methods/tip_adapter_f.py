@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..features.bundle import Bundle
-from ..protocols.metrics import accuracy
+from ..metrics import accuracy
 from .base import l2n
 from .cache import CacheMethod, check_grid, support_cache
 from .registry import register

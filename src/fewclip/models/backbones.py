@@ -16,7 +16,6 @@ cache folder; ``torch.load(weights_only=False)`` is used only with ``trust_check
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -29,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..features.bundle import atomic_write
-from ..features.store import default_cache_dir
+from ..errors import BackboneError
+from ..io import atomic_write, default_cache_dir, file_sha256
 from .preprocess import ImageSpec, augment_transform, eval_transform
 
 logger = logging.getLogger("fewclip.models")
@@ -58,18 +57,6 @@ BACKENDS = ("open_clip", "hf")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-class BackboneError(ValueError):
-    """A model name, weights file or option that cannot be loaded; the message names the value and the fix."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- name resolution

@@ -29,15 +29,13 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from ..errors import PresetError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 EVAL_PRESETS = ("auto", "clip", "lift", "model_default")
 AUGMENT_PRESETS = ("tip_cache", "dassl_train", "flier_timm")
-
-
-class PresetError(ValueError):
-    """An unknown preset name or an image size a preset cannot use."""
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,9 @@ def run_fewshot(
     from tqdm import tqdm
 
     from ..data import episode_filename, load_dataset, load_prompts, save_episode
-    from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle
+    from ..features.pipeline import encode_images_once, episode_bundle
     from ..features.store import FeatureStore
+    from ..features.text import encode_text_classifier
 
     log = log or console_log
     out_dir = Path(out_dir)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy, per_class_from_hits
+from ..metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy, per_class_from_hits
 from .results import ResultsError, format_summary, summarize, text_table
 
 if TYPE_CHECKING:

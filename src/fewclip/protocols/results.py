@@ -10,24 +10,23 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..errors import ResultsError
+from ..io import atomic_write, atomic_write_text, read_safetensors
+from ..metrics import confusion_matrix
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
 PREDICTIONS_FORMAT = "fewclip-predictions/1"
 
 
-class ResultsError(ValueError):
-    """A results folder that cannot be used as asked; the message names the file and the fix."""
-
-
 def jsonable(value: Any) -> Any:
     """``value`` with tensors, tuples, paths and non-finite floats turned into plain JSON values."""
-    import torch
-
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -51,8 +50,6 @@ def config_sha256(setup: Mapping[str, Any]) -> str:
 
 def versions() -> dict[str, str | None]:
     """Versions of Python and of the libraries that decide features and fits."""
-    from .. import __version__
-
     out: dict[str, str | None] = {"fewclip": __version__, "python": sys.version.split()[0]}
     for dist in ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "safetensors", "pillow"):
         try:
@@ -78,8 +75,6 @@ def result_path(
 
 def write_result(path: Path, result: Mapping[str, Any]) -> Path:
     """Write ``result`` atomically (a temporary file renamed onto ``path``)."""
-    from ..data.datasets import atomic_write_text
-
     atomic_write_text(path, json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
     return path
 
@@ -94,11 +89,6 @@ def write_predictions(
 ) -> Path:
     """Save the predicted and true class of every test row (int32, in test order) beside ``result``, atomically;
     ``classnames`` (the classes the two index) go into the file's metadata."""
-    import torch
-    from safetensors.torch import save_file
-
-    from ..features.bundle import atomic_write
-
     path = predictions_path(result)
     tensors = {"predictions": predictions.to(torch.int32).cpu(), "labels": labels.to(torch.int32).cpu()}
     metadata = {"format": PREDICTIONS_FORMAT}
@@ -115,25 +105,19 @@ def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _read_predictions_file(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise ResultsError(f"{path}: no saved predictions (the result predates them); re-run the result with --force.")
-    try:
-        with safe_open(str(path), "pt") as f:
-            names = (f.metadata() or {}).get("classnames")
-            predictions, labels = f.get_tensor("predictions").long(), f.get_tensor("labels").long()
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ResultsError(f"{path}: not a readable predictions file ({exc}); re-run with --force.") from exc
-    return predictions, labels, None if names is None else names.split("\n")
+    meta, tensors = read_safetensors(path, expected_format=PREDICTIONS_FORMAT, what="predictions", error=ResultsError)
+    if "predictions" not in tensors or "labels" not in tensors:
+        raise ResultsError(f"{path}: holds no 'predictions' and 'labels' tensors; re-run the result with --force.")
+    names = meta.get("classnames")
+    return tensors["predictions"].long(), tensors["labels"].long(), None if names is None else names.split("\n")
 
 
 def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
     """(row-normalised confusion matrix [C, C], class names or None) of the result JSON at ``path``, from its saved
     predictions. C and the names are those the predictions file records; a file without names (written before they
     were recorded) gives C from the result's per-class accuracies and no names."""
-    from .metrics import confusion_matrix
-
     path = Path(path)
     result = read_result(path)
     if result is None:

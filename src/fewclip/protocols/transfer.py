@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..metrics import per_class_from_hits
 from .fewshot import (
     FewShotConfig,
     check_methods,
@@ -31,7 +32,6 @@ from .fewshot import (
     load_config_backbone,
     result_setup,
 )
-from .metrics import per_class_from_hits
 from .protocol import Protocol
 from .results import (
     RESULT_FORMAT,
@@ -109,8 +109,9 @@ def run_transfer(
     ``{"results": [...], "written": [...], "skipped": [...], "table": str}``."""
     from ..data import TEMPLATE_SETS, load_dataset, load_prompts, resolve_name
     from ..features.bundle import make_bundle
-    from ..features.pipeline import encode_images_once, encode_text_classifier, episode_bundle, index_rows
+    from ..features.pipeline import encode_images_once, episode_bundle, index_rows
     from ..features.store import FeatureStore
+    from ..features.text import encode_text_classifier
 
     if variant_scoring not in VARIANT_SCORINGS:
         raise ResultsError(f"variant_scoring {variant_scoring!r} is unknown; valid: {', '.join(VARIANT_SCORINGS)}.")
