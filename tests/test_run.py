@@ -18,12 +18,14 @@ from fewclip import data
 from fewclip.cli.main import main
 from fewclip.cli.run import parse_method_sets
 from fewclip.data.generate import write_images
+from fewclip.errors import ResultsError
 from fewclip.features import bundle as bundle_io
 from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
 from fewclip.metrics import confusion_matrix, macro_f1
+from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
-from fewclip.protocols.fewshot import FewShotConfig, run_fewshot
+from fewclip.protocols.config import DataConfig, MethodsConfig, ProtocolConfig, RunConfig
 from fewclip.protocols.protocol import (
     LONGTAIL_METHOD_DEFAULTS,
     BaseToNew,
@@ -32,19 +34,13 @@ from fewclip.protocols.protocol import (
     harmonic_mean,
     shot_groups,
 )
-from fewclip.protocols.results import (
-    RESULT_FORMAT,
-    ResultsError,
-    format_summary,
-    mean_std,
-    read_predictions,
-    result_confusion,
-    summarize,
-    write_predictions,
-)
+from fewclip.protocols.report import format_summary, mean_std, summarize
+from fewclip.protocols.results import RESULT_FORMAT, read_predictions, result_confusion, write_predictions
+from fewclip.protocols.runner import run
 from fewclip.protocols.transfer import domain_predictions
 
 NAMES = ["abyssinian", "beagle", "chihuahua"]
+BB = "local-dir-model"  # the results folder of the tiny model saved in <root>/model
 COUNTS = {"train": 6, "val": 4, "test": 5}
 
 
@@ -80,11 +76,11 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     sweep = ["--shots", "1", "2", "--seeds", "1", "2"]
     assert main(run_argv(env, out, cache, "--method", "zero-shot", "tip-adapter", "gda", *sweep)) == 0
     printed = capsys.readouterr().out
-    files = sorted((out / "oxford_pets").glob("*/shots_*-seed_*.json"))
+    files = sorted((out / "oxford_pets" / BB / "fewshot").glob("*/shots_*-seed_*.json"))
     assert len(files) == 3 * 2 * 2
 
     splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
-    r = json.loads((out / "oxford_pets" / "gda" / "shots_2-seed_1.json").read_text())
+    r = json.loads((out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json").read_text())
     assert (r["dataset"], r["method"], r["shots"], r["seed"], r["selection"]) == ("oxford_pets", "gda", 2, 1, "val")
     assert r["split"]["sha256"] == splits.split_sha256 and r["setup"]["split_sha256"] == splits.split_sha256
     assert r["model"]["weights"]["sha256"] and r["versions"]["torch"] and r["versions"]["fewclip"]
@@ -95,7 +91,7 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     assert len(r["per_class_accuracy"]) == 3 and "alpha" in r["selected"]
     assert r["accuracy"]["test_mean_per_class"] == pytest.approx(sum(r["per_class_accuracy"]) / 3)
     # the test rows' predictions are saved beside the result; the confusion matrix comes from them
-    result_file = out / "oxford_pets" / "gda" / "shots_2-seed_1.json"
+    result_file = out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"
     predictions, labels = read_predictions(result_file)
     assert r["predictions_file"] == "shots_2-seed_1.predictions.safetensors" and labels.numel() == 15
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(r["accuracy"]["test_accuracy"])
@@ -111,21 +107,22 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     )
 
     # the printed table is mean ± population std over the seeds' files
-    accs = [json.loads((out / "oxford_pets" / "gda" / f"shots_2-seed_{s}.json").read_text()) for s in (1, 2)]
+    folder = out / "oxford_pets" / BB / "fewshot"
+    accs = [json.loads((folder / "gda" / f"shots_2-seed_{s}.json").read_text()) for s in (1, 2)]
     mean, std = mean_std([a["accuracy"]["test_accuracy"] for a in accs])
     gda_row = next(line for line in printed.splitlines() if line.startswith("gda "))
     assert f"{mean:.2f} ± {std:.2f}" in gda_row
 
     # the same command again: everything reused, nothing encoded
     assert main(run_argv(env, out, cache, "--method", "zero-shot", "tip-adapter", "gda", *sweep)) == 0
-    assert "0 result(s) written, 12 reused; 0 image view(s) encoded" in capsys.readouterr().out
+    assert "0 result(s) written, 12 reused, 0 failed; 0 image view(s) encoded" in capsys.readouterr().out
     # a new method on the same episodes: fitted, but every image comes from the cache
     assert main(run_argv(env, out, cache, "--method", "gda", "linear-probe", *sweep)) == 0
-    assert "4 result(s) written, 4 reused; 0 image view(s) encoded" in capsys.readouterr().out
-    before = (out / "oxford_pets" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns
+    assert "4 result(s) written, 4 reused, 0 failed; 0 image view(s) encoded" in capsys.readouterr().out
+    before = (out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns
     assert main(run_argv(env, out, cache, "--method", "gda", "--shots", "1", "--seeds", "1", "--force")) == 0
     assert "1 result(s) written, 0 reused" in capsys.readouterr().out
-    assert (out / "oxford_pets" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns != before
+    assert (out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_1-seed_1.json").stat().st_mtime_ns != before
 
     # a result of another setup is never overwritten silently
     conflict = run_argv(env, out, cache, "--method", "tip-adapter", "--shots", "1", "--seeds", "1")
@@ -135,23 +132,21 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
 
 
 def test_encodes_each_image_once_for_the_whole_sweep(env, tmp_path):
-    config = FewShotConfig(
-        dataset="oxford_pets",
-        data_root=str(env.data_root),
-        model=env.model,
-        methods=["zero-shot"],
-        shots=[1, 2],
-        seeds=[1, 2],
-        extraction=ExtractionOptions(views=2, progress=False),
+    config = RunConfig(
+        DataConfig("oxford_pets", data_root=str(env.data_root)),
+        BackboneSpec(env.model),
+        MethodsConfig(["zero-shot"]),
+        ProtocolConfig(shots=[1, 2], seeds=[1, 2]),
+        ExtractionOptions(views=2, progress=False),
         cache_dir=str(tmp_path / "cache"),
     )
-    report = run_fewshot(config, tmp_path / "out", log=lambda m: None)
+    report = run(config, tmp_path / "out", log=lambda m: None)
     splits = data.load_dataset("oxford_pets", env.data_root, warn=False)
     episodes = [data.sample_episode(splits, k, s) for k in (1, 2) for s in (1, 2)]
     support = {i.path for e in episodes for i in e.train}
     evaluation = {i.path for e in episodes for i in e.val} | {i.path for i in splits.test}
     assert report.encoded == 3 * len(support) + len(evaluation)  # 2 views + clean per support image
-    again = run_fewshot(config, tmp_path / "out2", log=lambda m: None)
+    again = run(config, tmp_path / "out2", log=lambda m: None)
     assert again.encoded == 0 and again.cached == report.encoded
     assert [r["accuracy"] for r in again.results] == [r["accuracy"] for r in report.results]
 
@@ -167,7 +162,7 @@ def test_bad_images_are_listed_or_skipped_and_recorded(env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "beagle_test_3.jpg" in err and "--skip-bad-images" in err
     assert main([*argv, "--skip-bad-images"]) == 0
-    r = json.loads((tmp_path / "out" / "oxford_pets" / "zero-shot" / "shots_1-seed_1.json").read_text())
+    r = json.loads((tmp_path / "out/oxford_pets" / BB / "fewshot/zero-shot/shots_1-seed_1.json").read_text())
     assert [b["path"] for b in r["bad_images"]] == ["beagle_test_3.jpg"]
     assert r["episode"]["test"] == 14 and r["episode"]["dropped_bad_images"]["test"] == 1
 
@@ -287,7 +282,7 @@ def test_run_base2new_end_to_end(env, tmp_path, capsys):
                     "tip-adapter", "--shots", "2", "--seeds", "1", "2")  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    r = json.loads((out / "oxford_pets" / "base2new" / "gda" / "shots_2-seed_1.json").read_text())
+    r = json.loads((out / "oxford_pets" / BB / "base2new" / "gda" / "shots_2-seed_1.json").read_text())
     assert r["protocol"] == "base2new" and r["base_classes"] == [0, 1] and r["new_classes"] == [2]
     assert r["episode"]["support"] == 4 and r["episode"]["test"] == 15  # base support only; every test image
     assert set(r["accuracy"]) >= {"base", "new", "harmonic_mean", "base_all_classes", "val_accuracy"}
@@ -295,7 +290,7 @@ def test_run_base2new_end_to_end(env, tmp_path, capsys):
     imbalanced = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new-imbalanced", "--imbalance-ratio",
                           "0.5", "--method", "gda", "--shots", "4", "--seeds", "1")  # fmt: skip
     assert main(imbalanced) == 0
-    r = json.loads((out / "oxford_pets/base2new-imbalanced/gda/shots_4-seed_1.json").read_text())
+    r = json.loads((out / "oxford_pets" / BB / "base2new-imbalanced/gda/shots_4-seed_1.json").read_text())
     assert r["setup"]["imbalance_ratio"] == 0.5 and r["episode"]["support"] == 4 + 2  # profile [4, 2] on the base
     capsys.readouterr()
     refused = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "linear-probe")
@@ -338,10 +333,10 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
             "--set", "candle:epochs=3"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    r = json.loads((out / "imagenet_lt" / "longtail" / "gda" / "shots_0-seed_1.json").read_text())
+    r = json.loads((out / "imagenet_lt" / BB / "longtail" / "gda" / "shots_0-seed_1.json").read_text())
     assert "protocol_defaults" not in r["setup"]
     # Candle gets the protocol's step budget; the user's --set still wins over it
-    c = json.loads((out / "imagenet_lt" / "longtail" / "candle" / "shots_0-seed_1.json").read_text())
+    c = json.loads((out / "imagenet_lt" / BB / "longtail" / "candle" / "shots_0-seed_1.json").read_text())
     assert c["setup"]["protocol_defaults"] == LONGTAIL_METHOD_DEFAULTS["candle"] and c["overrides"] == {"epochs": 3}
     assert c["hyperparameters"]["iterations_per_epoch"] == LONGTAIL_METHOD_DEFAULTS["candle"]["iterations_per_epoch"]
     assert c["hyperparameters"]["epochs"] == 3 and len(c["history"]) == 3
@@ -349,7 +344,7 @@ def test_run_longtail_end_to_end(env, tmp_path, capsys):
     assert r["shot_groups"] == {"many": 1, "medium": 1, "few": 1}
     per_class = r["per_class_accuracy"]
     assert (r["accuracy"]["many"], r["accuracy"]["medium"], r["accuracy"]["few"]) == tuple(per_class)
-    capped = json.loads((out / "imagenet_lt" / "longtail" / "tip-adapter" / "shots_4-seed_1.json").read_text())
+    capped = json.loads((out / "imagenet_lt" / BB / "longtail" / "tip-adapter" / "shots_4-seed_1.json").read_text())
     assert capped["episode"]["support"] == 12 and capped["shot_groups"] == r["shot_groups"]  # groups: full list
     assert any(line.split()[:2] == ["gda", "all"] for line in printed.splitlines())
 
@@ -385,10 +380,10 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
             "--shots", "2", "--seeds", "1"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    a = json.loads((out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json").read_text())
+    a = json.loads((out / "imagenet" / BB / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json").read_text())
     assert (a["transfer"], a["variant_eval"], len(a["per_class_accuracy"])) == ("domain", "200way", 2)
     assert a["accuracy"]["test_accuracy"] == pytest.approx(sum(a["per_class_accuracy"]) / 2)  # 3 images per class
-    pets_file = out / "imagenet" / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json"
+    pets_file = out / "imagenet" / BB / "transfer" / "oxford_pets" / "gda" / "shots_2-seed_1.json"
     pets = json.loads(pets_file.read_text())
     assert pets["transfer"] == "cross-dataset" and len(pets["per_class_accuracy"]) == 3
     # predictions are saved in the target's classes; the confusion matrix carries the target's names
@@ -397,10 +392,10 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(pets["accuracy"]["test_accuracy"])
     matrix, names = result_confusion(pets_file)
     assert matrix.shape == (3, 3) and names == data.load_dataset("oxford_pets", root, warn=False).classnames
-    predictions, labels = read_predictions(out / "imagenet" / "transfer" / "imagenet_a" / "gda" / "shots_2-seed_1.json")
+    predictions, labels = read_predictions(out / "imagenet" / BB / "transfer/imagenet_a/gda/shots_2-seed_1.json")
     assert sorted(set(labels.tolist())) == [0, 1] and int(predictions.max()) < 2  # 200way: the variant's classes
     assert any(line.split()[:4] == ["method", "shots", "imagenet_a", "oxford_pets"] for line in printed.splitlines())
-    assert main(argv) == 0 and "0 result(s) written, 6 reused." in capsys.readouterr().out
+    assert main(argv) == 0 and "0 result(s) written, 6 reused, 0 failed" in capsys.readouterr().out
     refused = [*argv[: argv.index("--method")], "--method", "linear-probe", "--shots", "2", "--seeds", "1"]
     assert main(refused) == 2
     assert "cannot score oxford_pets's classes" in capsys.readouterr().err
@@ -409,14 +404,15 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
               "--seeds", "1", "--variant-scoring", "new-classes"]  # fmt: skip
     copies[copies.index("--out") + 1] = str(tmp_path / "copies")
     assert main(copies) == 0
-    r = json.loads((tmp_path / "copies/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json").read_text())
+    copied = tmp_path / "copies/imagenet" / BB / "transfer/imagenet_a/zero-shot/shots_2-seed_1.json"
+    r = json.loads(copied.read_text())
     assert r["transfer"] == "cross-dataset" and r["variant_eval"] is None and len(r["per_class_accuracy"]) == 2
     # all 1000 (here 3) source columns: predictions and labels in the source's classes, named by the source
     wide = [*argv[: argv.index("--targets")], "--targets", "imagenet_a", "--method", "zero-shot", "--shots", "2",
             "--seeds", "1", "--variant-eval", "1000way"]  # fmt: skip
     wide[wide.index("--out") + 1] = str(tmp_path / "wide")
     assert main(wide) == 0
-    wide_file = tmp_path / "wide/imagenet/transfer/imagenet_a/zero-shot/shots_2-seed_1.json"
+    wide_file = tmp_path / "wide/imagenet" / BB / "transfer/imagenet_a/zero-shot/shots_2-seed_1.json"
     w = json.loads(wide_file.read_text())
     predictions, labels = read_predictions(wide_file)
     assert sorted(set(labels.tolist())) == [0, 2]  # source indices of the variant's classes (no goldfish)
@@ -480,3 +476,113 @@ def test_result_confusion_takes_classes_from_the_predictions_file(tmp_path):
     result.with_name("shots_1-seed_1.predictions.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ResultsError, match="not a readable predictions file"):
         result_confusion(result)
+
+
+# --------------------------------------------------------------------------- the staged runner
+
+
+def test_a_backbone_sweep_into_one_folder_keeps_each_backbone_apart(env, tmp_path, capsys):
+    other = save_tiny_openclip(tmp_path / "model2", "vit", name="fewclip-test-run-vit-2", seed=5)
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    sweep = ["--method", "zero-shot", "tip-adapter", "--shots", "1", "--seeds", "1"]
+    assert main(run_argv(env, out, cache, *sweep)) == 0
+    second = run_argv(env, out, cache, *sweep)
+    second[second.index("--model") + 1] = f"local-dir:{other.folder}"
+    assert main(second) == 0  # no conflict: the backbone is a folder of the results tree
+    first = json.loads((out / "oxford_pets" / BB / "fewshot/zero-shot/shots_1-seed_1.json").read_text())
+    again = json.loads((out / "oxford_pets/local-dir-model2/fewshot/zero-shot/shots_1-seed_1.json").read_text())
+    assert first["backbone"] == BB and again["backbone"] == "local-dir-model2"
+    assert first["model"]["weights"]["sha256"] != again["model"]["weights"]["sha256"]
+    # both read the one episode file, shared by every backbone
+    assert first["episode"]["file"] == again["episode"]["file"] and (out / first["episode"]["file"]).is_file()
+    capsys.readouterr()
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(env, tmp_path, capsys):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    # channels > D fails inside APE's fit (it depends on the features' dimension, 16 for the tiny model)
+    argv = run_argv(env, out, cache, "--method", "zero-shot", "ape", "--shots", "1", "2", "--seeds", "1",
+                    "--set", "ape:channels=1000")  # fmt: skip
+    assert main(argv) == 1  # some cells failed
+    captured = capsys.readouterr()
+    assert "2 result(s) written, 0 reused, 2 failed" in captured.out and "2 cell(s) failed" in captured.err
+    folder = out / "oxford_pets" / BB / "fewshot"
+    failed = json.loads((folder / "ape/shots_2-seed_1.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["type"] == "MethodError"
+    assert "channels=1000" in failed["error"]["message"] and failed["setup"]["overrides"] == {"channels": 1000}
+    assert not (folder / "ape/shots_2-seed_1.predictions.safetensors").exists()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [r["method"] for r in summary["summary"]] == ["zero-shot", "zero-shot"] and len(summary["failed"]) == 2
+    # the next run skips what finished and tries the failed cells again (here, with a valid value)
+    fixed = [*argv[: argv.index("--set")], "--set", "ape:channels=8"]
+    assert main(fixed) == 0
+    assert "2 result(s) written, 2 reused, 0 failed" in capsys.readouterr().out
+    assert json.loads((folder / "ape/shots_2-seed_1.json").read_text())["status"] == "ok"
+
+
+def test_transfer_results_have_the_schema_of_every_other_protocol(env, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(env.data_root, root)
+    wnids = ["n01440764", "n01443537"]
+    items = [(f"imagenet/images/train/{w}/{w}_{i}.JPEG", c) for c, w in enumerate(wnids) for i in range(4)]
+    items += [(f"imagenet/images/val/{w}/val_{i}.JPEG", c) for c, w in enumerate(wnids) for i in range(2)]
+    write_images(root, items, 2, size=32, seed=2)
+    (root / "imagenet" / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, ["tench", "fish"])))
+    common = ["--model", env.model, "--views", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+              "--method", "tip-adapter", "--shots", "1", "--seeds", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(["run", "--dataset", "oxford_pets", "--data-root", str(root), *common]) == 0
+    assert main(["run", "--dataset", "imagenet", "--data-root", str(root), *common, "--protocol", "transfer",
+                 "--targets", "oxford_pets"]) == 0  # fmt: skip
+    few = json.loads((tmp_path / "out/oxford_pets" / BB / "fewshot/tip-adapter/shots_1-seed_1.json").read_text())
+    tra = json.loads(
+        (tmp_path / "out/imagenet" / BB / "transfer/oxford_pets/tip-adapter/shots_1-seed_1.json").read_text()
+    )
+    assert set(few) <= set(tra) and set(tra) - set(few) == {"transfer", "variant_eval"}
+    for key in ("episode", "prompts", "split", "extraction", "seconds", "selected", "hyperparameters"):
+        assert set(few[key]) == set(tra[key]), key
+    assert (tmp_path / "out" / tra["episode"]["file"]).is_file() and tra["target"] == "oxford_pets"
+    assert few["target"] is None and tra["history"] is None and tra["status"] == few["status"] == "ok"
+
+
+def test_a_toml_configuration_runs_like_the_options_and_options_override_it(env, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+cache_dir = "{tmp_path / "cache"}"
+[data]
+dataset = "oxford_pets"
+data_root = "{env.data_root}"
+[backbone]
+model = "{env.model}"
+[extraction]
+views = 2
+progress = false
+[methods]
+names = ["zero-shot", "gda"]
+overrides = {{ gda = {{ alpha_grid = [0.1, 1.0, 10.0] }} }}
+[protocol]
+shots = [1]
+seeds = [1, 2]
+"""
+    )
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+    argv = run_argv(env, tmp_path / "b", tmp_path / "cache", "--method", "zero-shot", "gda", "--shots", "1",
+                    "--seeds", "1", "2", "--set", "gda:alpha_grid=[0.1,1.0,10.0]")  # fmt: skip
+    assert main(argv) == 0
+    for seed in (1, 2):
+        name = f"fewshot/gda/shots_1-seed_{seed}.json"
+        a = json.loads((tmp_path / "a/oxford_pets" / BB / name).read_text())
+        b = json.loads((tmp_path / "b/oxford_pets" / BB / name).read_text())
+        assert a["config_sha256"] == b["config_sha256"] and a["accuracy"] == b["accuracy"]
+    # an option given on the command line wins over the file
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "c"), "--seeds", "3", "--method", "gda"]) == 0
+    assert [p.name for p in sorted((tmp_path / "c/oxford_pets" / BB / "fewshot").glob("*/*.json"))] == [
+        "shots_1-seed_3.json"
+    ]
+    capsys.readouterr()
+    config.write_text(config.read_text().replace("views = 2", "view = 2"))
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "[extraction]" in err and "'view'" in err and "views" in err
+    assert main(["run", "--out", str(tmp_path / "d")]) == 2
+    assert "--dataset, --model, --method required" in capsys.readouterr().err

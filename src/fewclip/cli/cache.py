@@ -36,7 +36,7 @@ def add_parsers(subparsers: Any) -> None:
 
 def cmd_cache_info(args: argparse.Namespace) -> int:
     from ..features.store import FeatureStore
-    from ..protocols.results import text_table
+    from ..protocols.report import text_table
 
     store = FeatureStore(args.cache_dir)
     info = store.info()

@@ -8,7 +8,6 @@ The command modules import the library inside their handlers, not at module top:
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ def fmt(value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """``rows`` (dicts) as a text table with the given ``columns``."""
-    from ..protocols.results import text_table
+    from ..protocols.report import text_table
 
     return text_table(columns, [[str(r.get(c, "")) for c in columns] for r in rows])
 
@@ -54,20 +53,18 @@ def fit_and_evaluate(
 ) -> tuple[Any, dict]:
     """Fit one method on a bundle and evaluate test once; returns (model, the result dict of ``fit --json``)."""
     from .. import methods
+    from ..metrics import accuracy
+    from ..protocols.runner import fit_and_predict
 
     model = methods.create(method, preset=preset, selection=selection, **overrides)
-    t0 = time.perf_counter()
-    model.fit(bundle)
-    t1 = time.perf_counter()
-    test_accuracy = model.score(bundle.test_features, bundle.test_labels)
-    t2 = time.perf_counter()
+    logits, seconds = fit_and_predict(model, bundle)
     result = {
         "method": method,
-        "test_accuracy": test_accuracy,
+        "test_accuracy": accuracy(logits, bundle.test_labels),
         "val_accuracy": model.val_accuracy_,
         "hyperparameters": model.hyperparameters(),
-        "fit_seconds": t1 - t0,
-        "predict_seconds": t2 - t1,
+        "fit_seconds": seconds["fit"],
+        "predict_seconds": seconds["predict"],
         "bundle": bundle.summary(),
         "selection": selection,
         "preset": preset,

@@ -17,12 +17,12 @@ from .common import CLIError, format_table
 # --------------------------------------------------------------------------- shared options
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, as_option: bool = False) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, as_option: bool = False, required: bool = True) -> None:
     """``NAME`` (``--dataset NAME`` with ``as_option``), ``--data-root``, ``--path`` and the per-kind options of
     :func:`fewclip.data.load_dataset`."""
     help_text = "dataset key or alias (see: fewclip datasets list), or folder / csv"
     if as_option:
-        parser.add_argument("--dataset", dest="name", required=True, metavar="NAME", help=help_text)
+        parser.add_argument("--dataset", dest="name", required=required, metavar="NAME", help=help_text)
     else:
         parser.add_argument("name", help=help_text)
     parser.add_argument("--data-root", help="folder holding one folder per dataset (CoOp's names; APE/Candle's too)")
@@ -69,12 +69,12 @@ def load_from_args(args: argparse.Namespace, *, check_files: bool = True, warn: 
     )
 
 
-def add_prompt_argument(parser: argparse.ArgumentParser, default: str = "single") -> None:
+def add_prompt_argument(parser: argparse.ArgumentParser, default: str | None = "single") -> None:
     parser.add_argument(
         "--prompts",
         default=default,
         help="template set (single, imagenet7, imagenet80) or a file: templates (.txt, JSON list, JSON keyed by "
-        f"dataset) or CuPL-style descriptions {{classname: [sentences]}} (default: {default})",
+        "dataset) or CuPL-style descriptions {classname: [sentences]} (default: single)",
     )
 
 

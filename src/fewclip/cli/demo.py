@@ -48,8 +48,10 @@ def run_image_demo(args: argparse.Namespace) -> int:
     from .. import methods
     from ..data.generate import make_folder_dataset
     from ..features.pipeline import ExtractionOptions
+    from ..models import BackboneSpec
     from ..models.tiny import save_tiny_openclip
-    from ..protocols.fewshot import FewShotConfig, run_fewshot
+    from ..protocols.config import DataConfig, MethodsConfig, ProtocolConfig, RunConfig
+    from ..protocols.runner import run
 
     classes = args.classes or 8
     if not 2 <= classes <= len(DEMO_CLASSES):
@@ -67,18 +69,15 @@ def run_image_demo(args: argparse.Namespace) -> int:
             f"fewclip demo: {classes} classes of generated images in {images} (train/val/test folders), "
             f"a randomly initialised tiny open_clip ViT saved to {tiny.folder} and loaded back by path."
         )
-        config = FewShotConfig(
-            dataset="folder",
-            path=str(images),
-            model=f"local-dir:{tiny.folder}",
-            methods=methods.list_methods(),
-            shots=args.shots,
-            seeds=args.seeds,
+        config = RunConfig(
+            data=DataConfig("folder", path=str(images)),
+            backbone=BackboneSpec(f"local-dir:{tiny.folder}"),
+            methods=MethodsConfig(methods.list_methods(), overrides=DEMO_GRIDS),
+            protocol=ProtocolConfig(shots=args.shots, seeds=args.seeds),
             extraction=ExtractionOptions(views=args.views, progress=False),
             cache_dir=str(work / "cache"),
-            overrides=DEMO_GRIDS,
         )
-        report = run_fewshot(config, work / "results", log=lambda message: None)
+        report = run(config, work / "results", log=lambda message: None)
         print(
             f"{report.encoded} image views encoded once ({report.extraction_seconds:.1f} s), then "
             f"{len(report.written)} fits; results in {work / 'results'}/ (a temporary folder unless --out)."

@@ -11,46 +11,50 @@ from .cache import add_cache_dir_argument
 from .common import CLIError, parse_set
 from .datasets import add_data_arguments, add_episode_arguments, add_prompt_argument, kind_options_from_args
 
+#: exit status of a run in which some cells failed (each recorded in its result file); 2 is a usage error
+EXIT_FAILED_CELLS = 1
+PROTOCOL_CHOICES = ("fewshot", "base2new", "base2new-imbalanced", "longtail", "transfer")
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="e.g. RN50, ViT-B-16, local-dir:DIR, hf-hub:ORG/NAME")
+    g.add_argument("--model", required=required, help="e.g. RN50, ViT-B-16, local-dir:DIR, hf-hub:ORG/NAME")
     g.add_argument("--pretrained", help="weights tag (openai, laion2b_s34b_b88k, ...) or a local checkpoint file")
-    g.add_argument("--backend", choices=["open_clip", "hf"], default="open_clip")
-    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    g.add_argument("--preprocess", default="auto", help="evaluation transform preset (auto, clip, lift, model_default)")
+    g.add_argument("--backend", choices=["open_clip", "hf"], default=None if not required else "open_clip")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None if not required else "fp32")
+    g.add_argument("--device", default=None if not required else "cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     g.add_argument(
-        "--trust-checkpoint", action="store_true", help="allow pickled checkpoints (they can run code when loaded)"
+        "--preprocess",
+        default=None if not required else "auto",
+        help="evaluation transform preset (auto, clip, lift, model_default; default auto)",
+    )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        default=None,
+        help="allow pickled checkpoints (they can run code when loaded)",
     )
 
 
-def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+def add_extraction_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The extraction options; without ``defaults`` an option not given stays None (a TOML file or the
+    configuration's defaults decide)."""
+    d = (lambda value: value) if defaults else (lambda value: None)
     g = parser.add_argument_group("extraction")
-    g.add_argument("--views", type=int, default=10, help="augmented views per support image (default 10)")
-    g.add_argument("--augmentation", default="tip_cache", help="augmentation preset of the views (default tip_cache)")
+    g.add_argument("--views", type=int, default=d(10), help="augmented views per support image (default 10)")
     g.add_argument(
-        "--augment-seed", type=int, default=0, help="seed of the views; keep it fixed across few-shot seeds (0)"
+        "--augmentation", default=d("tip_cache"), help="augmentation preset of the views (default tip_cache)"
     )
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument(
+        "--augment-seed", type=int, default=d(0), help="seed of the views; keep it fixed across few-shot seeds (0)"
+    )
+    g.add_argument("--batch-size", type=int, default=d(128), help="images per forward pass (default 128)")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for small jobs, else up to 16)")
-    g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out and record them")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_cache_dir_argument(parser)
-
-
-def extraction_options(args: argparse.Namespace):
-    from ..features.pipeline import ExtractionOptions
-
-    return ExtractionOptions(
-        views=args.views,
-        augmentation=args.augmentation,
-        augment_seed=args.augment_seed,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        skip_bad_images=args.skip_bad_images,
-        progress=not args.no_progress,
+    g.add_argument(
+        "--skip-bad-images", action="store_true", default=None, help="leave unreadable images out and record them"
     )
+    g.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+    add_cache_dir_argument(parser)
 
 
 def parse_method_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -65,87 +69,100 @@ def parse_method_sets(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- configuration
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def sections_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The run configuration's sections from the options the user gave (an option not given is left out, so a
+    TOML file's value or the configuration's default applies)."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    kind_options = kind_options_from_args(args)
+    sections = {
+        "data": _given(
+            dataset=get("name"), data_root=get("data_root"), path=get("path"), kind_options=kind_options or None,
+            prompts=get("prompts"), sampler=get("sampler"), val_kind=get("val_kind"),
+        ),
+        "backbone": _given(
+            model=get("model"), pretrained=get("pretrained"), backend=get("backend"), precision=get("precision"),
+            device=get("device"), preprocess=get("preprocess"), trust_checkpoint=get("trust_checkpoint"),
+            cache_dir=get("cache_dir"),
+        ),
+        "extraction": _given(
+            views=get("views"), augmentation=get("augmentation"), augment_seed=get("augment_seed"),
+            batch_size=get("batch_size"), num_workers=get("workers"), skip_bad_images=get("skip_bad_images"),
+            progress=False if get("no_progress") else None,
+        ),
+        "methods": _given(
+            names=list(dict.fromkeys(get("method"))) if get("method") else None, preset=get("preset"),
+            overrides=parse_method_sets(get("set")) if get("set") else None, selection=get("selection"),
+        ),
+        "protocol": _given(
+            name=get("protocol"), shots=get("shots"), seeds=get("seeds"), imbalance_ratio=get("imbalance_ratio"),
+            base_eval=get("base_eval").replace("-", "_") if get("base_eval") else None, targets=get("targets"),
+            variant_eval=get("variant_eval"),
+            variant_scoring=get("variant_scoring").replace("-", "_") if get("variant_scoring") else None,
+        ),
+    }  # fmt: skip
+    if get("cache_dir") is not None:
+        sections["cache_dir"] = get("cache_dir")
+    return {k: v for k, v in sections.items() if v}
+
+
+def config_from_args(args: argparse.Namespace, parts: tuple[str, ...] | None = None):
+    """The :class:`~fewclip.protocols.config.RunConfig` of the options, on top of ``--config FILE`` if given;
+    ``parts`` keeps only those sections of the options (``extract`` has no methods or protocol)."""
+    from ..protocols.config import RunConfig, load_config
+
+    sections = sections_from_args(args)
+    if parts is not None:
+        sections = {k: v for k, v in sections.items() if k in parts}
+    if getattr(args, "config", None):
+        return load_config(args.config, sections)
+    required = {"--dataset": "name", "--model": "model", "--method": "method"}
+    missing = [option for option, attr in required.items() if hasattr(args, attr) and not getattr(args, attr)]
+    if missing:
+        raise CLIError(f"{', '.join(missing)} required (or give them in a TOML file with --config FILE).")
+    config = RunConfig.from_dict(sections, where="the command line")
+    return config
+
+
 # --------------------------------------------------------------------------- run
 
 
-def config_from_args(args: argparse.Namespace, methods: list[str] | None = None):
-    """The :class:`~fewclip.protocols.fewshot.FewShotConfig` of ``run`` / ``extract`` arguments."""
-    from ..protocols.fewshot import FewShotConfig
-
-    sweep = {}
-    if methods is not None:
-        sweep = {
-            "methods": methods,
-            "shots": args.shots,
-            "seeds": args.seeds,
-            "preset": args.preset,
-            "overrides": parse_method_sets(args.set),
-            "selection": args.selection,
-            "protocol": args.protocol,
-            "imbalance_ratio": args.imbalance_ratio,
-            "base_eval": args.base_eval.replace("-", "_"),
-        }
-    return FewShotConfig(
-        dataset=args.name,
-        data_root=args.data_root,
-        path=args.path,
-        kind_options=kind_options_from_args(args),
-        model=args.model,
-        pretrained=args.pretrained,
-        backend=args.backend,
-        precision=args.precision,
-        device=args.device,
-        preprocess=args.preprocess,
-        trust_checkpoint=args.trust_checkpoint,
-        prompts=args.prompts,
-        sampler=args.sampler,
-        val_kind=args.val_kind,
-        extraction=extraction_options(args),
-        cache_dir=args.cache_dir,
-        **sweep,
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..protocols.fewshot import run_fewshot
+    from ..protocols.runner import run
 
-    config = config_from_args(args, methods=list(dict.fromkeys(args.method)))
+    config = config_from_args(args)
+    if config.protocol.name == "transfer" and not config.protocol.targets:
+        raise CLIError("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
     try:
-        if args.protocol == "transfer":
-            return _run_transfer(args, config)
-        report = run_fewshot(config, args.out, force=args.force)
+        report = run(config, args.out, force=args.force)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished results and encoded features are kept; run the same command again to continue.",
             file=sys.stderr,
         )
         return 130
-    print(f"\n{report.dataset}, {report.protocol.name}: {report.protocol.describe()}, mean ± std over seeds "
-          f"{list(dict.fromkeys(args.seeds))}")  # fmt: skip
+    seeds = list(dict.fromkeys(config.protocol.seeds))
+    print(
+        f"\n{report.dataset}, {report.protocol.name}, {report.plan.backbone}: {report.protocol.describe()}, "
+        f"mean ± std over seeds {seeds}"
+    )
     print(report.table())
     print(
-        f"{len(report.written)} result(s) written, {len(report.skipped)} reused; {report.encoded} image view(s) "
-        f"encoded, {report.cached} from the cache. Results: {report.summary_path.parent}/"
+        f"{len(report.written)} result(s) written, {len(report.skipped)} reused, {len(report.failed)} failed; "
+        f"{report.encoded} image view(s) encoded, {report.cached} from the cache. "
+        f"Results: {report.summary_path.parent}/"
     )
-    return 0
-
-
-def _run_transfer(args: argparse.Namespace, config) -> int:
-    from ..protocols.transfer import run_transfer
-
-    if not args.targets:
-        raise CLIError("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
-    out = run_transfer(
-        config,
-        args.targets,
-        args.out,
-        variant_eval=args.variant_eval,
-        variant_scoring=args.variant_scoring.replace("-", "_"),
-        force=args.force,
-    )
-    print(f"\n{config.dataset} -> targets: top-1 test accuracy (%), mean ± std over seeds")
-    print(out["table"])
-    print(f"{len(out['written'])} result(s) written, {len(out['skipped'])} reused.")
+    if report.failed:
+        print(f"\n{len(report.failed)} cell(s) failed (each recorded in its result file):", file=sys.stderr)
+        for path, error in report.failed:
+            print(f"  {path}: {error}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
     return 0
 
 
@@ -158,15 +175,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from ..features.pipeline import encode_images_once, episode_bundle
     from ..features.store import FeatureStore
     from ..features.text import encode_text_classifier
-    from ..protocols.fewshot import load_config_backbone
     from .datasets import episode_from_args, load_from_args
 
-    config = config_from_args(args)
+    config = config_from_args(args, parts=("data", "backbone", "extraction", "cache_dir"))
     splits = load_from_args(args)
-    prompts = load_prompts(config.prompts, splits.name)
+    prompts = load_prompts(config.data.prompts, splits.name)
     episode = episode_from_args(args, splits)
     test = subsample_splits(splits, args.subsample).test
-    backbone = load_config_backbone(config)
+    backbone = config.backbone.load()
     store = FeatureStore(config.cache_dir)
     options = config.extraction
     pool = encode_images_once(backbone, splits, [episode], test=test, store=store, options=options)
@@ -197,17 +213,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
-        "run", help="few-shot results from a dataset on disk: extract what the cache lacks, fit, evaluate"
+        "run",
+        help="few-shot results from a dataset on disk: extract what the cache lacks, fit, evaluate",
+        description="Options not given take their value from --config (a TOML file with [data], [backbone], "
+        "[extraction], [methods] and [protocol] tables), else the defaults shown.",
     )
-    add_data_arguments(run, as_option=True)
-    add_model_arguments(run)
-    add_prompt_argument(run)
-    run.add_argument("--method", nargs="+", required=True, help="one or more methods (see: fewclip methods list)")
+    run.add_argument("--config", metavar="FILE", help="a TOML run configuration; options given here override it")
+    add_data_arguments(run, as_option=True, required=False)
+    add_model_arguments(run, required=False)
+    add_prompt_argument(run, default=None)
+    run.add_argument("--method", nargs="+", help="one or more methods (see: fewclip methods list)")
     run.add_argument(
         "--protocol",
-        choices=["fewshot", "base2new", "base2new-imbalanced", "longtail", "transfer"],
-        default="fewshot",
-        help="fewshot (all classes); base2new: fit on the first ceil(C/2) classes, score base and new, HM; "
+        choices=list(PROTOCOL_CHOICES),
+        help="fewshot (all classes, default); base2new: fit on the first ceil(C/2) classes, score base and new, HM; "
         "base2new-imbalanced: Candle's exponential profile on the base support (--shots is the cap); "
         "longtail: ImageNet-LT / Places-LT, --shots caps each class (0 = the whole list), many/medium/few; "
         "transfer: fit on --dataset, score the --targets",
@@ -216,13 +235,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--variant-eval",
         choices=["200way", "1000way"],
-        default="200way",
         help="transfer: ImageNet-A/-R scored within their 200 ImageNet columns (default) or over all 1000",
     )
     run.add_argument(
         "--variant-scoring",
         choices=["source-columns", "new-classes"],
-        default="source-columns",
         help="transfer: score ImageNet variants through the source's columns (default) or append their classes as "
         "new classes, as Candle's published cross-dataset setting does",
     )
@@ -230,12 +247,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--base-eval",
         choices=["within-base", "all-classes"],
-        default="within-base",
         help="base-to-new: score base rows within the base columns (CoCoOp, default) or over all columns as Candle's "
         "released code does (both are always recorded; this picks the headline and HM)",
     )
-    run.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    run.add_argument("--shots", type=int, nargs="+", help="shot counts (default 1 2 4 8 16)")
+    run.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3)")
     run.add_argument(
         "--preset",
         help="'paper': each method's published configuration for this dataset where it has one; or a preset name",
@@ -243,14 +259,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--set",
         action="append",
-        default=[],
         metavar="[METHOD:]KEY=VALUE",
         help="override a hyperparameter of every method, or of METHOD only",
     )
-    run.add_argument("--selection", choices=["val", "none"], default="val")
+    run.add_argument("--selection", choices=["val", "none"], help="val (default) or none")
     run.add_argument("--sampler", choices=["dassl", "portable"], help="default: dassl for registered datasets")
-    run.add_argument("--val-kind", choices=["fewshot", "full"], default="fewshot")
-    add_extraction_arguments(run)
+    run.add_argument("--val-kind", choices=["fewshot", "full"], help="fewshot (default) or full")
+    add_extraction_arguments(run, defaults=False)
     run.add_argument("--out", default="results", help="results folder (default: results)")
     run.add_argument("--force", action="store_true", help="re-run results that exist already")
     run.set_defaults(func=cmd_run)

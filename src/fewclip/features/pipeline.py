@@ -146,14 +146,17 @@ def episode_bundle(
     text_weights: torch.Tensor,
     *,
     metadata: Mapping[str, object] | None = None,
+    test_pool: FeaturePool | None = None,
 ) -> tuple[Bundle, dict[str, int]]:
     """The bundle of one episode, sliced from ``pool``; returns it with the count of images left out as bad.
 
-    ``test`` labels must be in the episode's label space (``splits.test`` for an all-class episode).
+    ``test`` labels must be in the episode's label space (``splits.test`` for an all-class episode); their features
+    come from ``test_pool`` when the test images belong to another dataset (transfer), else from ``pool``.
     """
     s_rows, s_labels = index_rows(pool.support_index, episode.train)
     v_rows, v_labels = index_rows(pool.eval_index, episode.val)
-    t_rows, t_labels = index_rows(pool.eval_index, test)
+    test_pool = pool if test_pool is None else test_pool
+    t_rows, t_labels = index_rows(test_pool.eval_index, test)
     dropped = {
         "support": len(episode.train) - len(s_rows),
         "val": len(episode.val) - len(v_rows),
@@ -175,7 +178,7 @@ def episode_bundle(
         support_features=pool.support[:, s_index],
         support_labels=torch.tensor(s_labels, dtype=torch.long),
         text_weights=text_weights,
-        test_features=pool.evaluation[torch.tensor(t_rows, dtype=torch.long)],
+        test_features=test_pool.evaluation[torch.tensor(t_rows, dtype=torch.long)],
         test_labels=torch.tensor(t_labels, dtype=torch.long),
         val_features=pool.evaluation[torch.tensor(v_rows, dtype=torch.long)] if has_val else None,
         val_labels=torch.tensor(v_labels, dtype=torch.long) if has_val else None,

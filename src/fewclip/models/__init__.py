@@ -11,6 +11,7 @@ from .backbones import (
     resolve_model,
 )
 from .preprocess import AUGMENT_PRESETS, EVAL_PRESETS, ImageSpec
+from .spec import BackboneSpec
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -19,6 +20,7 @@ __all__ = [
     "OPENAI_MODELS",
     "Backbone",
     "BackboneError",
+    "BackboneSpec",
     "ImageSpec",
     "ModelSpec",
     "PresetError",

@@ -1,18 +1,43 @@
-"""What differs between protocols: which episode a method is fitted on, which test rows it is scored on, and how
-results are summarised. The runner (:func:`fewclip.protocols.fewshot.run_protocol`) does the rest."""
+"""What differs between protocols: which episode a method is fitted on, which test sets it is scored on (its
+targets), how scores are computed and how results are summarised. The staged runner
+(:mod:`fewclip.protocols.runner`) does the rest, the same way for every protocol."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
+from ..data import (
+    DatasetSplits,
+    Episode,
+    Item,
+    Prompts,
+    base_new_labels,
+    make_imbalanced,
+    sample_episode,
+)
+from ..errors import DataError, ResultsError
+from ..methods import get_class, list_methods
 from ..metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy, per_class_from_hits
-from .results import ResultsError, format_summary, summarize, text_table
+from .report import format_summary, summarize, text_table
 
-if TYPE_CHECKING:
-    from ..data import DatasetSplits, Episode, Item
+#: loads another dataset by name (a transfer target) with the run's data root
+DatasetLoader = Callable[[str], DatasetSplits]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A test set fitted methods are scored on: the run dataset's own test split (``name`` None) or, under transfer,
+    another dataset's. ``prompts`` is set when the target's classes join the source's as classes without support
+    (cross-dataset transfer): their text rows are encoded with those prompts."""
+
+    name: str | None
+    splits: DatasetSplits
+    items: Sequence[Item]
+    prompts: Prompts | None = None
 
 
 class Protocol:
@@ -24,6 +49,10 @@ class Protocol:
         """Protocol settings that decide a result (part of its fingerprint)."""
         return {}
 
+    def target_params(self, target: Target) -> dict[str, Any]:
+        """Settings of one target that decide its results (part of their fingerprint)."""
+        return {}
+
     def check_method(self, method: str) -> None:
         """Raise :class:`ResultsError` if ``method`` cannot run under this protocol."""
 
@@ -32,23 +61,44 @@ class Protocol:
         overrides still win); recorded in the result's setup as ``protocol_defaults``."""
         return {}
 
-    def prepare(self, splits: DatasetSplits) -> None:
-        """Look at the loaded dataset once, before any episode is drawn."""
+    def prepare(self, splits: DatasetSplits, load: DatasetLoader) -> None:
+        """Look at the loaded dataset once, before any episode is drawn (``load`` reads other datasets)."""
 
     def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
-        from ..data import sample_episode
-
         return sample_episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
 
     def test_items(self, splits: DatasetSplits) -> Sequence[Item]:
         return splits.test
+
+    def targets(self, splits: DatasetSplits) -> list[Target]:
+        """The test sets every fitted method is scored on (here: the dataset's own test split)."""
+        return [Target(None, splits, self.test_items(splits))]
+
+    def fit_key(self, target: Target) -> str | None:
+        """Targets with the same key are scored by one fitted model (None: the model fitted on the source episode)."""
+        return None
+
+    def cell_classes(
+        self, target: Target, text: torch.Tensor, classnames: Sequence[str], target_text: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[str], int]:
+        """(text rows, class names, offset added to the target's labels) of the bundle a method is fitted on and
+        scored with for ``target``: the dataset's own classes here."""
+        return text, list(classnames), 0
 
     def predictions(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The class each test row is predicted as, under this protocol's headline scoring (the arg-max over all
         columns here); saved with every result, so a confusion matrix can be made from it."""
         return logits.argmax(dim=1)
 
-    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+    def prediction_record(
+        self, logits: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str], target: Target
+    ) -> tuple[torch.Tensor, torch.Tensor, Sequence[str]]:
+        """(predicted, true, class names they index) of every test row, as saved beside the result."""
+        return self.predictions(logits, labels), labels, classnames
+
+    def evaluate(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int, target: Target | None = None
+    ) -> tuple[dict, dict]:
         """(accuracy fields, extra fields) of one result."""
         scores = {
             "test_accuracy": accuracy(logits, labels),
@@ -119,20 +169,14 @@ class BaseToNew(Protocol):
         return out
 
     def check_method(self, method: str) -> None:
-        from .. import methods
-
-        if methods.get_class(method).needs_support_for_every_class:
-            able = [m for m in methods.list_methods() if not methods.get_class(m).needs_support_for_every_class]
+        if get_class(method).needs_support_for_every_class:
+            able = [m for m in list_methods() if not get_class(m).needs_support_for_every_class]
             raise ResultsError(
                 f"{method} needs support images for every class, so it cannot score new classes under {self.name}; "
                 f"methods that handle classes without support: {', '.join(able)}."
             )
 
     def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
-        from dataclasses import replace
-
-        from ..data import base_new_labels, make_imbalanced
-
         episode = super().episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
         base, new = base_new_labels([i.label for i in episode.train])
         if not new:
@@ -157,7 +201,9 @@ class BaseToNew(Protocol):
         out[~base] = logits[~base, num_base:].argmax(dim=1) + num_base
         return out
 
-    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+    def evaluate(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int, target: Target | None = None
+    ) -> tuple[dict, dict]:
         num_base = -(-num_classes // 2)
         scores = base_new_scores(logits, labels, num_base)
         if self.base_eval == "all_classes":  # the released Candle scoring as the headline (labelled)
@@ -257,9 +303,7 @@ class LongTail(Protocol):
     def method_defaults(self, method: str) -> dict[str, Any]:
         return dict(LONGTAIL_METHOD_DEFAULTS.get(method, {}))
 
-    def prepare(self, splits: DatasetSplits) -> None:
-        from ..data import DataError
-
+    def prepare(self, splits: DatasetSplits, load: DatasetLoader) -> None:
         if not splits.train or not splits.val:
             raise DataError(
                 f"{splits.name}: the long-tail protocol needs train and val lists (ImageNet-LT, Places-LT)."
@@ -270,13 +314,7 @@ class LongTail(Protocol):
         self.train_counts = counts
 
     def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
-        from dataclasses import replace
-
-        from ..data import sample_episode
-
         if k == 0:
-            from ..data import Episode
-
             return Episode(
                 dataset=splits.name, train=list(splits.train), val=list(splits.val), classnames=list(splits.classnames),
                 k=0, seed=seed, sampler="all", split_sha256=splits.split_sha256, val_kind="full",
@@ -284,7 +322,9 @@ class LongTail(Protocol):
         episode = sample_episode(splits, k, seed, sampler=sampler, val_kind="full")
         return replace(episode, extra={**episode.extra, "cap": k})
 
-    def evaluate(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[dict, dict]:
+    def evaluate(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int, target: Target | None = None
+    ) -> tuple[dict, dict]:
         scores, extra = super().evaluate(logits, labels, num_classes)
         groups = shot_groups(self.train_counts or [0] * num_classes)
         scores.update(group_accuracies(extra["per_class_accuracy"], groups))
@@ -313,19 +353,3 @@ class LongTail(Protocol):
 
     def describe(self) -> str:
         return "top-1 overall and by training count: many (> 100), medium (20-100), few (< 20) (%)"
-
-
-def make_protocol(name: str, imbalance_ratio: float | None = None, base_eval: str = "within_base") -> Protocol:
-    """``fewshot``, ``base2new``, ``base2new-imbalanced`` (which needs ``imbalance_ratio``) or ``longtail``;
-    ``base_eval`` applies to the base-to-new protocols."""
-    if name == "fewshot":
-        return Protocol()
-    if name == "longtail":
-        return LongTail()
-    if name == "base2new":
-        return BaseToNew(base_eval=base_eval)
-    if name == "base2new-imbalanced":
-        if imbalance_ratio is None:
-            raise ResultsError("base2new-imbalanced needs an imbalance ratio (--imbalance-ratio, e.g. 0.02).")
-        return BaseToNew(imbalance_ratio, base_eval)
-    raise ResultsError(f"unknown protocol {name!r}; valid: fewshot, base2new, base2new-imbalanced, longtail.")

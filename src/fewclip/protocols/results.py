@@ -1,4 +1,5 @@
-"""Results files: one JSON per (dataset, method, shots, seed), written atomically, and their summaries."""
+"""Results files: one JSON per cell (dataset, backbone, protocol, target, method, shots, seed), written atomically,
+with the test predictions beside it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from .. import __version__
 from ..errors import ResultsError
 from ..io import atomic_write, atomic_write_text, read_safetensors
 from ..metrics import confusion_matrix
+from ..models import BackboneSpec
+from ..models.backbones import WEIGHT_SUFFIXES
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
@@ -60,17 +64,55 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def protocol_dir(out_dir: str | Path, dataset: str, protocol: str = "fewshot") -> Path:
-    """``<out>/<dataset>`` for the few-shot protocol, ``<out>/<dataset>/<protocol>`` for the others."""
-    base = Path(out_dir) / dataset
-    return base if protocol == "fewshot" else base / protocol
+def backbone_slug(spec: BackboneSpec) -> str:
+    """A folder name for the backbone of ``spec``: model and weights (tag, file or folder name), backend.
+
+    ``RN50`` + ``openai`` → ``RN50-openai``; a weights file → ``ViT-B-16-<file stem>``; ``local-dir:DIR`` →
+    ``local-dir-<DIR's name>``; ``--backend hf`` adds ``hf-``. Two backbones that share a slug (two files with
+    the same name) are told apart by the setup fingerprint, which refuses to mix them.
+    """
+    model = spec.model
+    if model.startswith(("local-dir:", "hf-hub:")):
+        schema, ident = model.split(":", 1)
+        model = f"{schema}-{Path(ident.rstrip('/')).name if schema == 'local-dir' else ident}"
+    elif spec.backend == "hf":
+        model = Path(model.rstrip("/")).name if Path(model).expanduser().is_dir() else model
+    parts = [model]
+    if spec.pretrained:
+        weights = Path(spec.pretrained)
+        parts.append(weights.stem if weights.suffix in WEIGHT_SUFFIXES else spec.pretrained)
+    slug = "-".join(parts)
+    if spec.backend != "open_clip":
+        slug = f"{spec.backend}-{slug}"
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", slug).strip("._") or "backbone"
+
+
+def protocol_dir(out_dir: str | Path, dataset: str, backbone: str, protocol: str) -> Path:
+    """``<out>/<dataset>/<backbone>/<protocol>``: one protocol's results, summary included."""
+    return Path(out_dir) / dataset / backbone / protocol
 
 
 def result_path(
-    out_dir: str | Path, dataset: str, method: str, shots: int, seed: int, protocol: str = "fewshot"
+    out_dir: str | Path,
+    dataset: str,
+    backbone: str,
+    protocol: str,
+    method: str,
+    shots: int,
+    seed: int,
+    target: str | None = None,
 ) -> Path:
-    """``<protocol dir>/<method>/shots_<K>-seed_<S>.json`` (see :func:`protocol_dir`)."""
-    return protocol_dir(out_dir, dataset, protocol) / method / f"shots_{shots}-seed_{seed}.json"
+    """``<protocol dir>[/<target>]/<method>/shots_<K>-seed_<S>.json`` (see :func:`protocol_dir`); the target
+    segment for transfer results."""
+    folder = protocol_dir(out_dir, dataset, backbone, protocol)
+    if target is not None:
+        folder = folder / target
+    return folder / method / f"shots_{shots}-seed_{seed}.json"
+
+
+def episodes_dir(out_dir: str | Path, dataset: str, protocol: str) -> Path:
+    """``<out>/<dataset>/episodes/<protocol>``: episode files, shared by every backbone."""
+    return Path(out_dir) / dataset / "episodes" / protocol
 
 
 def write_result(path: Path, result: Mapping[str, Any]) -> Path:
@@ -131,7 +173,8 @@ def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
-    """The result at ``path``; None when there is none or it is not a complete fewclip result (re-run it)."""
+    """The result at ``path`` (finished or failed); None when there is none or it is not a complete fewclip result
+    (re-run it)."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -146,62 +189,3 @@ def setup_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     old, new = jsonable(old), jsonable(new)
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (ddof 0, as CoOp's parse_test_res.py)."""
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-
-
-def summarize(results: Iterable[Mapping[str, Any]], key: str = "test_accuracy") -> list[dict[str, Any]]:
-    """Mean ± std over seeds of ``accuracy[key]`` per (method, shots), in first-seen method order."""
-    groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
-    for r in results:
-        groups.setdefault((r["method"], int(r["shots"])), []).append((int(r["seed"]), float(r["accuracy"][key])))
-    rows = []
-    for (method, shots), pairs in groups.items():
-        pairs.sort()
-        mean, std = mean_std([v for _, v in pairs])
-        rows.append(
-            {
-                "method": method,
-                "shots": shots,
-                "mean": mean,
-                "std": std,
-                "seeds": [s for s, _ in pairs],
-                "n": len(pairs),
-            }
-        )
-    return rows
-
-
-def format_summary(rows: Sequence[Mapping[str, Any]], seeds_expected: int | None = None) -> str:
-    """A method × shots table of ``mean ± std`` (the number of seeds in brackets when fewer than expected)."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    shots = sorted({int(r["shots"]) for r in rows})
-    cell = {(r["method"], int(r["shots"])): r for r in rows}
-    header = ["method", *(f"{k}-shot" for k in shots)]
-    body = []
-    for m in methods:
-        line = [m]
-        for k in shots:
-            r = cell.get((m, k))
-            if r is None:
-                line.append("-")
-                continue
-            text = f"{r['mean']:.2f} ± {r['std']:.2f}"
-            if seeds_expected is not None and r["n"] < seeds_expected:
-                text += f" ({r['n']} seed{'s' if r['n'] != 1 else ''})"
-            line.append(text)
-        body.append(line)
-    return text_table(header, body)
-
-
-def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart, with a dashed rule under the header."""
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in body)])

@@ -10,69 +10,30 @@
   target, and the target test set is scored within the target columns. Methods that need support for every class
   are refused for these targets.
 
-One result per (target, method, shots, seed): ``<out>/<source>/transfer/<target>/<method>/shots_<K>-seed_<S>.json``.
+An ordinary :class:`~fewclip.protocols.protocol.Protocol` run by the same runner: its targets are the other
+datasets, and each (target, method, shots, seed) gets one result of the common schema under
+``<out>/<source>/<backbone>/transfer/<target>/<method>/shots_<K>-seed_<S>.json``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..data import TEMPLATE_SETS, DatasetSplits, load_prompts, resolve_name
+from ..errors import ResultsError
+from ..methods import get_class
 from ..metrics import per_class_from_hits
-from .fewshot import (
-    FewShotConfig,
-    check_methods,
-    console_log,
-    create_method,
-    existing_result,
-    load_config_backbone,
-    result_setup,
-)
-from .protocol import Protocol
-from .results import (
-    RESULT_FORMAT,
-    ResultsError,
-    config_sha256,
-    mean_std,
-    text_table,
-    versions,
-    write_predictions,
-    write_result,
-)
+from .protocol import DatasetLoader, Protocol, Target
+from .report import mean_std, text_table
 
 VARIANT_EVALS = ("200way", "1000way")
-
-
-class Transfer(Protocol):
-    name = "transfer"
-
-    def __init__(self, target: str, kind: str, variant_eval: str = "200way"):
-        self.target, self.kind, self.variant_eval = target, kind, variant_eval
-
-    def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "transfer": self.kind}
-        if self.kind == "domain":
-            out["variant_eval"] = self.variant_eval
-        return out
-
-    def check_method(self, method: str) -> None:
-        from .. import methods
-
-        if self.kind == "cross-dataset" and methods.get_class(method).needs_support_for_every_class:
-            raise ResultsError(
-                f"{method} needs support images for every class, so it cannot score {self.target}'s classes, which "
-                "join the source classes without support (cross-dataset transfer)."
-            )
-
-
 VARIANT_SCORINGS = ("source_columns", "new_classes")
 
 
-def transfer_kind(source, target, variant_scoring: str = "source_columns") -> str:
+def transfer_kind(source: DatasetSplits, target: DatasetSplits, variant_scoring: str = "source_columns") -> str:
     """``domain`` when every target class is a source class (ImageNet variants on ImageNet) and they are scored
     through the source columns, else ``cross-dataset``."""
     if variant_scoring == "new_classes":
@@ -95,166 +56,147 @@ def domain_predictions(
     return logits.argmax(1), columns_t[labels], True
 
 
-def run_transfer(
-    config: FewShotConfig,
-    targets: Sequence[str],
-    out_dir: str | Path,
-    *,
-    variant_eval: str = "200way",
-    variant_scoring: str = "source_columns",
-    force: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Fit each method on the source episodes of ``config`` and score every target; returns
-    ``{"results": [...], "written": [...], "skipped": [...], "table": str}``."""
-    from ..data import TEMPLATE_SETS, load_dataset, load_prompts, resolve_name
-    from ..features.bundle import make_bundle
-    from ..features.pipeline import encode_images_once, episode_bundle, index_rows
-    from ..features.store import FeatureStore
-    from ..features.text import encode_text_classifier
+class Transfer(Protocol):
+    """Fit on the source episode, score on every dataset of ``targets`` (see the module docstring)."""
 
-    if variant_scoring not in VARIANT_SCORINGS:
-        raise ResultsError(f"variant_scoring {variant_scoring!r} is unknown; valid: {', '.join(VARIANT_SCORINGS)}.")
-    if variant_eval not in VARIANT_EVALS:
-        raise ResultsError(f"variant_eval {variant_eval!r} is unknown; valid: {', '.join(VARIANT_EVALS)}.")
-    if not targets:
-        raise ResultsError("transfer needs at least one target dataset (--targets).")
-    log = log or console_log
-    out_dir = Path(out_dir)
-    shots = list(dict.fromkeys(int(k) for k in config.shots))
-    seeds = list(dict.fromkeys(int(s) for s in config.seeds))
-    source = load_dataset(config.dataset, config.data_root, path=config.path, **dict(config.kind_options))
-    target_splits = {}
-    for t in dict.fromkeys(resolve_name(t) for t in targets):
-        if t == source.name:
-            raise ResultsError(f"the target {t} is the source dataset; use --protocol fewshot for it.")
-        target_splits[t] = load_dataset(t, config.data_root)
-    protocols = {
-        t: Transfer(t, transfer_kind(source, s, variant_scoring), variant_eval) for t, s in target_splits.items()
-    }
-    plans = {t: check_methods(config, source.name, p) for t, p in protocols.items()}
-    prompts = load_prompts(config.prompts, source.name)
+    name = "transfer"
 
-    todo: dict[tuple[int, int], list[tuple[str, str]]] = {}
-    results: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-    setups, skipped, written = {}, [], []
-    for k in shots:
-        for seed in seeds:
-            for t, plan in plans.items():
-                for name, (preset, params) in plan.items():
-                    setup = result_setup(config, protocols[t], source, prompts, name, preset, params, k, seed)
-                    setup["target_split_sha256"] = target_splits[t].split_sha256
-                    setups[t, name, k, seed] = setup
-                    path = out_dir / source.name / "transfer" / t / name / f"shots_{k}-seed_{seed}.json"
-                    old = existing_result(path, setup, force)
-                    if old is not None:
-                        results[t, name, k, seed] = old
-                        skipped.append(path)
-                    else:
-                        todo.setdefault((k, seed), []).append((t, name))
+    def __init__(
+        self,
+        targets: Sequence[str],
+        variant_eval: str = "200way",
+        variant_scoring: str = "source_columns",
+        prompts: str = "single",
+    ) -> None:
+        if variant_scoring not in VARIANT_SCORINGS:
+            raise ResultsError(f"variant_scoring {variant_scoring!r} is unknown; valid: {', '.join(VARIANT_SCORINGS)}.")
+        if variant_eval not in VARIANT_EVALS:
+            raise ResultsError(f"variant_eval {variant_eval!r} is unknown; valid: {', '.join(VARIANT_EVALS)}.")
+        if not targets:
+            raise ResultsError("transfer needs at least one target dataset (--targets).")
+        self.target_names = list(dict.fromkeys(resolve_name(t) for t in targets))
+        self.variant_eval = variant_eval
+        self.variant_scoring = variant_scoring
+        # a template set resolves per target; a prompts file belongs to the source, so targets get their template
+        self.target_prompts = prompts if prompts in TEMPLATE_SETS else "single"
+        self.source: DatasetSplits | None = None
+        self.kinds: dict[str, str] = {}
+        self._targets: list[Target] = []
 
-    if todo:
-        backbone = load_config_backbone(config)
-        store = FeatureStore(config.cache_dir)
-        episodes = {
-            key: Protocol().episode(source, key[0], key[1], sampler=config.sampler, val_kind=config.val_kind)
-            for key in todo
+    def prepare(self, splits: DatasetSplits, load: DatasetLoader) -> None:
+        self.source = splits
+        self._targets = []
+        for name in self.target_names:
+            if name == splits.name:
+                raise ResultsError(f"the target {name} is the source dataset; use --protocol fewshot for it.")
+            target = load(name)
+            kind = transfer_kind(splits, target, self.variant_scoring)
+            self.kinds[name] = kind
+            prompts = load_prompts(self.target_prompts, name) if kind == "cross-dataset" else None
+            self._targets.append(Target(name, target, target.test, prompts))
+
+    def targets(self, splits: DatasetSplits) -> list[Target]:
+        return list(self._targets)
+
+    def target_params(self, target: Target) -> dict[str, Any]:
+        kind = self.kinds[target.name]
+        out: dict[str, Any] = {"target": target.name, "transfer": kind}
+        if kind == "domain":
+            out["variant_eval"] = self.variant_eval
+        out["target_split_sha256"] = target.splits.split_sha256
+        return out
+
+    def check_method(self, method: str) -> None:
+        if get_class(method).needs_support_for_every_class:
+            crossing = [t for t, kind in self.kinds.items() if kind == "cross-dataset"]
+            if crossing:
+                raise ResultsError(
+                    f"{method} needs support images for every class, so it cannot score {crossing[0]}'s classes, "
+                    "which join the source classes without support (cross-dataset transfer)."
+                )
+
+    def fit_key(self, target: Target) -> str | None:
+        return None if self.kinds[target.name] == "domain" else target.name
+
+    def cell_classes(
+        self, target: Target, text: torch.Tensor, classnames: Sequence[str], target_text: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[str], int]:
+        if self.kinds[target.name] == "domain":
+            return text, list(classnames), 0
+        # the target's classes join the source's, without support; its labels follow the source's
+        return torch.cat([text, target_text]), [*classnames, *target.splits.classnames], len(classnames)
+
+    def _scored(self, logits: torch.Tensor, labels: torch.Tensor, target: Target):
+        """(predicted, truth, classnames, local labels) under the target's scoring."""
+        kind = self.kinds[target.name]
+        source = self.source
+        if kind == "domain":
+            predicted, truth, in_source = domain_predictions(
+                logits, labels, target.splits.imagenet_indices, self.variant_eval
+            )
+            return predicted, truth, source.classnames if in_source else target.splits.classnames, labels
+        local = labels - source.num_classes  # the target's classes follow the source's
+        return logits[:, source.num_classes :].argmax(1), local, target.splits.classnames, local
+
+    def prediction_record(self, logits, labels, classnames, target):
+        predicted, truth, names, _ = self._scored(logits, labels, target)
+        return predicted, truth, names
+
+    def evaluate(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int, target: Target | None = None
+    ) -> tuple[dict, dict]:
+        predicted, truth, _, local = self._scored(logits, labels, target)
+        hits = predicted == truth
+        per_class = per_class_from_hits(hits, local, target.splits.num_classes)
+        present = [v for v in per_class if v is not None]
+        scores = {
+            "test_accuracy": 100.0 * float(hits.double().mean()) if hits.numel() else float("nan"),
+            "test_mean_per_class": sum(present) / len(present) if present else float("nan"),
         }
-        pool = encode_images_once(backbone, source, list(episodes.values()), test=[], store=store,
-                                  options=config.extraction)  # fmt: skip
-        text, _ = encode_text_classifier(backbone, source.classnames, prompts, store=store)
-        target_pools, target_text = {}, {}
-        for t, s in target_splits.items():
-            target_pools[t] = encode_images_once(backbone, s, [], test=s.test, store=store, options=config.extraction)
-            if protocols[t].kind == "cross-dataset":
-                # a template set resolves per dataset; a prompts file belongs to the source, so targets get theirs
-                target_prompts = load_prompts(config.prompts if config.prompts in TEMPLATE_SETS else "single", t)
-                target_text[t], _ = encode_text_classifier(backbone, s.classnames, target_prompts, store=store)
-        common = {"format": RESULT_FORMAT, "protocol": "transfer", "versions": versions(), "model": backbone.identity}
-        for (k, seed), pairs in todo.items():
-            base, _ = episode_bundle(pool, episodes[k, seed], [], text, metadata={"backbone": config.model})
-            fitted: dict[str, Any] = {}
-            for t, name in pairs:
-                s, protocol, tpool = target_splits[t], protocols[t], target_pools[t]
-                rows, labels = index_rows(tpool.eval_index, s.test)
-                local = torch.tensor(labels, dtype=torch.long)
-                features = tpool.evaluation[torch.tensor(rows, dtype=torch.long)]
-                preset, params = plans[t][name]
-                if protocol.kind == "domain":
-                    bundle = base
-                    model = fitted.get(name)
-                else:
-                    bundle = make_bundle(
-                        support_features=base.support_features, support_labels=base.support_labels,
-                        text_weights=torch.cat([text, target_text[t]]), test_features=features,
-                        test_labels=local + source.num_classes, val_features=base.val_features,
-                        val_labels=base.val_labels, support_clean_features=base.support_clean_features,
-                        classnames=[*source.classnames, *s.classnames], metadata=dict(base.metadata),
-                    )  # fmt: skip
-                    model = None
-                t1 = time.perf_counter()
-                if model is None:
-                    model = create_method(config, protocols[t], name, preset, params)
-                    model.fit(bundle)
-                    if protocol.kind == "domain":
-                        fitted[name] = model
-                logits = model.predict_logits(features)
-                t2 = time.perf_counter()
-                names = s.classnames
-                if protocol.kind == "domain":
-                    predicted, truth, in_source = domain_predictions(logits, local, s.imagenet_indices, variant_eval)
-                    names = source.classnames if in_source else names
-                else:
-                    predicted, truth = logits[:, source.num_classes :].argmax(1), local  # within the target's columns
-                hits = predicted == truth
-                per_class = per_class_from_hits(hits, local, s.num_classes)
-                present = [v for v in per_class if v is not None]
-                scored = {
-                    "test_accuracy": 100.0 * float(hits.double().mean()) if hits.numel() else float("nan"),
-                    "test_mean_per_class": sum(present) / len(present) if present else float("nan"),
-                }
-                setup = setups[t, name, k, seed]
-                result = {
-                    **common,
-                    "config_sha256": config_sha256(setup),
-                    "setup": setup,
-                    "dataset": source.name,
-                    "target": t,
-                    "transfer": protocol.kind,
-                    "variant_eval": variant_eval if protocol.kind == "domain" else None,
-                    "method": name,
-                    "shots": k,
-                    "seed": seed,
-                    "hyperparameters": model.hyperparameters(),
-                    "selected": getattr(model, "selected_", {}),
-                    "accuracy": {**scored, "val_accuracy": model.val_accuracy_},
-                    "per_class_accuracy": per_class,
-                    "bad_images": [b.as_dict() for b in tpool.bad],
-                    "seconds": {"fit_and_predict": t2 - t1},
-                }
-                path = out_dir / source.name / "transfer" / t / name / f"shots_{k}-seed_{seed}.json"
-                result["predictions_file"] = write_predictions(path, predicted, truth, names).name
-                written.append(write_result(path, result))
-                results[t, name, k, seed] = result
-                log(f"{k}-shot seed {seed} {name} -> {t}: {scored['test_accuracy']:.2f}")
+        kind = self.kinds[target.name]
+        extra = {
+            "target": target.name,
+            "transfer": kind,
+            "variant_eval": self.variant_eval if kind == "domain" else None,
+            "per_class_accuracy": per_class,
+        }
+        return scores, extra
 
-    ordered = [results[key] for key in sorted(results, key=lambda x: (x[1], x[2], x[0], x[3]))]
-    return {"results": ordered, "written": written, "skipped": skipped, "table": transfer_table(ordered)}
+    def summarize(self, results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return transfer_rows(results)
+
+    def format(self, rows: Sequence[Mapping[str, Any]], seeds_expected: int | None) -> str:
+        return transfer_table(rows)
+
+    def describe(self) -> str:
+        return "top-1 test accuracy per target (%)"
 
 
-def transfer_table(results: Sequence[dict[str, Any]]) -> str:
-    """Method x shots rows, one column per target: mean ± population std over seeds."""
+def transfer_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, shots): per target, mean ± population std over seeds."""
     cells: dict[tuple[str, int], dict[str, list[float]]] = {}
-    targets = list(dict.fromkeys(r["target"] for r in results))
     for r in results:
         cells.setdefault((r["method"], r["shots"]), {}).setdefault(r["target"], []).append(
             r["accuracy"]["test_accuracy"]
         )
-    body = []
+    rows = []
     for (method, k), per_target in cells.items():
-        row = [method, str(k)]
+        row: dict[str, Any] = {"method": method, "shots": k, "targets": {}}
+        for t, values in per_target.items():
+            mean, std = mean_std(values)
+            row["targets"][t] = {"mean": mean, "std": std, "n": len(values)}
+        rows.append(row)
+    return rows
+
+
+def transfer_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Method × shots rows, one column per target."""
+    targets = list(dict.fromkeys(t for r in rows for t in r["targets"]))
+    body = []
+    for r in rows:
+        line = [r["method"], str(r["shots"])]
         for t in targets:
-            values = per_target.get(t)
-            row.append("-" if not values else "{:.2f} ± {:.2f}".format(*mean_std(values)))
-        body.append(row)
+            cell = r["targets"].get(t)
+            line.append("-" if cell is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}")
+        body.append(line)
     return text_table(["method", "shots", *targets], body)

@@ -1,0 +1,169 @@
+"""The configuration of a run, in parts a sweep can vary one at a time: data, backbone, extraction, methods and
+protocol. Built from command-line options or read from a TOML file (stdlib ``tomllib``)::
+
+    [data]
+    dataset = "caltech101"
+    data_root = "/data"
+
+    [backbone]
+    model = "RN50"
+    pretrained = "openai"
+    device = "cuda"
+
+    [extraction]
+    views = 10
+
+    [methods]
+    names = ["zero-shot", "tip-adapter", "ape"]
+    preset = "paper"
+    overrides = { ape = { search_step = [100, 10, 10] } }
+
+    [protocol]
+    name = "fewshot"
+    shots = [1, 2, 4, 8, 16]
+    seeds = [1, 2, 3]
+
+Unknown sections or keys are errors that name the file, the key and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ResultsError
+from ..features.pipeline import ExtractionOptions
+from ..models import BackboneSpec
+
+PROTOCOLS = ("fewshot", "base2new", "base2new-imbalanced", "longtail", "transfer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, how its episodes are drawn, and the prompts of its zero-shot classifier."""
+
+    dataset: str
+    data_root: str | None = None
+    path: str | None = None
+    kind_options: Mapping[str, Any] = field(default_factory=dict)
+    prompts: str = "single"
+    sampler: str | None = None
+    val_kind: str = "fewshot"
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """The methods to fit. ``preset='paper'`` uses each method's published configuration for the dataset where it has
+    one; ``overrides`` maps a method name (or ``"*"``, every method) to hyperparameters."""
+
+    names: Sequence[str] = ("zero-shot", "tip-adapter", "ape")
+    preset: str | None = None
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    selection: str = "val"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """The protocol and its episodes: shot counts, seeds and the protocol's own options."""
+
+    name: str = "fewshot"
+    shots: Sequence[int] = (1, 2, 4, 8, 16)
+    seeds: Sequence[int] = (1, 2, 3)
+    imbalance_ratio: float | None = None  # base2new-imbalanced
+    base_eval: str = "within_base"  # base2new*
+    targets: Sequence[str] = ()  # transfer
+    variant_eval: str = "200way"  # transfer
+    variant_scoring: str = "source_columns"  # transfer
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; ``cache_dir`` is the feature cache (default ``$FEWCLIP_CACHE``, ``~/.cache/fewclip``)."""
+
+    data: DataConfig
+    backbone: BackboneSpec
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    extraction: ExtractionOptions = field(default_factory=ExtractionOptions)
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the sections of the TOML file)."""
+        return {
+            "data": dataclasses.asdict(self.data),
+            "backbone": self.backbone.to_dict(),
+            "methods": dataclasses.asdict(self.methods),
+            "protocol": dataclasses.asdict(self.protocol),
+            "extraction": dataclasses.asdict(self.extraction),
+            "cache_dir": self.cache_dir,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], where: str = "run configuration") -> RunConfig:
+        """Build from plain data (sections as in the TOML file); ``where`` names the source in errors."""
+        unknown = sorted(set(obj) - set(SECTIONS) - {"cache_dir"})
+        if unknown:
+            raise ResultsError(f"{where}: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}, cache_dir.")
+        parts: dict[str, Any] = {}
+        for name, kind in SECTIONS.items():
+            values = obj.get(name, {})
+            if not isinstance(values, Mapping):
+                raise ResultsError(f"{where}: [{name}] must be a table of keys, got {type(values).__name__}.")
+            parts[name] = _build(kind, values, f"{where} [{name}]")
+        cache_dir = obj.get("cache_dir")
+        if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
+            raise ResultsError(f"{where}: cache_dir must be a folder path, got {cache_dir!r}.")
+        return cls(**parts, cache_dir=None if cache_dir is None else str(cache_dir))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "backbone": BackboneSpec,
+    "methods": MethodsConfig,
+    "protocol": ProtocolConfig,
+    "extraction": ExtractionOptions,
+}
+
+
+def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ResultsError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(fields)}.")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ResultsError(f"{where}: {', '.join(missing)} must be given.")
+    return kind(**values)
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
+    """Read a TOML run configuration; ``overrides`` (section → key → value, e.g. from command-line options) win
+    over the file's values."""
+    path = Path(path)
+    try:
+        obj = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such configuration file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: not a valid TOML file ({exc}).") from None
+    return RunConfig.from_dict(merge_sections(obj, overrides or {}), where=str(path))
+
+
+def merge_sections(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with each section's keys replaced by those in ``overrides`` (one level deep)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    for section, values in overrides.items():
+        if isinstance(values, Mapping):
+            out[section] = {**out.get(section, {}), **values}
+        else:
+            out[section] = values
+    return out
