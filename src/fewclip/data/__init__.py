@@ -17,21 +17,10 @@ messages; count differences from the published numbers are :class:`DataWarning`.
 
 from ..errors import DataError, DataWarning
 from .classnames import canonical_imagenet_classnames, prompt_name
-from .datasets import (
-    KIND_OPTIONS,
-    DatasetInfo,
-    DatasetSplits,
-    Item,
-    dataset_info,
-    find_missing,
-    list_datasets,
-    load_dataset,
-    read_split_json,
-    resolve_folder,
-    resolve_name,
-    save_split,
-)
+from .datasets import find_missing, load_dataset, save_split
 from .prompts import TEMPLATE_SETS, Prompts, fill_template, load_prompts, template_set
+from .readers import KIND_OPTIONS, read_split_json
+from .registry import DatasetInfo, dataset_info, list_datasets, resolve_folder, resolve_name
 from .sampling import (
     SAMPLERS,
     SUBSAMPLES,
@@ -52,6 +41,7 @@ from .sampling import (
     subsample_splits,
     verify_episode,
 )
+from .types import DatasetSplits, Item
 
 __all__ = [
     "KIND_OPTIONS",

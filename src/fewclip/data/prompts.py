@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import DataError, DataWarning
 from .classnames import open_clip_metadata, prompt_name
-from .datasets import dataset_info
+from .registry import dataset_info
 
 TEMPLATE_SETS = ("single", "imagenet7", "imagenet80")
 

@@ -29,7 +29,8 @@ import numpy as np
 from .. import __version__
 from ..errors import DataError
 from ..io import atomic_write_text
-from .datasets import SPLITS, DatasetSplits, Item, dataset_info
+from .registry import dataset_info
+from .types import SPLITS, DatasetSplits, Item
 
 SAMPLERS = ("dassl", "portable")
 VAL_KINDS = ("fewshot", "full")
