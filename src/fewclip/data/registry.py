@@ -161,9 +161,6 @@ def resolve_folder(
     def has_split(f: Folder) -> bool:
         return bool(info.split_file) and (root / f.name / info.split_file).is_file()
 
-    for test in (lambda f: has_root(f) and (has_split(f) or not info.split_file), has_root, has_split):
-        for f in existing:
-            if test(f):
-                return root / f.name, f.name, root / f.name / f.image_root
-    f = existing[0]
+    # complete folders first, then one with its images, then one with its split file; ties keep registry order
+    f = max(existing, key=lambda f: (has_root(f) and (has_split(f) or not info.split_file), has_root(f), has_split(f)))
     return root / f.name, f.name, root / f.name / f.image_root

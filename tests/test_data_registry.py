@@ -1,0 +1,56 @@
+"""Folder resolution over every combination of present folders."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from fewclip import data
+
+# What a candidate folder under the data root holds: nothing (absent), an empty folder, the image root, the
+# split file, or both.
+STATES = ("absent", "empty", "root", "split", "both")
+
+
+def build(root: Path, info: data.DatasetInfo, states: tuple[str, ...]) -> None:
+    for folder, state in zip(info.folders, states):
+        if state == "absent":
+            continue
+        d = root / folder.name
+        d.mkdir(parents=True, exist_ok=True)
+        if state in ("root", "both"):
+            (d / folder.image_root).mkdir(parents=True, exist_ok=True)
+        if state in ("split", "both"):
+            (d / info.split_file).write_text("{}")
+
+
+def expected_folder(info: data.DatasetInfo, states: tuple[str, ...]) -> str:
+    """The rule, stated plainly: the first folder (registry order) holding its image root and split file (just
+    the image root for datasets without one); else the first holding its image root; else the first holding the
+    split file; else the first that exists."""
+    existing = [(f, s) for f, s in zip(info.folders, states) if s != "absent"]
+    has_root = [f for f, s in existing if s in ("root", "both") or f.image_root == "."]
+    has_split = [f for f, s in existing if s in ("split", "both")]
+    complete = [f for f in has_root if f in has_split or not info.split_file]
+    return (complete or has_root or has_split or [f for f, _ in existing])[0].name
+
+
+@pytest.mark.parametrize("key", ["caltech101", "oxford_pets", "sun397", "fgvc_aircraft", "imagenet_lt"])
+def test_resolve_folder_prefers_complete_then_image_root_then_split_file_then_registry_order(tmp_path, key):
+    info = data.dataset_info(key)
+    assert len(info.folders) >= 2
+    states = STATES if info.split_file else STATES[:3]
+    checked = 0
+    for n, combo in enumerate(itertools.product(states, repeat=len(info.folders))):
+        if all(s == "absent" for s in combo):
+            continue
+        root = tmp_path / str(n)
+        root.mkdir()
+        build(root, info, combo)
+        name = expected_folder(info, combo)
+        folder = next(f for f in info.folders if f.name == name)
+        assert data.resolve_folder(key, root) == (root / name, name, root / name / folder.image_root), combo
+        checked += 1
+    assert checked == len(states) ** len(info.folders) - 1
