@@ -1,8 +1,10 @@
-"""Folder resolution over every combination of present folders."""
+"""Folder resolution over every combination of present folders; the order of load warnings."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,35 @@ def test_resolve_folder_prefers_complete_then_image_root_then_split_file_then_re
         assert data.resolve_folder(key, root) == (root / name, name, root / name / folder.image_root), combo
         checked += 1
     assert checked == len(states) ** len(info.folders) - 1
+
+
+def test_reader_warnings_come_before_count_warnings_and_are_emitted_in_that_order(tmp_path):
+    for c, n in (("AnnualCrop", 10), ("SeaLake", 5)):
+        for i in range(n):
+            f = tmp_path / "eurosat" / "2750" / c / f"{c}_{i}.jpg"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = data.load_dataset("eurosat", tmp_path, regenerate_split=3)
+    assert s.warnings == (
+        "eurosat: using a regenerated split (seed 3), not CoOp's split_zhou_EuroSAT.json.",
+        "eurosat: 2 classes, published 10; likely cause: a partial download, another version of the dataset, "
+        "or a subset of the classes.",
+        "eurosat: 7 train images, published 13500; likely cause: a partial download or another version of the dataset.",
+        "eurosat: 3 val images, published 5400; likely cause: a partial download or another version of the dataset.",
+        "eurosat: 5 test images, published 8100; likely cause: a partial download or another version of the dataset.",
+    )
+    assert [str(w.message) for w in caught] == list(s.warnings)
+    assert all(w.category is data.DataWarning and w.filename == __file__ for w in caught)
+
+
+def test_standard_split_count_warnings_blame_the_split_file(tmp_path):
+    d = tmp_path / "dtd"
+    (d / "images" / "banded").mkdir(parents=True)
+    (d / "images" / "banded" / "a.jpg").write_bytes(b"")
+    split = {"train": [["banded/a.jpg", 0, "banded"]], "val": [], "test": []}
+    (d / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    s = data.load_dataset("dtd", tmp_path, warn=False)
+    assert s.standard_split
+    assert "dtd: 1 train images, published 2820; likely cause: a split file other than CoOp's" in s.warnings[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ def find_missing(root: str | Path, paths: Iterable[str]) -> list[str]:
     return missing
 
 
-def count_warnings(info: DatasetInfo, splits: DatasetSplits) -> list[str]:
-    """Differences from the published class and image counts (users keep subsets: warnings, not errors)."""
-    found = splits.counts()
+def count_warnings(info: DatasetInfo, found: Mapping[str, int], standard_split: bool) -> list[str]:
+    """Differences of the ``found`` class and image counts (keys ``classes``, ``train``, ``val``, ``test``) from
+    the published ones (users keep subsets: warnings, not errors). ``standard_split``: the published split file
+    was read, so a difference points at another copy of it."""
     out = []
     for what in ("classes", "train", "val", "test"):
         expected = info.counts.get(what)
@@ -48,7 +49,7 @@ def count_warnings(info: DatasetInfo, splits: DatasetSplits) -> list[str]:
             continue
         if what == "classes":
             cause = "a partial download, another version of the dataset, or a subset of the classes"
-        elif info.kind == "split_json" and splits.standard_split:
+        elif info.kind == "split_json" and standard_split:
             cause = f"a split file other than CoOp's {info.split_file}, or a subset"
         elif info.kind == "imagenet" and what == "test":
             cause = "an incomplete images/val (it must hold 50 images in each of the 1000 wnid folders)"
@@ -112,6 +113,9 @@ def load_dataset(
         dataset_dir, alias, image_root = resolve_folder(info.key, data_root, path)
         location = dataset_dir
     raw = read_raw(info, location, image_root, opts)
+    standard_split = raw.standard and not info.custom
+    found = {"classes": len(raw.classnames), **{s: len(getattr(raw, s)) for s in SPLITS}}
+    all_warnings = (*raw.warnings, *count_warnings(info, found, standard_split))
     splits = DatasetSplits(
         name=info.key,
         root=image_root,
@@ -124,13 +128,11 @@ def load_dataset(
         dataset_dir=dataset_dir,
         folder_alias=alias,
         split_source=raw.split_source,
-        standard_split=raw.standard and not info.custom,
+        standard_split=standard_split,
         wnids=raw.wnids,
         imagenet_indices=raw.imagenet_indices,
-        warnings=tuple(raw.warnings),
+        warnings=all_warnings,
     )
-    all_warnings = (*raw.warnings, *count_warnings(info, splits))
-    object.__setattr__(splits, "warnings", all_warnings)
     if check_files:
         missing = find_missing(image_root, (i.path for part in (raw.train, raw.val, raw.test) for i in part))
         if missing:
