@@ -1,7 +1,8 @@
-"""Folder resolution over every combination of present folders; the order of load warnings."""
+"""Folder resolution over every combination of present folders, user-facing source hints, warning order."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -56,6 +57,27 @@ def test_resolve_folder_prefers_complete_then_image_root_then_split_file_then_re
         assert data.resolve_folder(key, root) == (root / name, name, root / name / folder.image_root), combo
         checked += 1
     assert checked == len(states) ** len(info.folders) - 1
+
+
+def test_where_from_names_something_a_user_can_find():
+    for key in data.list_datasets():
+        text = data.dataset_info(key).where_from()
+        assert text and "datasets_and_protocols" not in text and "§" not in text
+    assert data.dataset_info("caltech101").where_from().startswith("split_zhou_Caltech101.json from KaiyangZhou/CoOp")
+    assert "one sub-folder per class" in data.dataset_info("folder").where_from()
+    assert "path,label[,classname]" in data.dataset_info("csv").where_from()
+    bare = dataclasses.replace(data.dataset_info("imagenet"), obtain=None)
+    assert bare.where_from() == (
+        "the images under imagenet/images/, laid out as in https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+    )
+
+
+def test_missing_images_of_custom_data_point_at_the_users_own_files(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "train.csv").write_text("a.jpg,0,cat\n")
+    (tmp_path / "test.csv").write_text("b.jpg,0,cat\n")
+    with pytest.raises(data.DataError, match=r"1 of 2 images .*b\.jpg.*re-download \(your own images, named by CSV"):
+        data.load_dataset("csv", path=tmp_path, warn=False)
 
 
 def test_reader_warnings_come_before_count_warnings_and_are_emitted_in_that_order(tmp_path):

@@ -16,6 +16,9 @@ from typing import Any
 
 from ..errors import DataError
 
+#: CoOp's instructions for downloading and laying out the standard datasets.
+COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+
 
 @dataclass(frozen=True)
 class Folder:
@@ -47,11 +50,14 @@ class DatasetInfo:
     custom: bool = False
 
     def where_from(self) -> str:
+        """Where the dataset's files come from, for error messages: the entry's ``obtain`` text, else CoOp's
+        split file and its source, else the expected folder and CoOp's layout instructions."""
         if self.obtain:
             return self.obtain
         if self.split_file:
             return f"{self.split_file} from {_table()['sources']['coop']}"
-        return "see datasets_and_protocols.md §2"
+        folder = Path(self.folders[0].name if self.folders else self.key, self.image_root).as_posix()
+        return f"the images under {folder}/, laid out as in {COOP_DATASETS_URL}"
 
 
 @cache
