@@ -13,13 +13,7 @@ from PIL import Image
 
 from fewclip import data
 from fewclip.cli.main import main
-from fewclip.data.classnames import (
-    canonical_imagenet_classnames,
-    oxford_pets_name,
-    stanford_cars_name,
-    sun397_name,
-    ucf101_name,
-)
+from fewclip.data.classnames import canonical_imagenet_classnames
 
 
 def _image_bytes(fmt: str) -> bytes:
@@ -153,12 +147,7 @@ def test_unknown_dataset_lists_valid_names():
         data.resolve_name("cifar10")
 
 
-def test_classname_quirks_follow_coop():
-    assert sun397_name("/a/apartment_building/outdoor") == "outdoor apartment_building"
-    assert sun397_name("/a/abbey") == "abbey"
-    assert stanford_cars_name("Tesla Model S Sedan 2012") == "2012 Tesla Model S Sedan"
-    assert ucf101_name("ApplyEyeMakeup") == "Apply_Eye_Makeup"
-    assert oxford_pets_name("american_bulldog_12") == "american_bulldog"
+def test_prompt_name_replaces_underscores():
     assert data.prompt_name("yin_yang") == "yin yang"
 
 

@@ -13,45 +13,42 @@ Load a dataset and draw an episode::
 Types: :class:`Item` (path, label, classname) and :class:`DatasetSplits` (train/val/test lists of items,
 class names, image root, split SHA-256). Errors are :class:`DataError` (a ``ValueError``) with one-line
 messages; count differences from the published numbers are :class:`DataWarning`.
+
+Modules, bottom up: ``types`` (Item, DatasetSplits), ``registry`` (``datasets.json``, names, folders), ``readers``
+(one split reader per dataset kind), ``datasets`` (:func:`load_dataset`), ``episodes`` (Episode, its file,
+base/new classes), ``sampling`` (samplers, imbalance), ``coop_pickle`` (CoOp's few-shot pickles), ``prompts``,
+``classnames`` and ``generate`` (small synthetic image sets). Import from ``fewclip.data``; the modules may move.
 """
 
 from ..errors import DataError, DataWarning
 from .classnames import canonical_imagenet_classnames, prompt_name
-from .datasets import (
-    KIND_OPTIONS,
-    DatasetInfo,
-    DatasetSplits,
-    Item,
-    dataset_info,
-    find_missing,
-    list_datasets,
-    load_dataset,
-    read_split_json,
-    resolve_folder,
-    resolve_name,
-    save_split,
-)
-from .prompts import TEMPLATE_SETS, Prompts, fill_template, load_prompts, template_set
-from .sampling import (
-    SAMPLERS,
+from .coop_pickle import import_coop_pickle
+from .datasets import find_missing, load_dataset, save_split
+from .episodes import (
     SUBSAMPLES,
-    VAL_KINDS,
     Episode,
     base_new_labels,
-    dassl_fewshot,
-    default_sampler,
     episode_filename,
-    imbalance_counts,
-    import_coop_pickle,
     load_episode,
-    make_imbalanced,
-    portable_fewshot,
-    sample_episode,
     save_episode,
     subsample_classes,
     subsample_splits,
     verify_episode,
 )
+from .prompts import TEMPLATE_SETS, Prompts, fill_template, load_prompts, template_set
+from .readers import KIND_OPTIONS, read_split_json
+from .registry import DatasetInfo, dataset_info, list_datasets, resolve_folder, resolve_name
+from .sampling import (
+    SAMPLERS,
+    VAL_KINDS,
+    dassl_fewshot,
+    default_sampler,
+    imbalance_counts,
+    make_imbalanced,
+    portable_fewshot,
+    sample_episode,
+)
+from .types import DatasetSplits, Item
 
 __all__ = [
     "KIND_OPTIONS",

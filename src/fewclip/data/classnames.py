@@ -1,14 +1,14 @@
-"""Class-name conventions of the published code (datasets_and_protocols.md §4) and open_clip's ImageNet metadata.
+"""Class names: how a name goes into a prompt, and open_clip's canonical ImageNet names to check against.
 
-The split files already hold cleaned names; these functions reproduce the cleaning for regenerated splits and
-for sanity checks. Renames that are plain tables (EuroSAT, Caltech101) live in ``datasets.json``.
+CoOp's split files (``KaiyangZhou/CoOp``) already hold cleaned class names; a regenerated split takes its names
+from the folder names through the renames in ``datasets.json`` (EuroSAT, Caltech101). ImageNet-family
+``classnames.txt`` files are compared with open_clip's list, since zero-shot accuracy depends on the names.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -18,28 +18,6 @@ from types import ModuleType
 def prompt_name(classname: str) -> str:
     """The name as every code base writes it into a prompt: underscores become spaces."""
     return classname.replace("_", " ")
-
-
-def sun397_name(entry: str) -> str:
-    """``/a/apartment_building/outdoor`` -> ``outdoor apartment_building`` (letter dropped, levels reversed)."""
-    parts = entry.strip().strip("/").split("/")[1:]
-    return " ".join(reversed(parts))
-
-
-def stanford_cars_name(name: str) -> str:
-    """``Tesla Model S Sedan 2012`` -> ``2012 Tesla Model S Sedan`` (CoOp moves the last word, the year, first)."""
-    words = name.split(" ")
-    return " ".join([words[-1], *words[:-1]])
-
-
-def ucf101_name(action: str) -> str:
-    """``ApplyEyeMakeup`` -> ``Apply_Eye_Makeup`` (CamelCase words joined by ``_``; also the image sub-folder)."""
-    return "_".join(re.findall("[A-Z][^A-Z]*", action))
-
-
-def oxford_pets_name(image_stem: str) -> str:
-    """``american_bulldog_12`` -> ``american_bulldog`` (breed from the file name, lower-cased)."""
-    return "_".join(image_stem.split("_")[:-1]).lower()
 
 
 # --------------------------------------------------------------------------- open_clip metadata

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -38,8 +39,6 @@ def write_images(
     root: str | Path, items: Sequence[tuple[str, int]], num_classes: int, *, size: int = 40, seed: int = 0
 ) -> list[Path]:
     """Write one generated image per ``(relative path, label)`` under ``root`` (format from the suffix)."""
-    from PIL import Image
-
     root = Path(root)
     rng = np.random.default_rng(seed)
     written = []

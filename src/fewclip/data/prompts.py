@@ -1,4 +1,4 @@
-"""Prompt templates and class-description files, selected by ``--prompts`` (datasets_and_protocols.md §6).
+"""Prompt templates and class-description files, selected by ``--prompts``.
 
 ``--prompts`` takes a template-set name or a file:
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import DataError, DataWarning
 from .classnames import open_clip_metadata, prompt_name
-from .datasets import dataset_info
+from .registry import dataset_info
 
 TEMPLATE_SETS = ("single", "imagenet7", "imagenet80")
 
@@ -158,6 +158,3 @@ def load_prompts(spec: str | Path, dataset: str | None = None) -> Prompts:
                     return Prompts(f"{where}#{k}", "templates", _check_templates(obj[k], where), sha256=sha)
         raise DataError(f"{where}: no templates for {info.key}; keys present: {', '.join(sorted(obj))}.")
     return Prompts(where, "descriptions", descriptions={k: list(v) for k, v in obj.items()}, sha256=sha)
-
-
-__all__ = ["TEMPLATE_SETS", "Prompts", "fill_template", "has_placeholder", "load_prompts", "template_set"]
