@@ -6,6 +6,7 @@
 :mod:`.load_open_clip`       open_clip tags, weights files, ``local-dir:``/``hf-hub:``, OpenAI TorchScript archives
 :mod:`.load_hf`              transformers ``CLIPModel`` ids and folders
 :mod:`.backbones`            :func:`load_backbone`, the one door
+:mod:`.spec`                 :class:`BackboneSpec`, the arguments of ``load_backbone`` as data a worker can rebuild
 :mod:`.preprocess`           evaluation and augmentation transforms
 :mod:`.tiny`                 tiny random models saved to disk, for tests
 ============================ ====================================================================================
@@ -22,6 +23,7 @@ from .load_hf import HFBackbone
 from .load_open_clip import OpenClipBackbone
 from .names import HF_OPENAI_IDS, OPENAI_MODELS, WEIGHT_SUFFIXES, ModelSpec, resolve_model
 from .preprocess import AUGMENT_PRESETS, EVAL_PRESETS, ImageSpec
+from .spec import BackboneSpec
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -32,6 +34,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "Backbone",
     "BackboneError",
+    "BackboneSpec",
     "HFBackbone",
     "ImageSpec",
     "ModelSpec",
