@@ -7,6 +7,7 @@
 :mod:`.load_hf`              transformers ``CLIPModel`` ids and folders
 :mod:`.backbones`            :func:`load_backbone`, the one door
 :mod:`.spec`                 :class:`BackboneSpec`, the arguments of ``load_backbone`` as data a worker can rebuild
+:mod:`.trainable`            :class:`TrainableBackbone`, the image encoder in train mode for fine-tuning
 :mod:`.preprocess`           evaluation and augmentation transforms
 :mod:`.tiny`                 tiny random models saved to disk, for tests
 ============================ ====================================================================================
@@ -24,6 +25,7 @@ from .load_open_clip import OpenClipBackbone
 from .names import HF_OPENAI_IDS, OPENAI_MODELS, WEIGHT_SUFFIXES, ModelSpec, resolve_model
 from .preprocess import AUGMENT_PRESETS, EVAL_PRESETS, ImageSpec
 from .spec import BackboneSpec
+from .trainable import SCOPES, TrainableBackbone
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -31,6 +33,7 @@ __all__ = [
     "HF_OPENAI_IDS",
     "OPENAI_MODELS",
     "PRECISIONS",
+    "SCOPES",
     "WEIGHT_SUFFIXES",
     "Backbone",
     "BackboneError",
@@ -40,6 +43,7 @@ __all__ = [
     "ModelSpec",
     "OpenClipBackbone",
     "PresetError",
+    "TrainableBackbone",
     "default_cache_dir",
     "load_backbone",
     "resolve_model",
