@@ -22,7 +22,7 @@ from .preprocess import ImageSpec, augment_transform, eval_transform
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-B = TypeVar("B", bound="Backbone")
+BackboneT = TypeVar("BackboneT", bound="Backbone")
 
 
 @dataclass(eq=False)
@@ -77,7 +77,7 @@ class Backbone(ABC):
 
     @classmethod
     def assemble(
-        cls: type[B],
+        cls: type[BackboneT],
         *,
         spec: ModelSpec,
         model: Any,
@@ -90,7 +90,7 @@ class Backbone(ABC):
         quick_gelu: bool,
         embed_dim: int,
         context_length: int,
-    ) -> B:
+    ) -> BackboneT:
         """The step every loader ends with: build the evaluation transform and the identity, then the object."""
         transform, description, applied = eval_transform(preprocess, image_spec)
         preset = json.loads(description)["preset"]
