@@ -99,7 +99,7 @@ def build_backbone(name: str, folder: Path, precision: str, device: str):
     import open_clip
     from safetensors.torch import save_file
 
-    from fewclip.models.backbones import OPENAI_MODELS
+    from fewclip.models import OPENAI_MODELS
 
     arch = OPENAI_MODELS.get(name, name.replace("/", "-"))  # ViT-B/16 -> ViT-B-16-quickgelu, as load_backbone does
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from fewclip.models import (  # noqa: E402
     load_backbone,
     resolve_model,
 )
-from fewclip.models.backbones import is_torchscript_archive  # noqa: E402
+from fewclip.models.load_open_clip import is_torchscript_archive  # noqa: E402
 from fewclip.models.tiny import save_openai_torchscript, save_tiny_hf_clip, save_tiny_openclip  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def test_tiny_models_load_back_by_path(tiny, images, arch, how):
     torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
     ident = bb.identity
     assert ident["backend"] == "open_clip" and ident["quick_gelu"] is True and ident["precision"] == "fp32"
-    from fewclip.models.backbones import file_sha256
+    from fewclip.io import file_sha256
 
     assert ident["weights"]["sha256"] == file_sha256(saved.weights)
     assert ident["image_size"] == 32 and bb.embed_dim == 16 and ident["preprocess"] == "clip"

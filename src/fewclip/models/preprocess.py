@@ -1,4 +1,4 @@
-"""Preprocessing and augmentation presets (spec §14), built for the image size of the loaded model.
+"""Preprocessing and augmentation presets, built for the image size of the loaded model.
 
 Evaluation presets (one transform per backbone, used for val/test and the clean support view):
 

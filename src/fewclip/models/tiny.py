@@ -1,11 +1,12 @@
-"""Tiny randomly initialised CLIP models written to disk, for offline tests (spec §13).
+"""Tiny randomly initialised CLIP models written to disk, for offline tests.
 
 They are saved the way real checkpoints are (open_clip state dicts, ``local-dir:`` folders, an OpenAI-style
 TorchScript archive, a transformers ``save_pretrained`` folder) and loaded back through
 :func:`fewclip.models.load_backbone`, so tests exercise the real loading path without any download.
 
 The tiny models keep CLIP's real tokenizer (open_clip's bundled BPE, 49 408 tokens; no download), so the
-transformers copy of a tiny open_clip ViT tokenises and encodes exactly like the original (§12.5 parity).
+transformers copy of a tiny open_clip ViT tokenises and encodes exactly like the original, which is what lets a
+test check that the two backends agree.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 VOCAB_SIZE = 49408
 
@@ -53,7 +56,6 @@ def save_tiny_openclip(
 ) -> TinyOpenClip:
     """Build a random tiny open_clip model, save it to ``folder`` and register its config under ``name``."""
     import open_clip
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,10 +90,7 @@ def save_openai_torchscript(tiny: TinyOpenClip, path: str | os.PathLike) -> Path
     The archive's state dict has OpenAI-format keys plus the ``input_resolution``, ``context_length`` and
     ``vocab_size`` entries OpenAI's archives carry.
     """
-    import warnings
-
     import open_clip
-    from safetensors.torch import load_file
 
     model = open_clip.CLIP(**tiny.model_cfg)
     model.load_state_dict(load_file(str(tiny.weights)))
@@ -183,7 +182,6 @@ def openclip_to_hf_state_dict(state: dict[str, torch.Tensor], vision_layers: int
 
 def save_tiny_hf_clip(folder: str | os.PathLike, tiny: TinyOpenClip) -> Path:
     """Save the transformers ``CLIPModel`` holding the same weights as the tiny open_clip ViT ``tiny``."""
-    from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     cfg = tiny.model_cfg
