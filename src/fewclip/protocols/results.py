@@ -21,8 +21,7 @@ from .. import __version__
 from ..errors import ResultsError
 from ..io import atomic_write, atomic_write_text, read_safetensors
 from ..metrics import confusion_matrix
-from ..models import BackboneSpec
-from ..models.backbones import WEIGHT_SUFFIXES
+from ..models import WEIGHT_SUFFIXES, BackboneSpec
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
