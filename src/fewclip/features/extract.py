@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +33,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import BadImagesError
+from ..models import Backbone
 from .store import FeatureGroup, FeatureStore
-
-if TYPE_CHECKING:
-    from ..models import Backbone
 
 View = str | int  # "clean" or an augmentation index 0..V-1
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..data import DatasetSplits, Episode, Item
+from ..models import Backbone
 from .bundle import Bundle, make_bundle
 from .extract import BadImage, extract, extract_support
 from .store import FeatureStore
-
-if TYPE_CHECKING:
-    from ..models import Backbone
 
 
 @dataclass(frozen=True)

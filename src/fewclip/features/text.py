@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..data import Prompts
 from ..errors import TextClassifierError
+from ..models import Backbone
 from .store import FeatureStore
-
-if TYPE_CHECKING:
-    from ..models import Backbone
 
 logger = logging.getLogger("fewclip.features")
 
