@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fewclip.methods as M
 from fewclip.features.synthetic import make_synthetic_bundle
-from fewclip.methods.base import MethodError, l2n
+from fewclip.methods.base import MethodError
 from fewclip.methods.candle import (
     IMAGE,
     LOGIT_SCALE,
@@ -54,7 +54,7 @@ def random_head(dim=16, classes=5, new=(1, 3), heads=4, mask="none", seed=0, dty
             params[name] = value + 0.3 * torch.randn(value.shape, generator=g)
     base = 5.0 * torch.randn(classes, dim, generator=g)
     base[new] = 0.0
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     head = CandleHead(params, base, text, new, heads=heads, mask=mask, scale=0.7)
     return head.to(dtype)
 
@@ -72,8 +72,11 @@ def reference_scores(head: CandleHead, images: torch.Tensor) -> torch.Tensor:
         head.out_proj_weight, head.out_proj_bias, training=False, need_weights=False, attn_mask=mask,
     )  # fmt: skip
     fused = normed + head.ratio * out
-    rows = l2n(fused[:b])
-    return LOGIT_SCALE * rows @ l2n(fused[b + c :]).T + LOGIT_SCALE * head.scale * rows @ l2n(fused[b : b + c]).T
+    rows = F.normalize(fused[:b], dim=-1)
+    return (
+        LOGIT_SCALE * rows @ F.normalize(fused[b + c :], dim=-1).T
+        + LOGIT_SCALE * head.scale * rows @ F.normalize(fused[b : b + c], dim=-1).T
+    )
 
 
 # --------------------------------------------------------------------------- the CLA loss and the schedule
@@ -161,7 +164,7 @@ def test_identity_init_pre_fusion_logits_are_zero_shot_cosines():  # [§10.3]
     g = torch.Generator().manual_seed(1)
     dim, classes = 16, 4
     new = torch.tensor([3])
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     base = 4 * torch.randn(classes, dim, generator=g)
     base[new] = 0
     head = CandleHead(initial_parameters(dim, text[new], 0.1, g), base, text, new, heads=8)
@@ -192,7 +195,7 @@ def test_prototypes_initialised_as_specified():
     labels = torch.tensor([0, 0, 2, 2, 2, 4])
     counts = torch.bincount(labels, minlength=6)
     feats = 10 * torch.randn(6, dim, generator=g)
-    text = l2n(torch.randn(6, dim, generator=g))
+    text = F.normalize(torch.randn(6, dim, generator=g), dim=-1)
     base, new, virtual = initial_prototypes(feats, labels, counts, text, "text", g)
     assert new.tolist() == [1, 3, 5]
     assert torch.allclose(base[0], feats[:2].mean(0), atol=1e-5) and torch.allclose(base[2], feats[2:5].mean(0))
@@ -382,7 +385,7 @@ def test_fp16_weights_lose_small_updates_on_the_identity_diagonal():
     away, so the warm-up epoch (lr 1e-5) leaves the identity diagonal of W_I untouched; fp32 (the default) keeps it."""
     g = torch.Generator().manual_seed(0)
     dim, classes, new = 32, 4, torch.tensor([3])
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     base = 5 * torch.randn(classes, dim, generator=g)
     base[new] = 0
     params = initial_parameters(dim, text[new], 0.1, g)
@@ -428,7 +431,7 @@ def test_training_lowers_the_loss_and_selects_the_best_validation_epoch(b2n):
     last = M.create("candle", epochs=4, batch_size=16, lr=0.05, selection="none").fit(b2n)
     assert last.best_epoch_ == 4 and all(h["val_accuracy"] is None for h in last.history_)
     no_val = M.create("candle", epochs=2, batch_size=16).fit(replace(b2n, val_features=None, val_labels=None))
-    assert no_val.best_epoch_ == 2 and no_val.selection_used_ == "last_epoch" and no_val.val_accuracy_ is None
+    assert no_val.best_epoch_ == 2 and no_val.selection_used_ == "none" and no_val.val_accuracy_ is None
 
 
 def test_new_classes_are_scored_from_their_virtual_and_text_prototypes(b2n):
@@ -500,20 +503,23 @@ def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
     "params, message",
     [
         ({"heads": 5}, r"D = 32 is not divisible by heads = 5; set heads to a divisor of D"),
-        ({"mask": "visual"}, r"mask='visual' is not valid; choose one of \['none', 'in_visual'"),
+        ({"mask": "visual"}, r"mask='visual' is not valid; expected one of \['none', 'in_visual'"),
         ({"vir_init": "random"}, r"vir_init='random' is not valid"),
         ({"inference_context": "batch"}, r"inference_context='batch' is not valid"),
-        ({"test_batch_size": 0}, r"test_batch_size=0 must be a positive integer"),
+        ({"test_batch_size": 0}, r"test_batch_size=0 is not valid; expected a positive integer\."),
         ({"tie_virtual_text": True, "vir_init": "visual"}, r"only exists with vir_init='text'"),
         ({"prior_virtual_count": 0}, r"prior_virtual_count=0 gives the classes without support .*class_002"),
-        ({"dropout": 1.0}, r"dropout=1.0 must be a finite number >= 0 and < 1"),
-        ({"precision": "bf16"}, r"precision='bf16' is not valid; choose one of \['fp32', 'fp16'\]"),
-        ({"epochs": 0}, r"epochs=0 must be a positive integer"),
-        ({"iterations_per_epoch": 0}, r"iterations_per_epoch=0 must be a positive integer, or None for"),
+        ({"dropout": 1.0}, r"dropout=1.0 is not valid; expected a finite real number in \[0, 1\)\."),
+        ({"precision": "bf16"}, r"precision='bf16' is not valid; expected one of \['fp32', 'fp16'\]\. \('fp16' repro"),
+        ({"epochs": 0}, r"epochs=0 is not valid; expected a positive integer\."),
+        (
+            {"iterations_per_epoch": 0},
+            r"iterations_per_epoch=0 is not valid; expected None or a positive integer\. \(None",
+        ),
     ],
 )
 def test_bad_settings_name_the_value_and_the_fix(b2n, params, message):
-    with pytest.raises(MethodError, match=message):
+    with pytest.raises(MethodError, match=f"^candle: .*{message}"):
         M.create("candle", **params).fit(b2n)
 
 

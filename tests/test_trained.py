@@ -4,11 +4,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fewclip.methods as M
 from fewclip.features.synthetic import make_synthetic_bundle
 from fewclip.methods.ape_t import ape_t_logits, ape_t_weights, factored_logits
-from fewclip.methods.base import MethodError, l2n
+from fewclip.methods.base import MethodError
 from fewclip.methods.clip_adapter import adapter_features
 from fewclip.methods.search import ClassLayout, phi
 from fewclip.methods.tip_adapter_f import cache_logits
@@ -56,11 +57,14 @@ def test_ape_t_logits_match_a_hand_computation():
 def test_factored_training_forward_equals_the_formula():
     g = torch.Generator().manual_seed(0)
     C, K, D, Q = 3, 2, 8, 5
-    text, keys = l2n(torch.randn(C, D, generator=g)), l2n(torch.randn(C * K, D, generator=g))
+    text, keys = (
+        F.normalize(torch.randn(C, D, generator=g), dim=-1),
+        F.normalize(torch.randn(C * K, D, generator=g), dim=-1),
+    )
     labels = torch.tensor([2, 0, 1, 0, 2, 1])  # not class-grouped
     channels = torch.tensor([6, 0, 3, 1, 4])
     residual, v = 0.3 * torch.randn(C, Q, generator=g), 1 + 0.5 * torch.rand(C * K, generator=g)
-    x = l2n(torch.randn(4, D, generator=g))
+    x = F.normalize(torch.randn(4, D, generator=g), dim=-1)
     alpha, beta = 1.7, 3.2
     layout = ClassLayout(labels, C)
     reference = ape_t_logits(x, text, keys, labels, channels, residual, v, alpha, beta)
@@ -73,7 +77,7 @@ def test_factored_training_forward_equals_the_formula():
 
 def test_at_initialisation_tip_f_and_ape_t_equal_tip_adapter(trainable):
     tip = M.create("tip-adapter", selection="none", init_alpha=2.5, init_beta=3.0).fit(trainable)
-    x = l2n(trainable.test_features)
+    x = F.normalize(trainable.test_features, dim=-1)
     expected = tip.predict_logits(trainable.test_features)
     layout = ClassLayout(tip.key_labels_, trainable.num_classes)
     assert torch.allclose(cache_logits(x, tip.text_, tip.cache_keys_, layout, 2.5, 3.0), expected, atol=1e-3)
@@ -120,7 +124,7 @@ def test_ape_t_criterion_pool_changes_the_channels(trainable):
     b = M.create("ape-t", channels=20, epochs=1, selection="none", criterion_pool="text+cache").fit(trainable)
     assert not torch.equal(torch.sort(a.channels_train_).values, torch.sort(b.channels_train_).values)
     with pytest.raises(
-        MethodError, match=r"criterion_pool='keys' is not valid; choose one of \['text', 'text\+cache'\]"
+        MethodError, match=r"ape-t: criterion_pool='keys' is not valid; expected one of \['text', 'text\+cache'\]\."
     ):
         M.create("ape-t", criterion_pool="keys").fit(trainable)
 
@@ -137,16 +141,26 @@ def test_presets_carry_the_published_training_settings():
 @pytest.mark.parametrize(
     "name, params, message",
     [
-        ("tip-adapter-f", {"epochs": 0}, r"epochs=0 must be a positive integer"),
-        ("ape-t", {"lr": -1.0}, r"lr=-1.0 must be a positive number"),
-        ("clip-adapter", {"batch_size": 2.5}, r"batch_size=2.5 must be a positive integer"),
-        ("clip-adapter", {"ratios": [0.2, 1.5]}, r"ratios=\[0.2, 1.5\] must hold numbers in \[0, 1\]"),
-        ("clip-adapter", {"reduction": 0}, r"reduction=0 must be an integer in \[1, D = 64\]"),
-        ("tip-adapter-f", {"weight_decay": -0.1}, r"weight_decay=-0.1 must be a number >= 0"),
+        ("tip-adapter-f", {"epochs": 0}, r"epochs=0 is not valid; expected a positive integer\."),
+        ("ape-t", {"lr": -1.0}, r"lr=-1.0 is not valid; expected a finite real number > 0\."),
+        ("clip-adapter", {"batch_size": 2.5}, r"batch_size=2.5 is not valid; expected a positive integer\."),
+        (
+            "clip-adapter",
+            {"ratios": [0.2, 1.5]},
+            r"ratios=\[0.2, 1.5\] is not valid; expected a list of finite real numbers in \[0, 1\]\.",
+        ),
+        ("clip-adapter", {"reduction": 0}, r"reduction=0 is not valid; expected a positive integer\."),
+        ("clip-adapter", {"reduction": 65}, r"reduction=65 is not valid; expected a positive integer ≤ D = 64\."),
+        ("clip-adapter", {"ratios": []}, r"ratios=\[\] is not valid under selection='val'; expected a non-empty list"),
+        (
+            "tip-adapter-f",
+            {"weight_decay": -0.1},
+            r"weight_decay=-0.1 is not valid; expected a finite real number ≥ 0\.",
+        ),
     ],
 )
 def test_bad_training_hyperparameters_are_named(trainable, name, params, message):
-    with pytest.raises(MethodError, match=message):
+    with pytest.raises(MethodError, match=f"^{name}: {message}"):
         M.create(name, **params).fit(trainable)
 
 
@@ -198,7 +212,7 @@ def test_selection_none_keeps_the_last_epoch_and_needs_no_validation(trainable):
 def test_single_view_bundle_trains_on_that_view(trainable):
     one = replace(trainable, support_features=trainable.support_features[:1])
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(draw_views(one.support_features, g), l2n(one.support_features[0]))
+    assert torch.equal(draw_views(one.support_features, g), F.normalize(one.support_features[0], dim=-1))
     model = M.create("ape-t", epochs=3, **GRID).fit(one)
     assert model.score(one.test_features, one.test_labels) > 100 / one.num_classes
 

@@ -69,19 +69,20 @@ Deviations forced by the data (recorded, not options):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..metrics import accuracy
-from .base import Method, MethodError, l2n
+from .base import Method
+from .params import Boolean, Integral, Interval, Optional, Options, Real, param
 from .registry import register
-from .training import canonical_order, check_training_params
+from .training import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, TrainResult, canonical_order, fit_epochs
 
 LOGIT_SCALE = 100.0  # s = exp(CLIP logit scale), fixed
 LN_EPS = 1e-5  # nn.LayerNorm's default
@@ -107,6 +108,11 @@ FITTED_PARAMETERS = {
 }
 #: floats per [rows, 2C, H, H] tensor in per-image evaluation (bounds memory; results do not depend on it)
 PER_IMAGE_BUDGET = 1 << 23
+#: the hyperparameters read at prediction time (checked there too)
+INFERENCE_PARAMS = ("inference_context", "test_batch_size")
+FINITE = Interval(Real, None, None, closed="neither")
+POSITIVE = Interval(Real, 0, None, closed="neither")
+FRACTION = Interval(Real, 0, 1, closed="left")
 
 
 # --------------------------------------------------------------------------- the loss and the schedule
@@ -255,7 +261,9 @@ class PrototypeContext:
 # --------------------------------------------------------------------------- the model
 
 
-def initial_parameters(dim: int, virtual: torch.Tensor, ratio_init: float, generator: torch.Generator) -> dict:
+def initial_parameters(
+    dim: int, virtual: torch.Tensor, ratio_init: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """The initial learnable tensors: identity projections, LayerNorm (1, 0), ``nn.MultiheadAttention``'s default
     initialisation (Xavier-uniform in-projection, zero biases, out-projection U(±1/√D)) drawn from ``generator``,
     λ = ``ratio_init`` and the given virtual prototypes (copied)."""
@@ -387,11 +395,11 @@ class CandleHead(torch.nn.Module):
         b, c = images.shape[0], self.num_classes
         tokens, kinds = self.token_set(images)
         fused, _ = self.fuse(tokens, kinds, dropout, generator)
-        queries, text = l2n(tokens[: b + c]), l2n(tokens[b + c :])
+        queries, text = F.normalize(tokens[: b + c], dim=-1), F.normalize(tokens[b + c :], dim=-1)
         z0 = LOGIT_SCALE * queries @ text.T
-        rows = l2n(fused[: b + c])
-        zvt = LOGIT_SCALE * rows @ l2n(fused[b + c :]).T
-        zvv = LOGIT_SCALE * self.scale * rows @ l2n(fused[b : b + c]).T
+        rows = F.normalize(fused[: b + c], dim=-1)
+        zvt = LOGIT_SCALE * rows @ F.normalize(fused[b + c :], dim=-1).T
+        zvv = LOGIT_SCALE * self.scale * rows @ F.normalize(fused[b : b + c], dim=-1).T
         return z0, zvt, zvv
 
     def joint_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -472,7 +480,7 @@ class CandleHead(torch.nn.Module):
         weights = torch.softmax(torch.cat([own, sigma_bp], dim=-1), dim=-1)
         attended = weights[..., :1] * v + torch.einsum("mhp,hpe->mhe", weights[..., 1:], ctx.v)
         image_row = normed + lam * F.linear(attended.reshape(count, dim), self.out_proj_weight, self.out_proj_bias)
-        unit = l2n(image_row)  # [M, D]
+        unit = F.normalize(image_row, dim=-1)  # [M, D]
         # every prototype query p, given the one extra key and value of this image
         sigma_pb = torch.einsum("hpe,mhe->mph", ctx.q, k) / math.sqrt(d)  # [M, 2C, H]
         beta = image_key_weight(sigma_pb, ctx.m.T, ctx.z.T) * ctx.sees_image[:, None].to(sigma_pb.dtype)
@@ -508,33 +516,11 @@ class CandleHead(torch.nn.Module):
 # --------------------------------------------------------------------------- the estimator
 
 
-def _number(name: str, value: Any, *, low: float | None = None, low_open: bool = False, high_open: float | None = None):
-    """Raise a :class:`MethodError` naming ``value`` unless it is a finite number within the given bounds."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high_open is not None:
-        ok = value < high_open
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low:g}")
-        if high_open is not None:
-            bounds.append(f"< {high_open:g}")
-        where = " " + " and ".join(bounds) if bounds else ""
-        raise MethodError(f"candle: {name}={value!r} must be a finite number{where}.")
-
-
 @register("candle")
+@dataclass(kw_only=True, repr=False, eq=False)
 class Candle(Method):
     """Candle with the released defaults of the run example (ViT-B/16, batch 128, lr 3e-4, 50 epochs, α = 1).
 
-    Hyperparameters (spec §8): ``scale`` α, ``mask``, ``vir_init``, ``tau`` τ, ``prior_virtual_count`` (the +1 of the
-    CLA prior), ``inference_context`` / ``test_batch_size``, ``tie_virtual_text``, ``precision`` (``"fp32"``;
-    ``"fp16"`` reproduces the released fp16 weights with plain SGD and no master copy, losses in fp32, defect C2),
-    ``heads``, ``dropout`` (attention weights, training only), ``ratio_init`` (λ), and the optimiser's ``lr``,
-    ``epochs``, ``batch_size``, ``iterations_per_epoch`` (None: ⌊N/B⌋, every support image once per epoch as
-    released), ``momentum``, ``weight_decay``, ``warmup_lr``, ``seed``, ``selection``.
     ``inference_context`` and ``test_batch_size`` are read at prediction time, so a fitted model can be evaluated
     both ways.
 
@@ -543,118 +529,67 @@ class Candle(Method):
     ``ratio_`` (λ, 0-d), ``virtual_prototypes_`` [C_n, D]; the frozen ``base_prototypes_`` [C, D] (zero rows for new
     classes), ``text_prototypes_`` [C, D] (as used: tied rows under ``tie_virtual_text``), ``new_classes_`` [C_n];
     ``class_counts_`` n_c and ``prior_`` π [C]; ``prototype_source_``; ``trained_parameters_``,
-    ``iterations_per_epoch_``, ``history_`` (epoch, lr, loss, val_accuracy), ``best_epoch_``, ``selection_used_``
-    (``"val"`` or ``"last_epoch"``), ``selected_`` and ``val_accuracy_``.
+    ``iterations_per_epoch_``, ``history_`` (epoch, lr, loss, val_accuracy), ``best_epoch_``, and the base class's
+    ``selection_used_`` (``"val"``, or ``"none"`` when the last epoch was kept), ``selected_`` and ``val_accuracy_``.
     """
 
-    #: ``selection="val"`` uses validation data when the bundle has it and keeps the last epoch otherwise
-    selects = False
+    #: with ``selection="val"`` and no validation split the last epoch is kept (the released behaviour)
+    falls_back_without_validation = True
 
-    def __init__(
-        self,
-        *,
-        scale: float = 1.0,
-        mask: str = "none",
-        vir_init: str = "text",
-        tau: float = 1.0,
-        prior_virtual_count: float = 1.0,
-        inference_context: str = "per_image",
-        test_batch_size: int = 100,
-        tie_virtual_text: bool = False,
-        precision: str = "fp32",
-        heads: int = 8,
-        dropout: float = 0.1,
-        ratio_init: float = 0.1,
-        lr: float = 3e-4,
-        epochs: int = 50,
-        batch_size: int = 128,
-        iterations_per_epoch: int | None = None,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_lr: float = 1e-5,
-        seed: int = 1,
-        selection: str = "val",
-    ):
-        self.scale = scale
-        self.mask = mask
-        self.vir_init = vir_init
-        self.tau = tau
-        self.prior_virtual_count = prior_virtual_count
-        self.inference_context = inference_context
-        self.test_batch_size = test_batch_size
-        self.tie_virtual_text = tie_virtual_text
-        self.precision = precision
-        self.heads = heads
-        self.dropout = dropout
-        self.ratio_init = ratio_init
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.iterations_per_epoch = iterations_per_epoch
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.warmup_lr = warmup_lr
-        self.seed = seed
-        self.selection = selection
+    scale: float = param(1.0, POSITIVE, doc="α, the weight of the visual-prototype logits z^{vv}")
+    mask: str = param("none", Options(MASKS), doc="which attention edges are blocked")
+    vir_init: str = param("text", Options(VIR_INITS), doc="initial virtual prototypes: the text rows or visual noise")
+    tau: float = param(1.0, FINITE, doc="τ of the logit adjustment")
+    prior_virtual_count: float = param(
+        1.0, Interval(Real, 0, None, closed="left"), doc="k in the prior π_c ∝ n_c + k (the released +1)"
+    )
+    inference_context: str = param(
+        "per_image",
+        Options(INFERENCE_CONTEXTS),
+        doc="each test image in its own token set, or chunks of test_batch_size as released",
+        hint="('transductive' reproduces the released batched evaluation.)",
+    )
+    test_batch_size: int = param(
+        100, Interval(Integral, 1, None, closed="left"), doc="rows per token set under inference_context='transductive'"
+    )
+    tie_virtual_text: bool = param(False, Boolean(), doc="reproduce the released aliasing t_c := sg(v_c) (defect C1)")
+    precision: str = param(
+        "fp32",
+        Options(tuple(PRECISIONS)),
+        doc="weights and compute; 'fp16' as released (defect C2)",
+        hint="('fp16' reproduces the released fp16 weights.)",
+    )
+    heads: int = param(8, Interval(Integral, 1, None, closed="left"), doc="attention heads (must divide D)")
+    dropout: float = param(0.1, FRACTION, doc="dropout on the attention weights, in training")
+    ratio_init: float = param(0.1, FINITE, doc="initial λ, the weight of the attention residual")
+    lr: float = param(3e-4, LEARNING_RATE, doc="SGD learning rate after the warm-up epoch")
+    epochs: int = param(50, EPOCHS, doc="training epochs (the first is the warm-up)")
+    batch_size: int = param(128, BATCH_SIZE, doc="support images per step")
+    iterations_per_epoch: int | None = param(
+        None,
+        Optional(Interval(Integral, 1, None, closed="left")),
+        doc="steps per epoch; None: ⌊N/B⌋, every support image once per epoch as released",
+        hint="(None: ⌊N/B⌋, the released epoch: every support image once.)",
+    )
+    momentum: float = param(0.9, FRACTION, doc="SGD momentum")
+    weight_decay: float = param(5e-4, WEIGHT_DECAY, doc="SGD weight decay (every parameter)")
+    warmup_lr: float = param(1e-5, POSITIVE, doc="learning rate of the warm-up epoch")
+    seed: int = param(1, SEED, doc="seed of the initialisation, view draws, batches and dropout")
 
-    # ----------------------------------------------------------------- validation
-    def _check_inference(self) -> None:
-        if self.inference_context not in INFERENCE_CONTEXTS:
-            raise MethodError(
-                f"candle: inference_context={self.inference_context!r} is not valid; choose one of "
-                f"{list(INFERENCE_CONTEXTS)} ('transductive' reproduces the released batched evaluation)."
-            )
-        v = self.test_batch_size
-        if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or int(v) < 1:
-            raise MethodError(f"candle: test_batch_size={v!r} must be a positive integer.")
-
-    def _check(self, dim: int) -> None:
-        check_training_params(
-            self.name, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size
-        )
-        if self.mask not in MASKS:
-            raise MethodError(f"candle: mask={self.mask!r} is not valid; choose one of {list(MASKS)}.")
-        if self.vir_init not in VIR_INITS:
-            raise MethodError(f"candle: vir_init={self.vir_init!r} is not valid; choose one of {list(VIR_INITS)}.")
-        if self.precision not in PRECISIONS:
-            raise MethodError(
-                f"candle: precision={self.precision!r} is not valid; choose one of {list(PRECISIONS)} "
-                "('fp16' reproduces the released fp16 weights)."
-            )
-        self._check_inference()
-        ipe = self.iterations_per_epoch
-        if ipe is not None and (isinstance(ipe, bool) or not isinstance(ipe, int) or ipe < 1):
-            raise MethodError(
-                f"candle: iterations_per_epoch={ipe!r} must be a positive integer, or None for ⌊N/B⌋ (the released "
-                "epoch: every support image once)."
-            )
-        h = self.heads
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise MethodError(f"candle: heads={h!r} must be a positive integer.")
-        if dim % h:
+    # ----------------------------------------------------------------- checks that need the data
+    def _check(self, bundle: Bundle) -> None:
+        dim = bundle.dim
+        if dim % self.heads:
             divisors = [k for k in range(1, min(dim, 16) + 1) if dim % k == 0]
             raise MethodError(
-                f"candle: D = {dim} is not divisible by heads = {h}; set heads to a divisor of D (e.g. {divisors})."
+                f"candle: D = {dim} is not divisible by heads = {self.heads}; set heads to a divisor of D "
+                f"(e.g. {divisors})."
             )
-        _number("scale", self.scale, low=0.0, low_open=True)
-        _number("tau", self.tau)
-        _number("prior_virtual_count", self.prior_virtual_count, low=0.0)
-        _number("dropout", self.dropout, low=0.0, high_open=1.0)
-        _number("ratio_init", self.ratio_init)
-        _number("momentum", self.momentum, low=0.0, high_open=1.0)
-        _number("warmup_lr", self.warmup_lr, low=0.0, low_open=True)
-        if not isinstance(self.tie_virtual_text, bool):
-            raise MethodError(f"candle: tie_virtual_text={self.tie_virtual_text!r} must be True or False.")
         if self.tie_virtual_text and self.vir_init != "text":
             raise MethodError(
                 "candle: tie_virtual_text=True reproduces the released aliasing of the virtual prototypes with the "
                 f"new classes' text rows, which only exists with vir_init='text' (got vir_init={self.vir_init!r})."
             )
-
-    # ----------------------------------------------------------------- fitting
-    def _fit(self, bundle: Bundle) -> None:
-        self._check(bundle.dim)
-        device = bundle.support_features.device
         counts = bundle.shots_per_class()
         if int(counts.sum()) == 0:
             raise MethodError(
@@ -669,6 +604,10 @@ class Candle(Method):
                 "infinite loss; use prior_virtual_count > 0 (the released value is 1)."
             )
 
+    # ----------------------------------------------------------------- fitting
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        device = bundle.support_features.device
+        counts = bundle.shots_per_class()
         order = canonical_order(bundle.support_features, bundle.support_labels)
         support = bundle.support_features[:, order].float()
         labels = bundle.support_labels[order]
@@ -697,26 +636,24 @@ class Candle(Method):
             def evaluate() -> float:
                 return accuracy(head.per_image_scores(val), val_labels)
 
-        best_state, best_epoch, history = self._train(head, support, labels, counts, generator, evaluate)
+        result = self._train(head, support, labels, counts, generator, evaluate)
         with torch.no_grad():
-            for name, param in head.named_parameters():
-                param.copy_(best_state[name])
+            for name, parameter in head.named_parameters():
+                parameter.copy_(result.state[name])
             _, used_text = head.prototypes()
         for name, attr in FITTED_PARAMETERS.items():
-            setattr(self, attr, getattr(head, name).detach().cpu().clone())
-        self.base_prototypes_ = head.base_prototypes.cpu().clone()
-        self.text_prototypes_ = used_text.detach().cpu().clone()
-        self.new_classes_ = new_classes.cpu().clone()
-        self.class_counts_ = counts.cpu().clone()
-        self.prior_ = cla_prior(counts, float(self.prior_virtual_count)).cpu()
+            setattr(self, attr, getattr(head, name).detach().clone())
+        self.base_prototypes_ = head.base_prototypes.clone()
+        self.text_prototypes_ = used_text.detach().clone()
+        self.new_classes_ = new_classes.clone()
+        self.class_counts_ = counts.clone()
+        self.prior_ = cla_prior(counts, float(self.prior_virtual_count))
         self.prototype_source_ = source
         self.iterations_per_epoch_ = self._iterations(labels.numel())
         self.trained_parameters_ = int(sum(p.numel() for p in head.parameters()))
-        self.best_epoch_ = best_epoch
-        self.history_ = history
-        self.selection_used_ = "val" if evaluate is not None else "last_epoch"
-        self.selected_ = {"epoch": best_epoch}
-        self.val_accuracy_ = self.score(bundle.val_features.cpu(), bundle.val_labels.cpu()) if bundle.has_val else None
+        self.best_epoch_ = result.best_epoch
+        self.history_ = result.history
+        return {"epoch": self.best_epoch_}
 
     def _iterations(self, num: int) -> int:
         """Steps per epoch: ``iterations_per_epoch``, or ⌊N/B⌋ (at least 1) for N support images."""
@@ -731,9 +668,10 @@ class Candle(Method):
         labels: torch.Tensor,
         counts: torch.Tensor,
         generator: torch.Generator,
-        evaluate,
-    ) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
-        """SGD over the epochs; returns (chosen parameters, chosen 1-based epoch, per-epoch history)."""
+        evaluate: Callable[[], float] | None,
+    ) -> TrainResult:
+        """SGD over the epochs through :func:`~fewclip.methods.training.fit_epochs`: the learning rate set per epoch
+        (:func:`candle_lr`), one view per support image and a fresh shuffle per epoch, the three CLA losses summed."""
         device = support.device
         epochs = int(self.epochs)
         num_views, num = support.shape[:2]
@@ -746,47 +684,31 @@ class Candle(Method):
         tau, virtual_count = float(self.tau), float(self.prior_virtual_count)
         prototype_targets = torch.arange(head.num_classes, device=device)
         dropout = float(self.dropout)
-        best_acc, best_epoch, best_state = None, epochs, None
-        history: list[dict[str, Any]] = []
-        bar = tqdm(total=epochs * iters, desc=f"{self.name} train", unit="step", leave=False, disable=None)
-        with bar:
-            for epoch in range(epochs):
-                lr = candle_lr(epoch, epochs, float(self.lr), float(self.warmup_lr))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                views = torch.randint(num_views, (num,), generator=generator).to(device)  # one view per image
-                order = epoch_order(num, iters * batch, generator).to(device)
-                total = 0.0
-                for it in range(iters):
-                    idx = order[it * batch : (it + 1) * batch]
-                    targets = torch.cat([labels[idx], prototype_targets])
-                    logits = head.train_logits(support[views[idx], idx], dropout, generator)
-                    loss = sum(cla_loss(z.float(), targets, counts, tau, virtual_count) for z in logits)
-                    if not torch.isfinite(loss):
-                        raise MethodError(
-                            f"candle: the training loss became {float(loss)} at epoch {epoch + 1}; lower lr "
-                            f"(now {self.lr})."
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach())
-                    bar.update()
-                record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": total / iters, "val_accuracy": None}
-                postfix = {"epoch": epoch + 1, "loss": f"{record['loss']:.4f}"}
-                if evaluate is not None:
-                    with torch.no_grad():
-                        acc = float(evaluate())
-                    record["val_accuracy"] = acc
-                    postfix["val"] = f"{acc:.2f}"
-                    if best_acc is None or acc > best_acc:
-                        best_acc, best_epoch = acc, epoch + 1
-                        best_state = {k: v.detach().clone() for k, v in head.named_parameters()}
-                history.append(record)
-                bar.set_postfix(postfix)
-        if best_state is None:
-            best_state = {k: v.detach().clone() for k, v in head.named_parameters()}
-        return best_state, best_epoch, history
+
+        def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            views = torch.randint(num_views, (num,), generator=generator).to(device)  # one view per image
+            order = epoch_order(num, iters * batch, generator).to(device)
+            for it in range(iters):
+                idx = order[it * batch : (it + 1) * batch]
+                yield support[views[idx], idx], torch.cat([labels[idx], prototype_targets])
+
+        def loss(step: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            images, targets = step
+            logits = head.train_logits(images, dropout, generator)
+            return sum(cla_loss(z.float(), targets, counts, tau, virtual_count) for z in logits)
+
+        return fit_epochs(
+            dict(head.named_parameters()),
+            optimizer,
+            epochs,
+            batches,
+            loss,
+            name=self.name,
+            lr=self.lr,
+            evaluate=evaluate,
+            epoch_lr=lambda epoch: candle_lr(epoch - 1, epochs, float(self.lr), float(self.warmup_lr)),
+            steps_per_epoch=iters,
+        )
 
     # ----------------------------------------------------------------- prediction
     def head(self) -> CandleHead:
@@ -801,7 +723,7 @@ class Candle(Method):
     def predict_logits(self, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         """[M, C] = z^{vt} + z^{vv}. Per image by default; under ``inference_context="transductive"`` the rows are
         scored in consecutive chunks of ``test_batch_size`` (the outer ``batch_size`` is rounded to a multiple)."""
-        self._check_inference()
+        self._validate_params(INFERENCE_PARAMS)
         if self.inference_context == "transductive":
             step = int(self.test_batch_size)
             batch_size = max(step, (int(batch_size) // step) * step)
