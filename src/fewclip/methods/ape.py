@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from ..errors import MethodError
 from ..features.bundle import Bundle
+from .ape_refine import ape_criterion, kl_divergence_log2, select_channels
 from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
 from .params import Integral, Interval, Optional, Real, param
 from .registry import register
-from .search import ape_criterion, gamma_grid, kl_divergence_log2, select_channels
+from .search import gamma_grid
 
 #: Channels kept when neither ``channels`` nor a preset says: 70% of D (the published Q are 400-800 of 1024).
 DEFAULT_CHANNEL_FRACTION = 0.7

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from ..features.bundle import Bundle
 from ..metrics import accuracy
 from .ape import CHANNELS, CRITERION_WEIGHT, merge_channel_preset, resolve_channels
+from .ape_refine import ape_criterion, select_channels
 from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
 from .params import Options, param
 from .registry import register
-from .search import ClassLayout, ape_criterion, phi, search_row_chunk, select_channels
+from .search import ClassLayout, phi, search_row_chunk
 from .training import ADAM_EPS, BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, cross_entropy, train_adapter
 
 CRITERION_POOLS = ("text", "text+cache")
