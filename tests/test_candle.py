@@ -311,13 +311,21 @@ def test_per_image_evaluation_equals_a_loop_over_single_image_token_sets(mask): 
 
 
 def test_per_image_chunking_does_not_change_scores(monkeypatch):
-    import fewclip.methods.candle as candle
+    import fewclip.methods.candle.head as candle_head
 
     head = random_head()
     x = torch.randn(30, 16)
     whole = head.per_image_scores(x)
-    monkeypatch.setattr(candle, "PER_IMAGE_BUDGET", 1)  # one image per chunk
+    chunks, original = [], CandleHead._per_image_chunk
+
+    def counted(self, ctx, images):
+        chunks.append(images.shape[0])
+        return original(self, ctx, images)
+
+    monkeypatch.setattr(candle_head, "PER_IMAGE_BUDGET", 1)  # one image per chunk
+    monkeypatch.setattr(CandleHead, "_per_image_chunk", counted)
     torch.testing.assert_close(head.per_image_scores(x), whole, atol=1e-4, rtol=0)
+    assert chunks == [1] * 30
 
 
 def test_predictions_are_invariant_to_test_order_and_batch(b2n):  # [§10.6]
