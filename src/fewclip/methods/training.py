@@ -147,9 +147,8 @@ def fit_epochs(
                 with amp.autocast():
                     value = loss(batch)
                 if not torch.isfinite(value):
-                    raise MethodError(
-                        f"{name}: the training loss became {float(value)} at epoch {epoch}; lower lr (now {lr})."
-                    )
+                    bad = float(value.detach())
+                    raise MethodError(f"{name}: the training loss became {bad} at epoch {epoch}; lower lr (now {lr}).")
                 optimizer.zero_grad(set_to_none=True)
                 amp.scaler.scale(value).backward()
                 amp.scaler.step(optimizer)

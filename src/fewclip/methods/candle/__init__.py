@@ -374,6 +374,7 @@ class Candle(Method):
     def predict_logits(self, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         """[M, C] = z^{vt} + z^{vv}. Per image by default; under ``inference_context="transductive"`` the rows are
         scored in consecutive chunks of ``test_batch_size`` (the outer ``batch_size`` is rounded to a multiple)."""
+        self._check_fitted()
         self._validate_params(INFERENCE_PARAMS)
         if self.inference_context == "transductive":
             step = int(self.test_batch_size)
