@@ -5,6 +5,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from fewclip.features.synthetic import make_synthetic_bundle  # noqa: E402
 
@@ -25,4 +26,4 @@ def small_grid():
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
+    return F.normalize(x, dim=-1)
