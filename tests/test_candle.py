@@ -33,7 +33,8 @@ from fewclip.methods.candle import (
     token_kinds,
 )
 
-FAST = {"epochs": 3, "batch_size": 16}
+#: a few SGD steps: on b2n's 30 support rows batch 16 is one step per epoch (the step-count tests rely on it)
+STEPS = {"epochs": 3, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +330,7 @@ def test_per_image_chunking_does_not_change_scores(monkeypatch):
 
 
 def test_predictions_are_invariant_to_test_order_and_batch(b2n):  # [§10.6]
-    model = M.create("candle", **FAST).fit(b2n)
+    model = M.create("candle", **STEPS).fit(b2n)
     x = b2n.test_features
     full = model.predict_logits(x)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
@@ -340,7 +341,7 @@ def test_predictions_are_invariant_to_test_order_and_batch(b2n):  # [§10.6]
 
 
 def test_transductive_mode_reproduces_a_direct_chunked_evaluation(b2n):  # [§10.6]
-    model = M.create("candle", **FAST).fit(b2n)
+    model = M.create("candle", **STEPS).fit(b2n)
     x = b2n.test_features  # 42 rows: chunks of 10, 10, 10, 10, 2
     per_image = model.predict_logits(x)
     model.inference_context, model.test_batch_size = "transductive", 10
@@ -414,7 +415,7 @@ def test_fp16_weights_lose_small_updates_on_the_identity_diagonal():
 
 
 def test_fp16_precision_trains_and_predicts_float32_logits(tmp_path, b2n):
-    model = M.create("candle", precision="fp16", **FAST).fit(b2n)
+    model = M.create("candle", precision="fp16", **STEPS).fit(b2n)
     assert model.w_image_.dtype == torch.float16 and model.virtual_prototypes_.dtype == torch.float16
     logits = model.predict_logits(b2n.test_features)
     assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
@@ -453,8 +454,8 @@ def test_new_classes_are_scored_from_their_virtual_and_text_prototypes(b2n):
 
 
 def test_deterministic_for_a_seed_and_dependent_on_it(b2n):
-    a, b = M.create("candle", seed=3, **FAST).fit(b2n), M.create("candle", seed=3, **FAST).fit(b2n)
-    c = M.create("candle", seed=4, **FAST).fit(b2n)
+    a, b = M.create("candle", seed=3, **STEPS).fit(b2n), M.create("candle", seed=3, **STEPS).fit(b2n)
+    c = M.create("candle", seed=4, **STEPS).fit(b2n)
     assert a.history_ == b.history_
     assert torch.equal(a.predict_logits(b2n.test_features), b.predict_logits(b2n.test_features))
     assert [h["loss"] for h in a.history_] != [h["loss"] for h in c.history_]
@@ -473,9 +474,9 @@ def test_epoch_order_is_a_shuffle_of_the_support_set_repeated_as_needed():
 
 def test_iterations_per_epoch_sets_the_steps_and_none_is_the_released_epoch(b2n, monkeypatch):
     support = int(b2n.support_labels.numel())  # 30 rows: the released epoch at batch 16 is one step
-    released = M.create("candle", **FAST).fit(b2n)
+    released = M.create("candle", **STEPS).fit(b2n)
     assert released.iterations_per_epoch_ == support // 16 == 1
-    explicit = M.create("candle", iterations_per_epoch=1, **FAST).fit(b2n)
+    explicit = M.create("candle", iterations_per_epoch=1, **STEPS).fit(b2n)
     assert explicit.history_ == released.history_  # same draws, same steps
 
     calls, original = [], CandleHead.train_logits
@@ -485,19 +486,19 @@ def test_iterations_per_epoch_sets_the_steps_and_none_is_the_released_epoch(b2n,
         return original(self, x, *args)
 
     monkeypatch.setattr(CandleHead, "train_logits", counted)
-    longer = M.create("candle", iterations_per_epoch=4, **FAST).fit(b2n)
+    longer = M.create("candle", iterations_per_epoch=4, **STEPS).fit(b2n)
     assert longer.iterations_per_epoch_ == 4 and len(calls) == 3 * 4 and set(calls) == {16}
     assert longer.history_ != released.history_
 
 
 def test_visual_init_and_masks_train(b2n):
     for kw in ({"vir_init": "visual"}, {"mask": "in_visual"}, {"mask": "between_visual_text"}):
-        model = M.create("candle", **FAST, **kw).fit(b2n)
+        model = M.create("candle", **STEPS, **kw).fit(b2n)
         assert model.score(b2n.test_features, b2n.test_labels) > 100 / b2n.num_classes, kw
 
 
 def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
-    model = M.create("candle", tie_virtual_text=True, inference_context="transductive", test_batch_size=5, **FAST)
+    model = M.create("candle", tie_virtual_text=True, inference_context="transductive", test_batch_size=5, **STEPS)
     model.fit(b2n)
     back = M.load(model.save(tmp_path / "candle.safetensors"))
     assert torch.equal(back.predict_logits(b2n.test_features), model.predict_logits(b2n.test_features))
@@ -539,4 +540,4 @@ def test_bundle_without_support_is_refused(b2n):
         support_clean_features=b2n.support_clean_features[:0],
     )
     with pytest.raises(MethodError, match="no class has support images"):
-        M.create("candle", **FAST).fit(empty)
+        M.create("candle", **STEPS).fit(empty)

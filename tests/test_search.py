@@ -196,7 +196,19 @@ def test_cache_search_constructed_ties_pick_smallest_beta_then_alpha_then_gamma(
     )
     assert bool((counts == 2).all())
     assert S.first_argmax(counts) == (0, 0, 0)
-    # now make only the last beta and the last two alphas correct for row 1; ties among those go to the first.
-    counts = torch.zeros(5, 4, 3, dtype=torch.long)
-    counts[4, 2:, 1:] = 7
+    # Now the cache term decides row 1 (label 1, behind by 0.75 in z0) only at the largest β and the two largest
+    # α, and only for weight candidates 1 and 2 (candidate 0 weighs every entry 0). Class 1 has one key at
+    # affinity 1, class 0 twelve at 0.5: the margin α·(1 − 12·exp(−β/2)) passes 0.75 only at β = 5.62 with
+    # α ≥ 3.55. The tie among those cells goes to the first (β, α) and the first candidate.
+    labels_cache = torch.tensor([0] * 12 + [1])
+    affinity = torch.tensor([[0.0] * 13, [0.5] * 12 + [1.0]])
+    z0 = torch.tensor([[100.0, 0.0], [0.75, 0.0]])
+    weights = torch.stack([torch.zeros(13), torch.ones(13), torch.ones(13)])
+    betas, alphas, labels = S.tip_grid(7, 5), S.tip_grid(7, 4), torch.tensor([0, 1])
+    counts = S.cache_search(z0, affinity, S.ClassLayout(labels_cache, 2), weights, labels, betas, alphas)
+    expected = torch.ones(5, 4, 3, dtype=torch.long)
+    expected[4, 2:, 1:] = 2
+    assert torch.equal(counts, expected)
     assert S.first_argmax(counts) == (4, 2, 1)
+    choice, best = nested_loop_search(z0, affinity, labels_cache, weights, labels, betas.tolist(), alphas.tolist(), 2)
+    assert (choice, best) == ((4, 2, 1), 2)
