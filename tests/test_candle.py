@@ -519,11 +519,11 @@ def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
         ({"tie_virtual_text": True, "vir_init": "visual"}, r"only exists with vir_init='text'"),
         ({"prior_virtual_count": 0}, r"prior_virtual_count=0 gives the classes without support .*class_002"),
         ({"dropout": 1.0}, r"dropout=1.0 is not valid; expected a finite real number in \[0, 1\)\."),
-        ({"precision": "bf16"}, r"precision='bf16' is not valid; expected one of \['fp32', 'fp16'\]\. \('fp16' repro"),
+        ({"precision": "bf16"}, r"precision='bf16' is not valid; expected one of \['fp32', 'fp16'\]\. 'fp16' repro"),
         ({"epochs": 0}, r"epochs=0 is not valid; expected a positive integer\."),
         (
             {"iterations_per_epoch": 0},
-            r"iterations_per_epoch=0 is not valid; expected None or a positive integer\. \(None",
+            r"iterations_per_epoch=0 is not valid; expected None or a positive integer\. None means",
         ),
     ],
 )

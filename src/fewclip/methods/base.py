@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import MethodError, NotFittedError
 from ..io import atomic_write
 from ..metrics import accuracy
-from .params import Options, constraint_of, param, validate
+from .params import Constraint, Options, constraint_of, param, validate
 
 MODEL_FORMAT = "fewclip-model/1"
 SELECTIONS = ("val", "none")
@@ -112,7 +112,7 @@ class Method:
         return {f.name: f.default for f in cls.param_fields()}
 
     @classmethod
-    def constraints(cls) -> dict[str, Any]:
+    def constraints(cls) -> dict[str, Constraint | None]:
         """Each hyperparameter's constraint (None where a field has none, which ``register`` refuses)."""
         return {f.name: constraint_of(f) for f in cls.param_fields()}
 

@@ -198,7 +198,7 @@ class Candle(Method):
         "per_image",
         Options(INFERENCE_CONTEXTS),
         doc="each test image in its own token set, or chunks of test_batch_size as released",
-        hint="('transductive' reproduces the released batched evaluation.)",
+        hint="'transductive' reproduces the released batched evaluation.",
     )
     test_batch_size: int = param(
         100, Interval(Integral, 1, None, closed="left"), doc="rows per token set under inference_context='transductive'"
@@ -208,7 +208,7 @@ class Candle(Method):
         "fp32",
         Options(tuple(PRECISIONS)),
         doc="weights and compute; 'fp16' as released (defect C2)",
-        hint="('fp16' reproduces the released fp16 weights.)",
+        hint="'fp16' reproduces the released fp16 weights.",
     )
     heads: int = param(8, Interval(Integral, 1, None, closed="left"), doc="attention heads (must divide D)")
     dropout: float = param(0.1, FRACTION, doc="dropout on the attention weights, in training")
@@ -220,7 +220,7 @@ class Candle(Method):
         None,
         Optional(Interval(Integral, 1, None, closed="left")),
         doc="steps per epoch; None: ⌊N/B⌋, every support image once per epoch as released",
-        hint="(None: ⌊N/B⌋, the released epoch: every support image once.)",
+        hint="None means ⌊N/B⌋, the released epoch: every support image once.",
     )
     momentum: float = param(0.9, FRACTION, doc="SGD momentum")
     weight_decay: float = param(5e-4, WEIGHT_DECAY, doc="SGD weight decay (every parameter)")
