@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fewclip.methods as M
 from fewclip.features.synthetic import make_synthetic_bundle
-from fewclip.methods.base import MethodError, l2n
+from fewclip.methods.base import MethodError
 from fewclip.methods.candle import (
     IMAGE,
     LOGIT_SCALE,
@@ -33,7 +33,8 @@ from fewclip.methods.candle import (
     token_kinds,
 )
 
-FAST = {"epochs": 3, "batch_size": 16}
+#: a few SGD steps: on b2n's 30 support rows batch 16 is one step per epoch (the step-count tests rely on it)
+STEPS = {"epochs": 3, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def random_head(dim=16, classes=5, new=(1, 3), heads=4, mask="none", seed=0, dty
             params[name] = value + 0.3 * torch.randn(value.shape, generator=g)
     base = 5.0 * torch.randn(classes, dim, generator=g)
     base[new] = 0.0
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     head = CandleHead(params, base, text, new, heads=heads, mask=mask, scale=0.7)
     return head.to(dtype)
 
@@ -72,8 +73,11 @@ def reference_scores(head: CandleHead, images: torch.Tensor) -> torch.Tensor:
         head.out_proj_weight, head.out_proj_bias, training=False, need_weights=False, attn_mask=mask,
     )  # fmt: skip
     fused = normed + head.ratio * out
-    rows = l2n(fused[:b])
-    return LOGIT_SCALE * rows @ l2n(fused[b + c :]).T + LOGIT_SCALE * head.scale * rows @ l2n(fused[b : b + c]).T
+    rows = F.normalize(fused[:b], dim=-1)
+    return (
+        LOGIT_SCALE * rows @ F.normalize(fused[b + c :], dim=-1).T
+        + LOGIT_SCALE * head.scale * rows @ F.normalize(fused[b : b + c], dim=-1).T
+    )
 
 
 # --------------------------------------------------------------------------- the CLA loss and the schedule
@@ -161,7 +165,7 @@ def test_identity_init_pre_fusion_logits_are_zero_shot_cosines():  # [§10.3]
     g = torch.Generator().manual_seed(1)
     dim, classes = 16, 4
     new = torch.tensor([3])
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     base = 4 * torch.randn(classes, dim, generator=g)
     base[new] = 0
     head = CandleHead(initial_parameters(dim, text[new], 0.1, g), base, text, new, heads=8)
@@ -192,7 +196,7 @@ def test_prototypes_initialised_as_specified():
     labels = torch.tensor([0, 0, 2, 2, 2, 4])
     counts = torch.bincount(labels, minlength=6)
     feats = 10 * torch.randn(6, dim, generator=g)
-    text = l2n(torch.randn(6, dim, generator=g))
+    text = F.normalize(torch.randn(6, dim, generator=g), dim=-1)
     base, new, virtual = initial_prototypes(feats, labels, counts, text, "text", g)
     assert new.tolist() == [1, 3, 5]
     assert torch.allclose(base[0], feats[:2].mean(0), atol=1e-5) and torch.allclose(base[2], feats[2:5].mean(0))
@@ -308,17 +312,25 @@ def test_per_image_evaluation_equals_a_loop_over_single_image_token_sets(mask): 
 
 
 def test_per_image_chunking_does_not_change_scores(monkeypatch):
-    import fewclip.methods.candle as candle
+    import fewclip.methods.candle.head as candle_head
 
     head = random_head()
     x = torch.randn(30, 16)
     whole = head.per_image_scores(x)
-    monkeypatch.setattr(candle, "PER_IMAGE_BUDGET", 1)  # one image per chunk
+    chunks, original = [], CandleHead._per_image_chunk
+
+    def counted(self, ctx, images):
+        chunks.append(images.shape[0])
+        return original(self, ctx, images)
+
+    monkeypatch.setattr(candle_head, "PER_IMAGE_BUDGET", 1)  # one image per chunk
+    monkeypatch.setattr(CandleHead, "_per_image_chunk", counted)
     torch.testing.assert_close(head.per_image_scores(x), whole, atol=1e-4, rtol=0)
+    assert chunks == [1] * 30
 
 
 def test_predictions_are_invariant_to_test_order_and_batch(b2n):  # [§10.6]
-    model = M.create("candle", **FAST).fit(b2n)
+    model = M.create("candle", **STEPS).fit(b2n)
     x = b2n.test_features
     full = model.predict_logits(x)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
@@ -329,7 +341,7 @@ def test_predictions_are_invariant_to_test_order_and_batch(b2n):  # [§10.6]
 
 
 def test_transductive_mode_reproduces_a_direct_chunked_evaluation(b2n):  # [§10.6]
-    model = M.create("candle", **FAST).fit(b2n)
+    model = M.create("candle", **STEPS).fit(b2n)
     x = b2n.test_features  # 42 rows: chunks of 10, 10, 10, 10, 2
     per_image = model.predict_logits(x)
     model.inference_context, model.test_batch_size = "transductive", 10
@@ -382,7 +394,7 @@ def test_fp16_weights_lose_small_updates_on_the_identity_diagonal():
     away, so the warm-up epoch (lr 1e-5) leaves the identity diagonal of W_I untouched; fp32 (the default) keeps it."""
     g = torch.Generator().manual_seed(0)
     dim, classes, new = 32, 4, torch.tensor([3])
-    text = l2n(torch.randn(classes, dim, generator=g))
+    text = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
     base = 5 * torch.randn(classes, dim, generator=g)
     base[new] = 0
     params = initial_parameters(dim, text[new], 0.1, g)
@@ -403,7 +415,7 @@ def test_fp16_weights_lose_small_updates_on_the_identity_diagonal():
 
 
 def test_fp16_precision_trains_and_predicts_float32_logits(tmp_path, b2n):
-    model = M.create("candle", precision="fp16", **FAST).fit(b2n)
+    model = M.create("candle", precision="fp16", **STEPS).fit(b2n)
     assert model.w_image_.dtype == torch.float16 and model.virtual_prototypes_.dtype == torch.float16
     logits = model.predict_logits(b2n.test_features)
     assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
@@ -428,7 +440,7 @@ def test_training_lowers_the_loss_and_selects_the_best_validation_epoch(b2n):
     last = M.create("candle", epochs=4, batch_size=16, lr=0.05, selection="none").fit(b2n)
     assert last.best_epoch_ == 4 and all(h["val_accuracy"] is None for h in last.history_)
     no_val = M.create("candle", epochs=2, batch_size=16).fit(replace(b2n, val_features=None, val_labels=None))
-    assert no_val.best_epoch_ == 2 and no_val.selection_used_ == "last_epoch" and no_val.val_accuracy_ is None
+    assert no_val.best_epoch_ == 2 and no_val.selection_used_ == "none" and no_val.val_accuracy_ is None
 
 
 def test_new_classes_are_scored_from_their_virtual_and_text_prototypes(b2n):
@@ -442,8 +454,8 @@ def test_new_classes_are_scored_from_their_virtual_and_text_prototypes(b2n):
 
 
 def test_deterministic_for_a_seed_and_dependent_on_it(b2n):
-    a, b = M.create("candle", seed=3, **FAST).fit(b2n), M.create("candle", seed=3, **FAST).fit(b2n)
-    c = M.create("candle", seed=4, **FAST).fit(b2n)
+    a, b = M.create("candle", seed=3, **STEPS).fit(b2n), M.create("candle", seed=3, **STEPS).fit(b2n)
+    c = M.create("candle", seed=4, **STEPS).fit(b2n)
     assert a.history_ == b.history_
     assert torch.equal(a.predict_logits(b2n.test_features), b.predict_logits(b2n.test_features))
     assert [h["loss"] for h in a.history_] != [h["loss"] for h in c.history_]
@@ -462,9 +474,9 @@ def test_epoch_order_is_a_shuffle_of_the_support_set_repeated_as_needed():
 
 def test_iterations_per_epoch_sets_the_steps_and_none_is_the_released_epoch(b2n, monkeypatch):
     support = int(b2n.support_labels.numel())  # 30 rows: the released epoch at batch 16 is one step
-    released = M.create("candle", **FAST).fit(b2n)
+    released = M.create("candle", **STEPS).fit(b2n)
     assert released.iterations_per_epoch_ == support // 16 == 1
-    explicit = M.create("candle", iterations_per_epoch=1, **FAST).fit(b2n)
+    explicit = M.create("candle", iterations_per_epoch=1, **STEPS).fit(b2n)
     assert explicit.history_ == released.history_  # same draws, same steps
 
     calls, original = [], CandleHead.train_logits
@@ -474,19 +486,19 @@ def test_iterations_per_epoch_sets_the_steps_and_none_is_the_released_epoch(b2n,
         return original(self, x, *args)
 
     monkeypatch.setattr(CandleHead, "train_logits", counted)
-    longer = M.create("candle", iterations_per_epoch=4, **FAST).fit(b2n)
+    longer = M.create("candle", iterations_per_epoch=4, **STEPS).fit(b2n)
     assert longer.iterations_per_epoch_ == 4 and len(calls) == 3 * 4 and set(calls) == {16}
     assert longer.history_ != released.history_
 
 
 def test_visual_init_and_masks_train(b2n):
     for kw in ({"vir_init": "visual"}, {"mask": "in_visual"}, {"mask": "between_visual_text"}):
-        model = M.create("candle", **FAST, **kw).fit(b2n)
+        model = M.create("candle", **STEPS, **kw).fit(b2n)
         assert model.score(b2n.test_features, b2n.test_labels) > 100 / b2n.num_classes, kw
 
 
 def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
-    model = M.create("candle", tie_virtual_text=True, inference_context="transductive", test_batch_size=5, **FAST)
+    model = M.create("candle", tie_virtual_text=True, inference_context="transductive", test_batch_size=5, **STEPS)
     model.fit(b2n)
     back = M.load(model.save(tmp_path / "candle.safetensors"))
     assert torch.equal(back.predict_logits(b2n.test_features), model.predict_logits(b2n.test_features))
@@ -500,20 +512,23 @@ def test_save_and_load_keep_the_tie_and_the_transductive_option(tmp_path, b2n):
     "params, message",
     [
         ({"heads": 5}, r"D = 32 is not divisible by heads = 5; set heads to a divisor of D"),
-        ({"mask": "visual"}, r"mask='visual' is not valid; choose one of \['none', 'in_visual'"),
+        ({"mask": "visual"}, r"mask='visual' is not valid; expected one of \['none', 'in_visual'"),
         ({"vir_init": "random"}, r"vir_init='random' is not valid"),
         ({"inference_context": "batch"}, r"inference_context='batch' is not valid"),
-        ({"test_batch_size": 0}, r"test_batch_size=0 must be a positive integer"),
+        ({"test_batch_size": 0}, r"test_batch_size=0 is not valid; expected a positive integer\."),
         ({"tie_virtual_text": True, "vir_init": "visual"}, r"only exists with vir_init='text'"),
         ({"prior_virtual_count": 0}, r"prior_virtual_count=0 gives the classes without support .*class_002"),
-        ({"dropout": 1.0}, r"dropout=1.0 must be a finite number >= 0 and < 1"),
-        ({"precision": "bf16"}, r"precision='bf16' is not valid; choose one of \['fp32', 'fp16'\]"),
-        ({"epochs": 0}, r"epochs=0 must be a positive integer"),
-        ({"iterations_per_epoch": 0}, r"iterations_per_epoch=0 must be a positive integer, or None for"),
+        ({"dropout": 1.0}, r"dropout=1.0 is not valid; expected a finite real number in \[0, 1\)\."),
+        ({"precision": "bf16"}, r"precision='bf16' is not valid; expected one of \['fp32', 'fp16'\]\. 'fp16' repro"),
+        ({"epochs": 0}, r"epochs=0 is not valid; expected a positive integer\."),
+        (
+            {"iterations_per_epoch": 0},
+            r"iterations_per_epoch=0 is not valid; expected None or a positive integer\. None means",
+        ),
     ],
 )
 def test_bad_settings_name_the_value_and_the_fix(b2n, params, message):
-    with pytest.raises(MethodError, match=message):
+    with pytest.raises(MethodError, match=f"^candle: .*{message}"):
         M.create("candle", **params).fit(b2n)
 
 
@@ -525,4 +540,4 @@ def test_bundle_without_support_is_refused(b2n):
         support_clean_features=b2n.support_clean_features[:0],
     )
     with pytest.raises(MethodError, match="no class has support images"):
-        M.create("candle", **FAST).fit(empty)
+        M.create("candle", **STEPS).fit(empty)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fewclip.methods as M
+from conftest import FAST
 from fewclip.features.bundle import make_bundle
 from fewclip.methods.ape import resolve_channels
 from fewclip.methods.base import MethodError
@@ -110,10 +111,10 @@ def test_linear_probe_solution_satisfies_optimality():
     assert float(w.grad.abs().max()) < 1e-5 and float(b.grad.abs().max()) < 1e-5
 
 
-def test_cache_methods_beat_zero_shot_on_structured_bundle(bundle, small_grid):
+def test_cache_methods_beat_zero_shot_on_structured_bundle(bundle):
     zs = M.create("zero-shot").fit(bundle).score(bundle.test_features, bundle.test_labels)
     for name in ["tip-adapter", "ape", "gda", "linear-probe"]:
-        model = M.create(name, **small_grid.get(name, {})).fit(bundle)
+        model = M.create(name, **FAST.get(name, {})).fit(bundle)
         assert model.score(bundle.test_features, bundle.test_labels) > zs + 5, name
 
 
@@ -181,3 +182,26 @@ def test_methods_needing_support_refuse_class_without_support(bundle):
     model = M.create("tip-adapter", selection="none").fit(partial)
     z0 = 100 * torch.nn.functional.normalize(bundle.test_features, dim=1) @ bundle.text_weights.T
     assert torch.allclose(model.predict_logits(bundle.test_features)[:, 3], z0[:, 3], atol=1e-4)
+
+
+def test_preset_names_resolve_through_the_dataset_registry_and_tables_may_hold_other_keys(monkeypatch):
+    from fewclip.methods import registry
+
+    table = {"common": {"init_beta": 2.0}, "presets": {"fgvc_aircraft": {"init_alpha": 5.0}, "my-setup": {}}}
+    monkeypatch.setattr(registry, "_preset_file", lambda method: table)
+    for alias in ("fgvc", "FGVCAircraft", "fgvc_aircraft"):  # dataset spellings resolve to the table's key
+        model = M.create("tip-adapter", preset=alias)
+        assert (model.preset, model.init_alpha, model.init_beta) == ("fgvc_aircraft", 5.0, 2.0)
+    assert M.create("tip-adapter", preset="my-setup").preset == "my-setup"  # not a dataset: used verbatim
+    with pytest.raises(MethodError, match=r"unknown preset 'dtd'; valid presets: fgvc_aircraft, my-setup\."):
+        M.create("tip-adapter", preset="dtd")  # a dataset, but not in this table
+
+
+def test_an_explicit_channel_count_is_not_rescaled_from_the_preset():
+    for name in ("ape", "ape-t"):
+        preset = M.create(name, preset="imagenet")
+        assert preset.channels_reference_dim == 1024
+        explicit = M.create(name, preset="imagenet", channels=30)
+        assert (explicit.channels, explicit.channels_reference_dim) == (30, None)
+        both = M.create(name, preset="imagenet", channels=30, channels_reference_dim=512)
+        assert both.channels_reference_dim == 512

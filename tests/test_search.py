@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import unit
+from fewclip.methods import ape_refine as R
 from fewclip.methods import search as S
 
 
@@ -20,6 +21,20 @@ def test_first_argmax_is_row_major_first_maximum():
     assert S.first_argmax(counts) == (0, 0, 1)
 
 
+def pairwise_criterion(pools):
+    """The definition of APE's S as a double sum over pairs of classes (slow; the oracle of the closed form)."""
+    dim = pools[0].shape[1]
+    num = torch.zeros(dim, dtype=torch.float64)
+    den = 0.0
+    for i, pi in enumerate(pools):
+        for j, pj in enumerate(pools):
+            if i == j:
+                continue
+            num += torch.einsum("md,nd->d", pi.double(), pj.double())
+            den += pi.shape[0] * pj.shape[0]
+    return num / den
+
+
 @pytest.mark.parametrize("unequal", [False, True])
 def test_criterion_closed_form_equals_pairwise_definition(unequal):
     g = torch.Generator().manual_seed(0)
@@ -29,8 +44,8 @@ def test_criterion_closed_form_equals_pairwise_definition(unequal):
     labels = torch.repeat_interleave(torch.arange(c), torch.tensor(counts))
     keys = unit(torch.randn(labels.numel(), d, generator=g, dtype=torch.float64))
     pools = [torch.cat([text[i : i + 1], keys[labels == i]]) for i in range(c)]
-    closed = S.ape_criterion(text, keys, labels)
-    assert torch.allclose(closed, S.ape_pairwise_criterion(pools), atol=1e-12)
+    closed = R.ape_criterion(text, keys, labels)
+    assert torch.allclose(closed, pairwise_criterion(pools), atol=1e-12)
     # equal pools: the upstream normaliser C(C-1)M^2
     if not unequal:
         brute = torch.zeros(d, dtype=torch.float64)
@@ -43,23 +58,23 @@ def test_criterion_closed_form_equals_pairwise_definition(unequal):
 def test_text_pool_criterion_and_variance_by_hand():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     # pairs (i != j): channel 0 products 1*0, 1*1, 0*1, 0*1, 1*1, 1*0 -> sum 2 over 6 pairs
-    assert torch.allclose(S.ape_criterion(text), torch.tensor([2 / 6, 0.0], dtype=torch.float64))
-    assert torch.allclose(S.interclass_variance(text), torch.tensor([1 / 3, 1 / 3], dtype=torch.float64))
+    assert torch.allclose(R.ape_criterion(text), torch.tensor([2 / 6, 0.0], dtype=torch.float64))
+    assert torch.allclose(R.interclass_variance(text), torch.tensor([1 / 3, 1 / 3], dtype=torch.float64))
 
 
 def test_channel_selection_breaks_ties_by_lower_index():
     text = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
     crit = torch.zeros(4, dtype=torch.float64)
-    assert S.select_channels(text, crit, 3, 0.5, 0.5).tolist() == [0, 1, 2]
+    assert R.select_channels(text, crit, 3, 0.5, 0.5).tolist() == [0, 1, 2]
     crit = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=torch.float64)  # lower similarity ranks channel 1 first
-    assert S.select_channels(text, crit, 2, 0.5, 0.5).tolist() == [1, 0]
+    assert R.select_channels(text, crit, 2, 0.5, 0.5).tolist() == [1, 0]
 
 
 def test_kl_weight_formula():
     g = torch.Generator().manual_seed(1)
     keys, text = unit(torch.randn(6, 5, generator=g)), unit(torch.randn(3, 5, generator=g))
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    d = S.kl_divergence_log2(keys, text, labels)
+    d = R.kl_divergence_log2(keys, text, labels)
     probs = torch.softmax(keys.double() @ text.double().T, dim=1)
     for k in range(6):
         full = sum(
@@ -181,7 +196,19 @@ def test_cache_search_constructed_ties_pick_smallest_beta_then_alpha_then_gamma(
     )
     assert bool((counts == 2).all())
     assert S.first_argmax(counts) == (0, 0, 0)
-    # now make only the last beta and the last two alphas correct for row 1; ties among those go to the first.
-    counts = torch.zeros(5, 4, 3, dtype=torch.long)
-    counts[4, 2:, 1:] = 7
+    # Now the cache term decides row 1 (label 1, behind by 0.75 in z0) only at the largest β and the two largest
+    # α, and only for weight candidates 1 and 2 (candidate 0 weighs every entry 0). Class 1 has one key at
+    # affinity 1, class 0 twelve at 0.5: the margin α·(1 − 12·exp(−β/2)) passes 0.75 only at β = 5.62 with
+    # α ≥ 3.55. The tie among those cells goes to the first (β, α) and the first candidate.
+    labels_cache = torch.tensor([0] * 12 + [1])
+    affinity = torch.tensor([[0.0] * 13, [0.5] * 12 + [1.0]])
+    z0 = torch.tensor([[100.0, 0.0], [0.75, 0.0]])
+    weights = torch.stack([torch.zeros(13), torch.ones(13), torch.ones(13)])
+    betas, alphas, labels = S.tip_grid(7, 5), S.tip_grid(7, 4), torch.tensor([0, 1])
+    counts = S.cache_search(z0, affinity, S.ClassLayout(labels_cache, 2), weights, labels, betas, alphas)
+    expected = torch.ones(5, 4, 3, dtype=torch.long)
+    expected[4, 2:, 1:] = 2
+    assert torch.equal(counts, expected)
     assert S.first_argmax(counts) == (4, 2, 1)
+    choice, best = nested_loop_search(z0, affinity, labels_cache, weights, labels, betas.tolist(), alphas.tolist(), 2)
+    assert (choice, best) == ((4, 2, 1), 2)

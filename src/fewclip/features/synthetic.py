@@ -13,12 +13,9 @@ The generative model mimics what matters in CLIP features for few-shot adaptatio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .bundle import Bundle, make_bundle
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def make_synthetic_bundle(
@@ -50,11 +47,11 @@ def make_synthetic_bundle(
         raise ValueError(f"shots lists {len(counts)} counts; expected one per class ({classes}).")
     s = dim**-0.5
 
-    common = _unit(torch.randn(dim, generator=g))
-    centres = _unit(shared * common + _unit(torch.randn(classes, dim, generator=g)))
-    gap_img = gap * _unit(torch.randn(dim, generator=g))
-    gap_txt = gap * _unit(torch.randn(dim, generator=g))
-    text = _unit(centres + text_noise * s * torch.randn(classes, dim, generator=g) + gap_txt)
+    common = F.normalize(torch.randn(dim, generator=g), dim=-1)
+    centres = F.normalize(shared * common + F.normalize(torch.randn(classes, dim, generator=g), dim=-1), dim=-1)
+    gap_img = gap * F.normalize(torch.randn(dim, generator=g), dim=-1)
+    gap_txt = gap * F.normalize(torch.randn(dim, generator=g), dim=-1)
+    text = F.normalize(centres + text_noise * s * torch.randn(classes, dim, generator=g) + gap_txt, dim=-1)
 
     def images(labels: torch.Tensor) -> torch.Tensor:
         eps = within * s * torch.randn(len(labels), dim, generator=g)

@@ -9,17 +9,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..errors import MethodError
 from ..features.bundle import Bundle
-from .base import MethodError, l2n
-from .cache import CacheMethod, check_grid, support_cache
+from .ape_refine import ape_criterion, kl_divergence_log2, select_channels
+from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
+from .params import Integral, Interval, Optional, Real, param
 from .registry import register
-from .search import ape_criterion, gamma_grid, kl_divergence_log2, select_channels
+from .search import gamma_grid
 
 #: Channels kept when neither ``channels`` nor a preset says: 70% of D (the published Q are 400-800 of 1024).
 DEFAULT_CHANNEL_FRACTION = 0.7
+#: ``channels`` and ``channels_reference_dim``
+CHANNELS = Optional(Interval(Integral, 1, None, closed="left"))
+#: ``w_sim`` and ``w_var``, the weights of the channel criterion
+CRITERION_WEIGHT = Interval(Real, 0, None, closed="left")
 
 
 def resolve_channels(channels: int | None, reference_dim: int | None, dim: int, name: str = "ape") -> int:
@@ -34,46 +43,48 @@ def resolve_channels(channels: int | None, reference_dim: int | None, dim: int, 
     return int(channels)
 
 
-@register("ape")
-class APE(CacheMethod):
-    def __init__(
-        self,
-        *,
-        channels: int | None = None,
-        channels_reference_dim: int | None = None,
-        w_sim: float = 0.5,
-        w_var: float = 0.5,
-        init_alpha: float = 1.0,
-        init_beta: float = 1.0,
-        init_gamma: float = 0.1,
-        search_scale: Sequence[float] = (7.0, 7.0, 1.0),
-        search_step: Sequence[int] = (200, 20, 20),
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.channels = channels
-        self.channels_reference_dim = channels_reference_dim
-        self.w_sim = w_sim
-        self.w_var = w_var
-        self.init_alpha = init_alpha
-        self.init_beta = init_beta
-        self.init_gamma = init_gamma
-        self.search_scale = search_scale
-        self.search_step = search_step
-        self.selection = selection
-        self.preset = preset
+def merge_channel_preset(preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A preset's values overridden by the user's; an explicit ``channels`` is used verbatim (the preset's
+    ``channels_reference_dim`` is dropped), not rescaled from the preset's RN50 dimension."""
+    merged = {**preset_values, **params}
+    if "channels" in params and "channels_reference_dim" not in params:
+        merged["channels_reference_dim"] = None
+    return merged
 
-    def _fit(self, bundle: Bundle) -> None:
-        scale, step = check_grid(self.name, self.search_scale, self.search_step, 3)
+
+@register("ape")
+@dataclass(kw_only=True, repr=False, eq=False)
+class APE(CacheMethod):
+    channels: int | None = param(None, CHANNELS, doc="Q, refined channels kept (None: 70% of D)")
+    channels_reference_dim: int | None = param(
+        None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q keeps its fraction of D"
+    )
+    w_sim: float = param(0.5, CRITERION_WEIGHT, doc="weight of the inter-class similarity S")
+    w_var: float = param(0.5, CRITERION_WEIGHT, doc="weight of the inter-class variance V")
+    init_alpha: float = param(1.0, CACHE_WEIGHT, doc="α without search")
+    init_beta: float = param(1.0, CACHE_WEIGHT, doc="β without search")
+    init_gamma: float = param(0.1, CACHE_WEIGHT, doc="γ without search")
+    search_scale: Sequence[float] = param((7.0, 7.0, 1.0), search_scale(3), doc="upper ends of the β, α, γ grids")
+    search_step: Sequence[int] = param((200, 20, 20), search_step(3), doc="points of the β, α, γ grids")
+
+    @classmethod
+    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        return merge_channel_preset(preset_values, params)
+
+    def _check(self, bundle: Bundle) -> None:
+        resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
+
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        scale, step = self._grid()
         q = resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
         text = bundle.text_weights
         keys, labels = support_cache(bundle)
         criterion = ape_criterion(text, keys, labels)
         self.channels_ = select_channels(text, criterion, q, float(self.w_sim), float(self.w_var))
         self.text_ = text.clone()
-        self.cache_keys_ = l2n(keys[:, self.channels_])
+        self.cache_keys_ = F.normalize(keys[:, self.channels_], dim=-1)
         self.key_labels_ = labels
-        self.kl_ = kl_divergence_log2(self.cache_keys_, l2n(text[:, self.channels_]), labels)
+        self.kl_ = kl_divergence_log2(self.cache_keys_, F.normalize(text[:, self.channels_], dim=-1), labels)
 
         self.alpha_, self.beta_ = float(self.init_alpha), float(self.init_beta)
         self.gamma_ = float(self.init_gamma)
@@ -84,13 +95,10 @@ class APE(CacheMethod):
             self.gamma_ = float(gammas[l])
             self.search_["gamma_grid"] = [float(gammas[0]), float(gammas[-1]), int(gammas.numel())]
         self.entry_weights_ = torch.exp(self.gamma_ * self.kl_)
-        self._finish(
-            bundle,
-            {
-                "alpha": self.alpha_,
-                "beta": self.beta_,
-                "gamma": self.gamma_,
-                "channels_used": q,
-                "channels_requested": self.channels,
-            },
-        )
+        return {
+            "alpha": self.alpha_,
+            "beta": self.beta_,
+            "gamma": self.gamma_,
+            "channels_used": q,
+            "channels_requested": self.channels,
+        }

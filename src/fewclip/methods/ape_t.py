@@ -22,17 +22,21 @@ and the [B, N] affinity n(x)Fᵀ carries no gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..features.bundle import Bundle
 from ..metrics import accuracy
-from .ape import resolve_channels
-from .base import MethodError, l2n
-from .cache import CacheMethod, check_grid, support_cache
+from .ape import CHANNELS, CRITERION_WEIGHT, merge_channel_preset, resolve_channels
+from .ape_refine import ape_criterion, select_channels
+from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
+from .params import Options, param
 from .registry import register
-from .search import ClassLayout, ape_criterion, phi, search_row_chunk, select_channels
-from .training import check_adapter_settings, cross_entropy, train_adapter
+from .search import ClassLayout, phi, search_row_chunk
+from .training import ADAM_EPS, BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, cross_entropy, train_adapter
 
 CRITERION_POOLS = ("text", "text+cache")
 
@@ -84,54 +88,35 @@ def factored_logits(
 
 
 @register("ape-t")
+@dataclass(kw_only=True, repr=False, eq=False)
 class APET(CacheMethod):
-    def __init__(
-        self,
-        *,
-        channels: int | None = None,
-        channels_reference_dim: int | None = None,
-        w_sim: float = 0.2,
-        w_var: float = 0.8,
-        criterion_pool: str = "text",
-        init_alpha: float = 1.0,
-        init_beta: float = 1.0,
-        search_scale: Sequence[float] = (7.0, 7.0),
-        search_step: Sequence[int] = (200, 20),
-        epochs: int = 20,
-        lr: float = 1e-3,
-        eps: float = 1e-3,
-        weight_decay: float = 0.1,
-        batch_size: int = 256,
-        seed: int = 1,
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.channels = channels
-        self.channels_reference_dim = channels_reference_dim
-        self.w_sim = w_sim
-        self.w_var = w_var
-        self.criterion_pool = criterion_pool
-        self.init_alpha = init_alpha
-        self.init_beta = init_beta
-        self.search_scale = search_scale
-        self.search_step = search_step
-        self.epochs = epochs
-        self.lr = lr
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.seed = seed
-        self.selection = selection
-        self.preset = preset
+    channels: int | None = param(None, CHANNELS, doc="Q_T, channels the residual acts on (None: 70% of D)")
+    channels_reference_dim: int | None = param(
+        None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q_T keeps its fraction of D"
+    )
+    w_sim: float = param(0.2, CRITERION_WEIGHT, doc="weight of the inter-class similarity S")
+    w_var: float = param(0.8, CRITERION_WEIGHT, doc="weight of the inter-class variance V")
+    criterion_pool: str = param("text", Options(CRITERION_POOLS), doc="what the channel criterion pools per class")
+    init_alpha: float = param(1.0, CACHE_WEIGHT, doc="α during training, and without search")
+    init_beta: float = param(1.0, CACHE_WEIGHT, doc="β during training, and without search")
+    search_scale: Sequence[float] = param((7.0, 7.0), search_scale(2), doc="upper ends of the β and α grids")
+    search_step: Sequence[int] = param((200, 20), search_step(2), doc="points of the β and α grids")
+    epochs: int = param(20, EPOCHS, doc="training epochs")
+    lr: float = param(1e-3, LEARNING_RATE, doc="AdamW learning rate")
+    eps: float = param(1e-3, ADAM_EPS, doc="AdamW eps")
+    weight_decay: float = param(0.1, WEIGHT_DECAY, doc="AdamW weight decay")
+    batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
+    seed: int = param(1, SEED, doc="seed of the view draws and batch order")
 
-    def _fit(self, bundle: Bundle) -> None:
-        scale, step = check_grid(self.name, self.search_scale, self.search_step, 2)
-        check_adapter_settings(self)
-        if self.criterion_pool not in CRITERION_POOLS:
-            raise MethodError(
-                f"{self.name}: criterion_pool={self.criterion_pool!r} is not valid; "
-                f"choose one of {list(CRITERION_POOLS)}."
-            )
+    @classmethod
+    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        return merge_channel_preset(preset_values, params)
+
+    def _check(self, bundle: Bundle) -> None:
+        resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
+
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        scale, step = self._grid()
         q = resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
         text = bundle.text_weights.float()
         keys, key_labels = support_cache(bundle)
@@ -157,7 +142,7 @@ class APET(CacheMethod):
 
         evaluate = None
         if self.selection == "val":
-            val = l2n(bundle.val_features.float().to(text.device))
+            val = F.normalize(bundle.val_features.float().to(text.device), dim=-1)
             val_labels = bundle.val_labels.to(text.device)
             rows = search_row_chunk(keys.shape[0])
             val_parts = [constant_parts(val[i : i + rows]) for i in range(0, val.shape[0], rows)]
@@ -168,27 +153,22 @@ class APET(CacheMethod):
                 return accuracy(torch.cat(logits), val_labels)
 
         result = train_adapter(self, {"residual": residual, "value_weights": value_weights}, loss_fn, bundle, evaluate)
-        self.channels_train_ = channels.cpu()
-        self.residual_ = result.state["residual"].cpu()
-        self.value_weights_ = result.state["value_weights"].cpu()
-        self.text_, self.cache_keys_ = (
-            t.cpu() for t in ape_t_weights(text, keys, key_labels, channels, result.state["residual"])
-        )
-        self.key_labels_ = key_labels.cpu()
+        self.channels_train_ = channels
+        self.residual_ = result.state["residual"]
+        self.value_weights_ = result.state["value_weights"]
+        self.text_, self.cache_keys_ = ape_t_weights(text, keys, key_labels, channels, result.state["residual"])
+        self.key_labels_ = key_labels
         self.entry_weights_ = self.value_weights_
         self.best_epoch_ = result.best_epoch
         self.history_ = result.history
         self.trained_parameters_ = int(residual.numel() + value_weights.numel())
         self.alpha_, self.beta_ = alpha, beta
         if self.selection == "val":
-            self._search(bundle.to("cpu"), scale, step, self.entry_weights_[None])
-        self._finish(
-            bundle.to("cpu"),
-            {
-                "alpha": self.alpha_,
-                "beta": self.beta_,
-                "epoch": self.best_epoch_,
-                "channels_used": q,
-                "channels_requested": self.channels,
-            },
-        )
+            self._search(bundle, scale, step, self.entry_weights_[None])
+        return {
+            "alpha": self.alpha_,
+            "beta": self.beta_,
+            "epoch": self.best_epoch_,
+            "channels_used": q,
+            "channels_requested": self.channels,
+        }

@@ -1,61 +1,126 @@
 """The estimator contract every method follows (scikit-learn style).
 
-- The constructor stores hyperparameters and does nothing else.
-- ``fit(bundle)`` validates, learns (hyperparameter selection included) and returns ``self``. It is handed a
-  copy of the bundle without test features or labels, so nothing it selects can depend on test data.
-- Learned state lives in attributes ending with ``_``; ``save`` writes exactly those (tensors to safetensors,
-  everything else to JSON metadata) plus the constructor's hyperparameters.
+- A method is a keyword-only dataclass of hyperparameters, each declared once with its default and its constraint
+  (:func:`~fewclip.methods.params.param`). The constructor stores them and does nothing else.
+- ``fit(data)`` checks every hyperparameter against its constraint, then what depends on the data or on two
+  hyperparameters at once (the ``_check`` hook), all before any work; then ``_fit`` learns (hyperparameter
+  selection included) on the data **without its test split**, so nothing it selects can depend on test data, and
+  returns the values it selected. The base class records them (``selected_``), which selection ran
+  (``selection_used_``), the validation accuracy (``val_accuracy_``) and the fitted markers ``num_classes_`` and
+  ``dim_``, and moves fitted tensors to the CPU: only once ``_fit`` has succeeded. A ``fit`` that raises leaves no
+  fitted state at all, so the estimator reports :class:`NotFittedError` afterwards.
+- Learned state lives in attributes ending with ``_`` (private caches too, e.g. ``_layout_``); ``save`` writes the
+  public ones (tensors to safetensors, everything else to JSON metadata) plus the hyperparameters and the preset.
+- ``preset`` is provenance, not a hyperparameter: :func:`~fewclip.methods.create` records the preset it loaded on the
+  instance, and ``hyperparameters()`` reports it.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import MethodError, NotFittedError
-from ..features.bundle import Bundle
 from ..io import atomic_write
 from ..metrics import accuracy
+from .params import Constraint, Options, constraint_of, param, validate
 
 MODEL_FORMAT = "fewclip-model/1"
 SELECTIONS = ("val", "none")
+#: what ``fit`` takes, by the value of :attr:`Method.inputs`
+INPUTS = ("features", "images")
 
 
-def l2n(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+class FitData(Protocol):
+    """What :meth:`Method.fit` itself reads from its data, whatever the kind: a
+    :class:`~fewclip.features.bundle.Bundle` (``inputs = "features"``) or an image episode (``inputs = "images"``).
+
+    ``dim`` (the feature dimension) is read when present; data without it (images) leaves ``dim_`` to the fitted
+    model (:meth:`Method._fitted_dim`). The validation split is read only by :meth:`Method._validation_accuracy`,
+    which a method fitted on images overrides.
+    """
+
+    @property
+    def has_val(self) -> bool: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def classnames(self) -> Sequence[str]: ...
+
+    def shots_per_class(self) -> torch.Tensor: ...
+
+    def without_test(self) -> FitData: ...
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
 class Method:
-    """Base class. Subclasses set ``name``, implement ``_fit`` and ``_logits`` and list hyperparameters in
-    ``__init__`` (keyword-only)."""
+    """Base class. A subclass is registered (``@register("name")``), decorated with
+    ``@dataclass(kw_only=True, repr=False, eq=False)``, declares its hyperparameters with
+    :func:`~fewclip.methods.params.param`, and implements ``_fit`` (returning the selected values) and ``_logits``;
+    checks that need the data or two hyperparameters go in ``_check``."""
 
     name: ClassVar[str] = ""
-    #: False for methods with nothing to select (zero-shot): they accept a bundle without validation data.
-    selects: ClassVar[bool] = True
+    #: What ``fit`` takes. ``"features"``: a :class:`~fewclip.features.bundle.Bundle` of cached CLIP features (every
+    #: method today). ``"images"``: an image episode, for a method that back-propagates through CLIP's encoders; it
+    #: still predicts from features, those of its fine-tuned encoder.
+    inputs: ClassVar[str] = "features"
+    #: True when ``selection="val"`` chooses something on the validation split; such a method refuses data without
+    #: one, unless :attr:`falls_back_without_validation`. False for a method with nothing to select (zero-shot): it
+    #: accepts data without validation, and records ``selection_used_ = "none"``.
+    selects_on_validation: ClassVar[bool] = True
+    #: True when, under ``selection="val"``, data without a validation split is accepted and the method keeps what it
+    #: would keep under ``selection="none"`` (Candle: the last epoch), recording ``selection_used_ = "none"``.
+    falls_back_without_validation: ClassVar[bool] = False
     #: True when every class needs at least one support image.
     needs_support_for_every_class: ClassVar[bool] = False
 
-    selection: str
-    preset: str | None
+    #: Provenance, not a hyperparameter: the preset :func:`~fewclip.methods.create` loaded (its canonical key), or None.
+    preset = None
+
+    selection: str = param(
+        "val",
+        Options(SELECTIONS),
+        doc="'val': choose the hyperparameters (epochs, α, β, ...) on the validation split; 'none': keep the initial "
+        "values",
+        hint="There is no selection on test.",
+    )
 
     # ------------------------------------------------------------------ parameters
     @classmethod
+    def param_fields(cls) -> list[Field]:
+        """The hyperparameter fields: the method's own, then those every method has (``selection``)."""
+        common = Method.__dataclass_fields__
+        every = fields(cls)
+        return [f for f in every if f.name not in common] + [f for f in every if f.name in common]
+
+    @classmethod
     def param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.KEYWORD_ONLY]
+        return [f.name for f in cls.param_fields()]
 
     @classmethod
     def default_params(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.__init__)
-        return {p.name: p.default for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY}
+        return {f.name: f.default for f in cls.param_fields()}
+
+    @classmethod
+    def constraints(cls) -> dict[str, Constraint | None]:
+        """Each hyperparameter's constraint (None where a field has none, which ``register`` refuses)."""
+        return {f.name: constraint_of(f) for f in cls.param_fields()}
+
+    @classmethod
+    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """The constructor arguments for a preset's values overridden by the user's ``params`` (a method whose preset
+        values depend on what the user sets overrides this)."""
+        return {**preset_values, **params}
 
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
@@ -67,33 +132,84 @@ class Method:
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, bundle: Bundle) -> Method:
-        if self.selection not in SELECTIONS:
-            raise MethodError(
-                f"{self.name}: selection={self.selection!r} is not valid; choose one of {list(SELECTIONS)} "
-                "(there is no selection on test)."
-            )
-        if self.selects and self.selection == "val" and not bundle.has_val:
+    def fit(self, data: FitData) -> Self:
+        """Validate, learn, record; returns ``self``. Any earlier fitted state is dropped first."""
+        self._reset()
+        try:
+            self._validate_params()
+            self._check_data(data)
+            self._check(data)
+            train = data.without_test()
+            selected = self._fit(train)
+            self._move_fitted_to_cpu()
+            self.selected_ = dict(selected)
+            val_used = self.selection == "val" and self.selects_on_validation and data.has_val
+            self.selection_used_ = "val" if val_used else "none"
+            self.num_classes_ = data.num_classes
+            dim = getattr(data, "dim", None)
+            self.dim_ = int(dim) if dim is not None else self._fitted_dim()
+            self.val_accuracy_ = self._validation_accuracy(train)
+        except BaseException:
+            self._reset()
+            raise
+        return self
+
+    def _validate_params(self, names: Iterable[str] | None = None) -> None:
+        """Check the hyperparameters (or those in ``names``) against their constraints."""
+        values = self.get_params() if names is None else {key: getattr(self, key) for key in names}
+        validate(self.name, {f.name: f for f in self.param_fields()}, values)
+
+    def _check_data(self, data: FitData) -> None:
+        """What every method requires of the data: validation data for ``selection="val"``, support per class."""
+        needs_val = self.selects_on_validation and not self.falls_back_without_validation
+        if needs_val and self.selection == "val" and not data.has_val:
             raise MethodError(
                 f"{self.name}: selection='val' needs validation data, but the bundle has no val_features/val_labels. "
                 "Either add a validation split to the bundle, or use selection='none' (--selection none) to keep the "
                 "method's initial hyperparameter values."
             )
         if self.needs_support_for_every_class:
-            missing = (bundle.shots_per_class() == 0).nonzero().flatten().tolist()
+            missing = (data.shots_per_class() == 0).nonzero().flatten().tolist()
             if missing:
-                names = [bundle.classnames[i] for i in missing[:5]]
+                names = [data.classnames[i] for i in missing[:5]]
                 raise MethodError(
                     f"{self.name} needs at least one support image per class, but {len(missing)} class(es) have none "
                     f"(e.g. {names}). Use a method that handles classes without support (zero-shot, tip-adapter, ape)."
                 )
-        self.num_classes_ = bundle.num_classes
-        self.dim_ = bundle.dim
-        self._fit(bundle.without_test())
-        return self
 
-    def _fit(self, bundle: Bundle) -> None:  # pragma: no cover - abstract
+    def _check(self, data: Any) -> None:
+        """Checks that depend on the data or on two hyperparameters at once (run before any work; raise
+        :class:`MethodError`). Nothing by default."""
+
+    def _fit(self, data: Any) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Learn from ``data`` (no test split) and return the selected values (recorded as ``selected_``)."""
         raise NotImplementedError
+
+    def _validation_accuracy(self, data: Any) -> float | None:
+        """The fitted model's accuracy on the validation split (None without one). Features: score the bundle's
+        validation features; a method fitted on images overrides this."""
+        if not data.has_val:
+            return None
+        return self.score(data.val_features.cpu(), data.val_labels.cpu())
+
+    def _fitted_dim(self) -> int:
+        """The feature dimension the fitted model predicts from, for data without ``dim`` (an image episode): an
+        image method overrides this with the width of its image features."""
+        raise MethodError(f"{self.name}: the data has no feature dimension (dim) and the method reports none.")
+
+    def _fitted_names(self) -> list[str]:
+        return [k for k in vars(self) if k.endswith("_") and not k.startswith("__")]
+
+    def _reset(self) -> None:
+        """Drop every fitted attribute (public ``x_`` and private ``_x_``)."""
+        for key in self._fitted_names():
+            delattr(self, key)
+
+    def _move_fitted_to_cpu(self) -> None:
+        for key in self._fitted_names():
+            value = getattr(self, key)
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                setattr(self, key, value.cpu())
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "dim_"):
@@ -125,10 +241,11 @@ class Method:
         return accuracy(self.predict_logits(features), labels)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The values that ran: constructor settings overlaid with what selection chose."""
+        """The values that ran: the hyperparameters, the preset they came from, and what selection chose."""
         self._check_fitted()
-        out = {k: v for k, v in self.get_params().items()}
-        out.update(getattr(self, "selected_", {}))
+        out = self.get_params()
+        out["preset"] = self.preset
+        out.update(self.selected_)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -144,13 +261,14 @@ class Method:
         return tensors, scalars
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write hyperparameters and fitted state to ``path`` (a safetensors file), atomically."""
+        """Write hyperparameters, preset and fitted state to ``path`` (a safetensors file), atomically."""
         self._check_fitted()
         tensors, scalars = self._fitted_state()
         meta = {
             "format": MODEL_FORMAT,
             "method": self.name,
             "params": json.dumps(self.get_params()),
+            "preset": json.dumps(self.preset),
             "fitted": json.dumps(scalars),
             "fewclip_version": __version__,
         }

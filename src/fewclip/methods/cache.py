@@ -8,54 +8,65 @@ Tip-Adapter: all channels (Q = D), r = 1. APE: Q refined channels, r = exp(γ·d
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..features.bundle import Bundle
-from .base import Method, MethodError, l2n
+from .base import Method
+from .params import Integral, Interval, Real, SequenceOf
 from .search import ClassLayout, cache_search, first_argmax, phi, search_row_chunk, tip_grid
+
+#: α, β and γ of the cache logits (γ ≥ 0: APE's code sign, r = exp(+γ·d))
+CACHE_WEIGHT = Interval(Real, 0, None, closed="left")
+
+
+def search_scale(size: int) -> SequenceOf:
+    """``search_scale``: the upper ends of the ``size`` grids (β, α[, γ]), positive."""
+    return SequenceOf(Interval(Real, 0, None, closed="neither"), length=size)
+
+
+def search_step(size: int) -> SequenceOf:
+    """``search_step``: the number of points of each of the ``size`` grids."""
+    return SequenceOf(Interval(Integral, 1, None, closed="left"), length=size)
 
 
 def support_cache(bundle: Bundle) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [N, D] = n(mean over views of the raw support features) and their labels, ordered by label
     (stable), so nothing downstream can depend on the order of the bundle's support rows."""
-    keys = l2n(bundle.support_features.mean(dim=0))
+    keys = F.normalize(bundle.support_features.mean(dim=0), dim=-1)
     order = torch.sort(bundle.support_labels, stable=True).indices
     return keys[order], bundle.support_labels[order]
 
 
-def check_grid(name: str, scale: Any, step: Any, size: int) -> tuple[list[float], list[int]]:
-    if not isinstance(scale, list | tuple) or len(scale) != size:
-        raise MethodError(f"{name}: search_scale={scale!r} must list {size} numbers.")
-    if not isinstance(step, list | tuple) or len(step) != size:
-        raise MethodError(f"{name}: search_step={step!r} must list {size} integers.")
-    if any(int(s) < 1 or int(s) != s for s in step):
-        raise MethodError(f"{name}: search_step={list(step)} must hold positive integers.")
-    if any(not math.isfinite(float(s)) for s in scale):
-        raise MethodError(f"{name}: search_scale={list(scale)} must hold finite numbers.")
-    return [float(s) for s in scale], [int(s) for s in step]
-
-
 class CacheMethod(Method):
-    """Base of Tip-Adapter and APE. Subclasses fill ``text_``, ``cache_keys_``, ``key_labels_``,
-    ``channels_`` (or None) and supply the per-entry weight candidates of the search."""
+    """Base of Tip-Adapter and APE (and the trained Tip-Adapter-F, APE-T). Subclasses declare ``search_scale`` and
+    ``search_step``, fill ``text_``, ``cache_keys_``, ``key_labels_``, ``channels_`` (or None) and supply the
+    per-entry weight candidates of the search."""
 
     channels_: torch.Tensor | None = None
+    search_scale: Sequence[float]
+    search_step: Sequence[int]
 
     def _layout(self) -> ClassLayout:
-        layout = getattr(self, "_layout_cache", None)
+        """The class layout of the cache keys (a private fitted cache, ``_layout_``)."""
+        layout = getattr(self, "_layout_", None)
         if layout is None or layout.labels is not self.key_labels_:
-            layout = ClassLayout(self.key_labels_, self.num_classes_)
-            self._layout_cache = layout
+            layout = ClassLayout(self.key_labels_, self.text_.shape[0])
+            self._layout_ = layout
         return layout
+
+    def _grid(self) -> tuple[list[float], list[int]]:
+        """``search_scale`` and ``search_step`` as floats and ints."""
+        return [float(s) for s in self.search_scale], [int(s) for s in self.search_step]
 
     def _query(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Z₀ = 100·n(f)Wᵀ [M, C] and the affinity A = n(f_Q)·F_Qᵀ [M, N]."""
-        f = l2n(features)
+        f = F.normalize(features, dim=-1)
         z0 = 100.0 * f @ self.text_.T
-        fq = f if self.channels_ is None else l2n(f[:, self.channels_])
+        fq = f if self.channels_ is None else F.normalize(f[:, self.channels_], dim=-1)
         return z0, fq @ self.cache_keys_.T
 
     def _cache_term(self, affinity: torch.Tensor, beta: float, weights: torch.Tensor) -> torch.Tensor:
@@ -69,7 +80,12 @@ class CacheMethod(Method):
     def _search(
         self, bundle: Bundle, scale: list[float], step: list[int], weight_candidates: torch.Tensor
     ) -> tuple[int, int, int, torch.Tensor]:
-        """Run the (β, α, candidate) grid on the validation split; return the first maximiser and the counts."""
+        """Run the (β, α, candidate) grid on the validation split; return the first maximiser and the counts.
+
+        The search runs on the CPU: the fitted tensors are moved there first (a trained method trains on the
+        bundle's device)."""
+        self._move_fitted_to_cpu()
+        bundle, weight_candidates = bundle.to("cpu"), weight_candidates.cpu()
         betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
         z0, affinity = self._query(bundle.val_features)
         chunks = math.ceil(affinity.shape[0] / search_row_chunk(affinity.shape[1]))
@@ -87,7 +103,3 @@ class CacheMethod(Method):
             "alpha_grid": [float(alphas[0]), float(alphas[-1]), int(alphas.numel())],
         }
         return i, j, l, counts
-
-    def _finish(self, bundle: Bundle, selected: dict[str, Any]) -> None:
-        self.selected_ = selected
-        self.val_accuracy_ = self.score(bundle.val_features, bundle.val_labels) if bundle.has_val else None

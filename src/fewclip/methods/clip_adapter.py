@@ -17,14 +17,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..metrics import accuracy
-from .base import Method, MethodError, l2n
+from .base import Method
+from .params import Integral, Interval, Real, SequenceOf, param
 from .registry import register
-from .training import check_adapter_settings, cross_entropy, train_adapter
+from .training import (
+    ADAM_EPS,
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    SEED,
+    WEIGHT_DECAY,
+    chunked,
+    cross_entropy,
+    train_adapter,
+)
+
+#: the residual ratio ρ
+RATIO = Interval(Real, 0, 1, closed="both")
 
 
 def adapter_features(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -39,48 +57,40 @@ def adapter_logits(
     x: torch.Tensor, text: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ratios: torch.Tensor
 ) -> torch.Tensor:
     """Z = 100·n(x′)Wᵀ for R adapters: [R, B, C]."""
-    return 100.0 * l2n(adapter_features(x, w1, w2, ratios)) @ text.T
+    return 100.0 * F.normalize(adapter_features(x, w1, w2, ratios), dim=-1) @ text.T
 
 
 @register("clip-adapter")
+@dataclass(kw_only=True, repr=False, eq=False)
 class CLIPAdapter(Method):
-    def __init__(
-        self,
-        *,
-        reduction: int = 4,
-        ratios: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
-        init_ratio: float = 0.2,
-        epochs: int = 50,
-        lr: float = 1e-3,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        batch_size: int = 256,
-        seed: int = 1,
-        selection: str = "val",
-    ):
-        self.reduction = reduction
-        self.ratios = ratios
-        self.init_ratio = init_ratio
-        self.epochs = epochs
-        self.lr = lr
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.seed = seed
-        self.selection = selection
+    reduction: int = param(4, Interval(Integral, 1, None, closed="left"), doc="r: the hidden width is D // r")
+    ratios: Sequence[float] = param((0.2, 0.4, 0.6, 0.8), SequenceOf(RATIO), doc="ρ candidates (selection 'val')")
+    init_ratio: float = param(0.2, RATIO, doc="ρ without selection")
+    epochs: int = param(50, EPOCHS, doc="training epochs")
+    lr: float = param(1e-3, LEARNING_RATE, doc="AdamW learning rate")
+    eps: float = param(1e-8, ADAM_EPS, doc="AdamW eps")
+    weight_decay: float = param(0.01, WEIGHT_DECAY, doc="AdamW weight decay")
+    batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
+    seed: int = param(1, SEED, doc="seed of the initial weights, view draws and batch order")
 
-    def _check(self, dim: int) -> list[float]:
-        check_adapter_settings(self)
-        if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or not 1 <= self.reduction <= dim:
-            raise MethodError(f"{self.name}: reduction={self.reduction!r} must be an integer in [1, D = {dim}].")
-        ratios = list(self.ratios) if self.selection == "val" else [self.init_ratio]
-        if not ratios or any(isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 1 for r in ratios):
-            key = "ratios" if self.selection == "val" else "init_ratio"
-            raise MethodError(f"{self.name}: {key}={getattr(self, key)!r} must hold numbers in [0, 1].")
-        return [float(r) for r in ratios]
+    def _ratios(self) -> list[float]:
+        """The ratios trained: every candidate under selection 'val', else ``init_ratio``."""
+        return [float(r) for r in self.ratios] if self.selection == "val" else [float(self.init_ratio)]
 
-    def _fit(self, bundle: Bundle) -> None:
-        ratios_list = self._check(bundle.dim)
+    def _check(self, bundle: Bundle) -> None:
+        if self.reduction > bundle.dim:
+            raise MethodError(
+                f"{self.name}: reduction={self.reduction!r} is not valid; expected a positive integer "
+                f"≤ D = {bundle.dim}."
+            )
+        if self.selection == "val" and not self.ratios:
+            raise MethodError(
+                f"{self.name}: ratios={self.ratios!r} is not valid under selection='val'; expected a non-empty list "
+                "of ratios in [0, 1]."
+            )
+
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        ratios_list = self._ratios()
         device = bundle.support_features.device
         text = bundle.text_weights.float()
         dim, hidden = bundle.dim, max(1, bundle.dim // int(self.reduction))
@@ -100,28 +110,26 @@ class CLIPAdapter(Method):
 
         evaluate = None
         if self.selection == "val":
-            val = l2n(bundle.val_features.float().to(device))
+            val = F.normalize(bundle.val_features.float().to(device), dim=-1)
             val_labels = bundle.val_labels.to(device)
 
             def evaluate() -> torch.Tensor:
-                logits = torch.cat([adapter_logits(val[i : i + 4096], text, w1, w2, ratios) for i in
-                                    range(0, val.shape[0], 4096)], dim=1)  # fmt: skip
+                logits = chunked(lambda rows: adapter_logits(rows, text, w1, w2, ratios), val, dim=1)  # [R, M, C]
                 return torch.tensor([accuracy(logits[r], val_labels) for r in range(num)])
 
         result = train_adapter(self, {"w1": w1, "w2": w2}, loss_fn, bundle, evaluate)
         best = 0
         if result.best_accuracies is not None:
             best = max(range(num), key=lambda r: (result.best_accuracies[r], -r))
-        self.text_ = text.cpu().clone()
-        self.w1_ = result.state["w1"][best].cpu()
-        self.w2_ = result.state["w2"][best].cpu()
+        self.text_ = text.clone()
+        self.w1_ = result.state["w1"][best]
+        self.w2_ = result.state["w2"][best]
         self.ratio_ = ratios_list[best]
         self.best_epoch_ = result.best_epochs[best]
         self.history_ = result.history
         self.trained_parameters_ = int(self.w1_.numel() + self.w2_.numel())
-        self.selected_ = {"ratio": self.ratio_, "epoch": self.best_epoch_}
-        self.val_accuracy_ = self.score(bundle.val_features.cpu(), bundle.val_labels.cpu()) if bundle.has_val else None
+        return {"ratio": self.ratio_, "epoch": self.best_epoch_}
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         ratio = torch.tensor([self.ratio_])
-        return adapter_logits(l2n(features), self.text_, self.w1_[None], self.w2_[None], ratio)[0]
+        return adapter_logits(F.normalize(features, dim=-1), self.text_, self.w1_[None], self.w2_[None], ratio)[0]

@@ -7,22 +7,29 @@ Z     = 100 · n(x) Wᵀ + α · (n(x) w_cᵀ + b_c)_c,   α ∈ {1e-4, …, 100
 
 Classes without support ("new" classes, base-to-new) get a synthesised mean from their text row t_j, as GDA's
 base-to-new code does: μ_j = (Σ of the k = 64 support views most similar to t_j + 16·t_j) / (k + 16). They share
-the precision estimated on the classes with support; the released code instead averages per-class KS precisions
-of the synthesised classes (gda_and_baselines.md §3.2 leaves the divisor unconfirmed), a deviation recorded here.
+the precision estimated on the classes with support; the released code (``mrflogs/ICLR24``) instead averages
+per-class KS precisions of the synthesised classes, with a divisor we could not confirm: a deviation recorded here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..errors import MethodError
 from ..features.bundle import Bundle
-from .base import Method, MethodError, l2n
+from .base import Method
+from .params import Integral, Interval, Real, SequenceOf, param
 from .registry import register
 from .search import count_correct_along_alpha, first_argmax
 
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+#: the weight α of the GDA logits in the ensemble
+ALPHA = Interval(Real, 0, None, closed="left")
 
 
 def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,33 +72,31 @@ def gda_classifier(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.
 
 
 @register("gda")
+@dataclass(kw_only=True, repr=False, eq=False)
 class GDA(Method):
-    def __init__(
-        self,
-        *,
-        alpha_grid: Sequence[float] = ALPHA_GRID,
-        init_alpha: float = 1.0,
-        new_class_neighbours: int = 64,
-        new_class_text_weight: float = 16.0,
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.alpha_grid = alpha_grid
-        self.init_alpha = init_alpha
-        self.new_class_neighbours = new_class_neighbours
-        self.new_class_text_weight = new_class_text_weight
-        self.selection = selection
-        self.preset = preset
+    alpha_grid: Sequence[float] = param(
+        ALPHA_GRID, SequenceOf(ALPHA, min_length=1), doc="α candidates, searched in order (first maximum wins)"
+    )
+    init_alpha: float = param(1.0, ALPHA, doc="α without search")
+    new_class_neighbours: int = param(
+        64, Interval(Integral, 1, None, closed="left"), doc="support views averaged into a new class's mean"
+    )
+    new_class_text_weight: float = param(
+        16.0, Interval(Real, 0, None, closed="left"), doc="copies of the text row added to a new class's mean"
+    )
 
-    def _fit(self, bundle: Bundle) -> None:
-        views, n, dim = bundle.support_features.shape
-        x = l2n(bundle.support_features.reshape(views * n, dim))
-        y = bundle.support_labels.repeat(views)
-        with_support = int((torch.bincount(bundle.support_labels, minlength=bundle.num_classes) > 0).sum())
-        if x.shape[0] <= with_support:
+    def _check(self, bundle: Bundle) -> None:
+        vectors = bundle.views * bundle.num_support
+        with_support = int((bundle.shots_per_class() > 0).sum())
+        if vectors <= with_support:
             raise MethodError(
-                f"gda: {x.shape[0]} support vectors for {with_support} classes; need more than one per class."
+                f"gda: {vectors} support vectors for {with_support} classes; need more than one per class."
             )
+
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        views, n, dim = bundle.support_features.shape
+        x = F.normalize(bundle.support_features.reshape(views * n, dim), dim=-1)
+        y = bundle.support_labels.repeat(views)
         means, precision = gda_precision(x, y, bundle.num_classes)
         new = torch.bincount(bundle.support_labels, minlength=bundle.num_classes) == 0
         self.new_classes_ = new.nonzero().flatten().tolist()
@@ -105,19 +110,18 @@ class GDA(Method):
         self.alpha_ = float(self.init_alpha)
         if self.selection == "val":
             grid = torch.tensor([float(a) for a in self.alpha_grid])
-            f = l2n(bundle.val_features)
+            f = F.normalize(bundle.val_features, dim=-1)
             counts = count_correct_along_alpha(
                 100.0 * f @ self.text_.T, self._gda_logits(f)[None], bundle.val_labels, grid
             )
             (_, j) = first_argmax(counts)
             self.alpha_ = float(grid[j])
             self.search_ = {"evaluations": int(grid.numel()), "best_correct": int(counts[0, j])}
-        self.selected_ = {"alpha": self.alpha_}
-        self.val_accuracy_ = self.score(bundle.val_features, bundle.val_labels) if bundle.has_val else None
+        return {"alpha": self.alpha_}
 
     def _gda_logits(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.weights_.T + self.bias_
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        f = l2n(features)
+        f = F.normalize(features, dim=-1)
         return 100.0 * f @ self.text_.T + self.alpha_ * self._gda_logits(f)

@@ -8,10 +8,15 @@ Validation ties go to the smaller C.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from ..features.bundle import Bundle
-from .base import Method, l2n
+from .base import Method
+from .params import Boolean, Integral, Interval, Real, param
 from .registry import register
 
 COARSE_C = tuple(10.0**e for e in range(-6, 7))
@@ -55,35 +60,26 @@ def fit_logistic(
 
 
 @register("linear-probe")
+@dataclass(kw_only=True, repr=False, eq=False)
 class LinearProbe(Method):
     needs_support_for_every_class = True
 
-    def __init__(
-        self,
-        *,
-        C: float = 1.0,
-        normalize: bool = True,
-        max_iter: int = 300,
-        tol: float = 1e-6,
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.C = C
-        self.normalize = normalize
-        self.max_iter = max_iter
-        self.tol = tol
-        self.selection = selection
-        self.preset = preset
+    C: float = param(
+        1.0, Interval(Real, 0, None, closed="neither"), doc="inverse regularisation strength, without search"
+    )
+    normalize: bool = param(True, Boolean(), doc="L2-normalise the features")
+    max_iter: int = param(300, Interval(Integral, 1, None, closed="left"), doc="L-BFGS iterations per C")
+    tol: float = param(1e-6, Interval(Real, 0, None, closed="neither"), doc="L-BFGS gradient tolerance")
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
-        return l2n(features) if self.normalize else features
+        return F.normalize(features, dim=-1) if self.normalize else features
 
     def _train_features(self, bundle: Bundle) -> tuple[torch.Tensor, str]:
         if bundle.support_clean_features is not None:
             return bundle.support_clean_features, "support_clean_features"
         return bundle.support_features.mean(dim=0), "mean of support views"
 
-    def _fit(self, bundle: Bundle) -> None:
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
         raw, source = self._train_features(bundle)
         x, y, k = self._prepare(raw), bundle.support_labels, bundle.num_classes
         fit = lambda c, init=None: fit_logistic(x, y, k, c, init, self.max_iter, self.tol)  # noqa: E731
@@ -116,8 +112,7 @@ class LinearProbe(Method):
             }
         self.weight_, self.bias_ = w, b
         self.train_features_ = source
-        self.selected_ = {"C": chosen}
-        self.val_accuracy_ = self.score(bundle.val_features, bundle.val_labels) if bundle.has_val else None
+        return {"C": chosen}
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         return self._prepare(features) @ self.weight_.T + self.bias_

@@ -1,6 +1,6 @@
 """Pure functions for the cache methods and their vectorised hyperparameter search.
 
-Shapes use the row convention of ``tip_adapter_ape.md``: image features f [M, D], text rows W [C, D],
+Shapes use rows (the published code stores keys as columns): image features f [M, D], text rows W [C, D],
 cache keys F [N, D] with labels y [N]. Logits of every cache method have the form
 
     Z(α, β, γ) = Z₀ + α · G(β, γ),   G(β, γ)[m, c] = Σ_{k : y_k = c} exp(−β(1 − A[m, k])) · r_γ[k]
@@ -10,8 +10,6 @@ with Z₀ = 100 · f Wᵀ. The search computes Z₀ and A once, exp(−β(1−A)
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -36,67 +34,6 @@ def first_argmax(counts: torch.Tensor) -> tuple[int, ...]:
     best = flat.max()
     pos = int((flat == best).nonzero()[0])
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), counts.shape))
-
-
-# --------------------------------------------------------------------------- APE prior refinement
-
-
-def ape_criterion(
-    text: torch.Tensor, keys: torch.Tensor | None = None, key_labels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Inter-class similarity S [D] of APE (§4.2), closed form, float64.
-
-    Pools: class i holds its text row and, when ``keys`` are given, its cache keys (pool ``text+cache``);
-    without keys the pool is the text row alone (pool ``text``). With pool sums s_i and T = Σ_i s_i,
-
-        S = (T ⊙ T − Σ_i s_i ⊙ s_i) / ((Σ_i M_i)² − Σ_i M_i²)
-
-    which equals the mean signed product over all pairs of vectors from different classes.
-    """
-    text = text.double()
-    sums = text.clone()
-    sizes = torch.ones(text.shape[0], dtype=torch.float64, device=text.device)
-    if keys is not None:
-        sums.index_add_(0, key_labels, keys.double())
-        sizes += torch.bincount(key_labels, minlength=text.shape[0]).double()
-    total = sums.sum(0)
-    denom = sizes.sum() ** 2 - (sizes**2).sum()
-    return (total * total - (sums * sums).sum(0)) / denom
-
-
-def ape_pairwise_criterion(pools: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The definition of S as a double sum over pairs of classes (slow; for tests and documentation)."""
-    dim = pools[0].shape[1]
-    num = torch.zeros(dim, dtype=torch.float64)
-    den = 0.0
-    for i, pi in enumerate(pools):
-        for j, pj in enumerate(pools):
-            if i == j:
-                continue
-            num += torch.einsum("md,nd->d", pi.double(), pj.double())
-            den += pi.shape[0] * pj.shape[0]
-    return num / den
-
-
-def interclass_variance(text: torch.Tensor) -> torch.Tensor:
-    """V [D]: unbiased variance of each channel over the C text rows."""
-    return text.double().var(dim=0, unbiased=True)
-
-
-def select_channels(
-    text: torch.Tensor, criterion: torch.Tensor, channels: int, w_sim: float, w_var: float
-) -> torch.Tensor:
-    """Indices of the ``channels`` largest J = −w_sim·S + w_var·V; equal J keeps the lower channel first."""
-    score = -w_sim * criterion + w_var * interclass_variance(text)
-    order = torch.sort(score, descending=True, stable=True).indices
-    return order[:channels]
-
-
-def kl_divergence_log2(keys_sel: torch.Tensor, text_sel: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
-    """d_k = Σ_c L_kc·log₂((L_kc + 1e−6)/(P_kc + 1e−6)) with P_k = softmax(F′_k W′ᵀ), for one-hot L (§5.4)."""
-    probs = torch.softmax(keys_sel.double() @ text_sel.double().T, dim=1)
-    p_true = probs.gather(1, key_labels[:, None]).squeeze(1)
-    return torch.log2((1 + 1e-6) / (p_true + 1e-6)).float()
 
 
 # --------------------------------------------------------------------------- class-wise sums

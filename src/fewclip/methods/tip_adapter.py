@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..features.bundle import Bundle
-from .cache import CacheMethod, check_grid, support_cache
+from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
+from .params import param
 from .registry import register
 
 
 @register("tip-adapter")
+@dataclass(kw_only=True, repr=False, eq=False)
 class TipAdapter(CacheMethod):
     """Hyperparameters use the published code's names: α is the residual ratio, β the sharpness.
 
@@ -19,29 +23,17 @@ class TipAdapter(CacheMethod):
     per-dataset ranges of the published configs.
     """
 
-    def __init__(
-        self,
-        *,
-        init_alpha: float = 1.0,
-        init_beta: float = 1.0,
-        search_scale: Sequence[float] = (7.0, 7.0),
-        search_step: Sequence[int] = (200, 20),
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.init_alpha = init_alpha
-        self.init_beta = init_beta
-        self.search_scale = search_scale
-        self.search_step = search_step
-        self.selection = selection
-        self.preset = preset
+    init_alpha: float = param(1.0, CACHE_WEIGHT, doc="α without search (selection 'none')")
+    init_beta: float = param(1.0, CACHE_WEIGHT, doc="β without search (selection 'none')")
+    search_scale: Sequence[float] = param((7.0, 7.0), search_scale(2), doc="upper ends of the β and α grids")
+    search_step: Sequence[int] = param((200, 20), search_step(2), doc="points of the β and α grids")
 
-    def _fit(self, bundle: Bundle) -> None:
-        scale, step = check_grid(self.name, self.search_scale, self.search_step, 2)
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        scale, step = self._grid()
         self.text_ = bundle.text_weights.clone()
         self.cache_keys_, self.key_labels_ = support_cache(bundle)
         self.entry_weights_ = torch.ones(self.key_labels_.numel())
         self.alpha_, self.beta_ = float(self.init_alpha), float(self.init_beta)
         if self.selection == "val":
             self._search(bundle, scale, step, self.entry_weights_[None])
-        self._finish(bundle, {"alpha": self.alpha_, "beta": self.beta_})
+        return {"alpha": self.alpha_, "beta": self.beta_}

@@ -11,16 +11,29 @@ validation with the trained keys. Parameters: N·D (the number of cache entries 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..features.bundle import Bundle
 from ..metrics import accuracy
-from .base import l2n
-from .cache import CacheMethod, check_grid, support_cache
+from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
+from .params import param
 from .registry import register
 from .search import ClassLayout, phi
-from .training import check_adapter_settings, cross_entropy, train_adapter
+from .training import (
+    ADAM_EPS,
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    SEED,
+    WEIGHT_DECAY,
+    chunked,
+    cross_entropy,
+    train_adapter,
+)
 
 
 def cache_logits(
@@ -33,39 +46,21 @@ def cache_logits(
 
 
 @register("tip-adapter-f")
+@dataclass(kw_only=True, repr=False, eq=False)
 class TipAdapterF(CacheMethod):
-    def __init__(
-        self,
-        *,
-        init_alpha: float = 1.0,
-        init_beta: float = 1.0,
-        search_scale: Sequence[float] = (7.0, 7.0),
-        search_step: Sequence[int] = (200, 20),
-        epochs: int = 20,
-        lr: float = 1e-3,
-        eps: float = 1e-4,
-        weight_decay: float = 0.01,
-        batch_size: int = 256,
-        seed: int = 1,
-        selection: str = "val",
-        preset: str | None = None,
-    ):
-        self.init_alpha = init_alpha
-        self.init_beta = init_beta
-        self.search_scale = search_scale
-        self.search_step = search_step
-        self.epochs = epochs
-        self.lr = lr
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.seed = seed
-        self.selection = selection
-        self.preset = preset
+    init_alpha: float = param(1.0, CACHE_WEIGHT, doc="α during training, and without search")
+    init_beta: float = param(1.0, CACHE_WEIGHT, doc="β during training, and without search")
+    search_scale: Sequence[float] = param((7.0, 7.0), search_scale(2), doc="upper ends of the β and α grids")
+    search_step: Sequence[int] = param((200, 20), search_step(2), doc="points of the β and α grids")
+    epochs: int = param(20, EPOCHS, doc="training epochs")
+    lr: float = param(1e-3, LEARNING_RATE, doc="AdamW learning rate")
+    eps: float = param(1e-4, ADAM_EPS, doc="AdamW eps")
+    weight_decay: float = param(0.01, WEIGHT_DECAY, doc="AdamW weight decay")
+    batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
+    seed: int = param(1, SEED, doc="seed of the view draws and batch order")
 
-    def _fit(self, bundle: Bundle) -> None:
-        scale, step = check_grid(self.name, self.search_scale, self.search_step, 2)
-        check_adapter_settings(self)
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        scale, step = self._grid()
         device = bundle.support_features.device
         text = bundle.text_weights.float()
         init_keys, key_labels = support_cache(bundle)
@@ -78,25 +73,22 @@ class TipAdapterF(CacheMethod):
 
         evaluate = None
         if self.selection == "val":
-            val = l2n(bundle.val_features.float().to(device))
+            val = F.normalize(bundle.val_features.float().to(device), dim=-1)
             val_labels = bundle.val_labels.to(device)
 
             def evaluate() -> float:
-                parts = [
-                    cache_logits(val[i : i + 4096], text, keys, layout, alpha, beta)
-                    for i in range(0, val.shape[0], 4096)
-                ]
-                return accuracy(torch.cat(parts), val_labels)
+                logits = chunked(lambda rows: cache_logits(rows, text, keys, layout, alpha, beta), val)
+                return accuracy(logits, val_labels)
 
         result = train_adapter(self, {"keys": keys}, loss_fn, bundle, evaluate)
-        self.text_ = text.cpu().clone()
-        self.cache_keys_ = result.state["keys"].cpu()
-        self.key_labels_ = key_labels.cpu()
+        self.text_ = text.clone()
+        self.cache_keys_ = result.state["keys"]
+        self.key_labels_ = key_labels
         self.entry_weights_ = torch.ones(self.key_labels_.numel())
         self.best_epoch_ = result.best_epoch
         self.history_ = result.history
         self.trained_parameters_ = int(keys.numel())
         self.alpha_, self.beta_ = alpha, beta
         if self.selection == "val":
-            self._search(bundle.to("cpu"), scale, step, self.entry_weights_[None])
-        self._finish(bundle.to("cpu"), {"alpha": self.alpha_, "beta": self.beta_, "epoch": self.best_epoch_})
+            self._search(bundle, scale, step, self.entry_weights_[None])
+        return {"alpha": self.alpha_, "beta": self.beta_, "epoch": self.best_epoch_}

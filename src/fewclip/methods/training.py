@@ -1,46 +1,210 @@
-"""Training on cached augmented views: what Tip-Adapter-F, APE-T and CLIP-Adapter share.
+"""Training: one epoch loop for every trained method (:func:`fit_epochs`), and training on cached augmented views
+(what Tip-Adapter-F, APE-T and CLIP-Adapter share).
 
-The published code re-encodes every augmented support image through CLIP at every step. The bundle
-already holds V augmented views of each support image, so an epoch draws, for every support image, one of
-its V views (uniformly, from the run's seeded generator) and trains on those normalised features. CLIP is
-never run, and an epoch costs a few matrix products.
+The published code re-encodes every augmented support image through CLIP at every step. The bundle already holds V
+augmented views of each support image, so an epoch draws, for every support image, one of its V views (uniformly,
+from the run's seeded generator) and trains on those normalised features. CLIP is never run, and an epoch costs a
+few matrix products.
 
-Epoch selection is honest: after every epoch the method's validation accuracy (at its initial α, β) is
-recorded; the best epoch wins, ties to the earliest. Without validation (selection ``none``) the last epoch
-is used. Test data never reaches this module (``fit`` only sees a bundle without it).
+Epoch selection is honest: after every epoch the method's validation accuracy is recorded; the best epoch wins,
+ties to the earliest. Without validation (selection ``none``) the last epoch is used. Test data never reaches this
+module (``fit`` only sees data without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import MethodError, l2n
+from ..errors import MethodError
+from ..features.bundle import Bundle
+from .params import Integral, Interval, Real
+
+#: constraints of the optimiser hyperparameters every trained method declares
+EPOCHS = Interval(Integral, 1, None, closed="left")
+BATCH_SIZE = Interval(Integral, 1, None, closed="left")
+LEARNING_RATE = Interval(Real, 0, None, closed="neither")
+ADAM_EPS = Interval(Real, 0, None, closed="neither")
+WEIGHT_DECAY = Interval(Real, 0, None, closed="left")
+SEED = Interval(Integral, 0, None, closed="left")
+#: validation rows per chunk in the trained methods' per-epoch evaluation (bounds memory; results do not depend on it)
+EVAL_ROWS = 4096
+
+Batch = TypeVar("Batch")
 
 
-def check_training_params(name: str, **values: Any) -> None:
-    """Validate the training hyperparameters that are present: epochs and batch_size positive integers,
-    lr and eps positive finite numbers, weight_decay a finite number ≥ 0."""
-    for key in ("epochs", "batch_size"):
-        if key in values:
-            v = values[key]
-            if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or int(v) < 1:
-                raise MethodError(f"{name}: {key}={v!r} must be a positive integer.")
-    for key in ("lr", "eps"):
-        if key in values:
-            v = values[key]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-                raise MethodError(f"{name}: {key}={v!r} must be a positive number.")
-    if "weight_decay" in values:
-        v = values["weight_decay"]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-            raise MethodError(f"{name}: weight_decay={v!r} must be a number >= 0.")
+# --------------------------------------------------------------------------- the epoch loop
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit_epochs` returns: the chosen state and the per-epoch record.
+
+    With one candidate ``best_epochs`` has one entry; with a batch of R candidates trained side by side
+    (parameters stacked on dim 0, ``evaluate`` returning R accuracies) each candidate has its own epoch.
+    """
+
+    state: dict[str, torch.Tensor]
+    best_epochs: list[int]  # 1-based
+    best_accuracies: list[float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_epoch(self) -> int:
+        return self.best_epochs[0]
+
+
+class MixedPrecision:
+    """Autocast to ``dtype`` plus, for float16, loss scaling (``torch.amp.GradScaler``): on CUDA only. Elsewhere, or
+    with ``dtype`` None, both are no-ops (the scaler is disabled and passes the loss and the step straight through)."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device):
+        self.device_type = device.type
+        self.enabled = dtype is not None and device.type == "cuda"
+        self.dtype = dtype
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.enabled and dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def fit_epochs(
+    params: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batches: Callable[[int], Iterable[Batch]],
+    loss: Callable[[Batch], torch.Tensor],
+    *,
+    name: str,
+    lr: float,
+    evaluate: Callable[[], float | torch.Tensor] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    epoch_lr: Callable[[int], float] | None = None,
+    weight: Callable[[Batch], float] | None = None,
+    steps_per_epoch: int | None = None,
+    mixed_precision: torch.dtype | None = None,
+) -> TrainResult:
+    """Train for ``epochs`` epochs; keep the state of the best validation epoch (or of the last without ``evaluate``).
+
+    Every epoch (1-based ``epoch``): ``epoch_lr(epoch)``, if given, sets every parameter group's learning rate (a
+    per-epoch schedule, recorded as the record's ``"lr"``); then for each batch of ``batches(epoch)`` (an iterable
+    drawn lazily, so random draws happen in the order they always did) the step is ``loss(batch)`` under autocast, a
+    finite-loss check (one :class:`MethodError` naming the epoch and ``lr``), ``zero_grad``, ``backward``,
+    ``optimizer.step()`` and ``scheduler.step()`` (a per-step schedule). The epoch's loss is the mean of the batch
+    losses weighted by ``weight(batch)`` (default 1). Then ``evaluate()`` runs under ``no_grad``: the validation
+    accuracy, or R accuracies when R candidates train side by side (each parameter stacked on dim 0); each candidate
+    keeps its own best epoch, ties to the earliest, and a snapshot of ``params`` (its rows) at that epoch.
+    ``evaluate`` switches a module with dropout to eval mode and back itself.
+
+    History records are ``{"epoch", ["lr",] "loss", "val_accuracy"}`` (None without ``evaluate``). The progress bar
+    counts steps when ``steps_per_epoch`` is given, else epochs. ``mixed_precision`` (e.g. ``torch.float16``) runs
+    the loss and ``evaluate`` under ``torch.autocast`` with a ``GradScaler`` on CUDA; on the CPU it changes nothing.
+
+    A method that fine-tunes CLIP's image tower on images (one step = a forward and backward on a batch of images)
+    uses the same loop::
+
+        loader = DataLoader(episode_images, batch_size=32, shuffle=True, generator=g)
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW(params.values(), lr=2e-4)
+        result = fit_epochs(
+            params, opt, epochs, lambda epoch: loader,
+            lambda batch: F.cross_entropy(model(batch[0].to(device)), batch[1].to(device)),
+            name="flier", lr=2e-4, evaluate=val_accuracy,
+            scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)),
+            steps_per_epoch=len(loader), mixed_precision=torch.float16,
+        )
+        model.load_state_dict(result.state, strict=False)
+    """
+    epochs = int(epochs)
+    first = next(iter(params.values()))
+    amp = MixedPrecision(mixed_precision, first.device)
+    best_acc: torch.Tensor | None = None
+    best_epochs: list[int] = [epochs]
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = []
+    by_step = steps_per_epoch is not None
+    total_units = epochs * int(steps_per_epoch) if by_step else epochs
+    unit = "step" if by_step else "epoch"
+    with tqdm(total=total_units, desc=f"{name} train", unit=unit, leave=False, disable=None) as bar:
+        for epoch in range(1, epochs + 1):
+            record: dict[str, Any] = {"epoch": epoch}
+            if epoch_lr is not None:
+                rate = epoch_lr(epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                record["lr"] = rate
+            total, weights = 0.0, 0
+            for batch in batches(epoch):
+                with amp.autocast():
+                    value = loss(batch)
+                if not torch.isfinite(value):
+                    bad = float(value.detach())
+                    raise MethodError(f"{name}: the training loss became {bad} at epoch {epoch}; lower lr (now {lr}).")
+                optimizer.zero_grad(set_to_none=True)
+                amp.scaler.scale(value).backward()
+                amp.scaler.step(optimizer)
+                amp.scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                w = 1 if weight is None else weight(batch)
+                total += float(value.detach()) * w
+                weights += w
+                if by_step:
+                    bar.update()
+            if not weights:
+                raise MethodError(f"{name}: epoch {epoch} had no training batches (is the support set empty?).")
+            record["loss"] = total / weights
+            record["val_accuracy"] = None
+            postfix: dict[str, Any] = {"epoch": epoch} if by_step else {}
+            postfix["loss"] = f"{record['loss']:.4f}"
+            if evaluate is not None:
+                with torch.no_grad(), amp.autocast():
+                    acc = torch.as_tensor(evaluate(), dtype=torch.float64).reshape(-1).cpu()
+                record["val_accuracy"] = float(acc[0]) if acc.numel() == 1 else acc.tolist()
+                postfix["val"] = f"{float(acc.max()):.2f}"
+                if best_acc is None or best_state is None:
+                    best_acc = acc.clone()
+                    best_epochs = [epoch] * acc.numel()
+                    best_state = {k: v.detach().clone() for k, v in params.items()}
+                else:
+                    improved = acc > best_acc
+                    for r in improved.nonzero().flatten().tolist():
+                        best_epochs[r] = epoch
+                        for k, v in params.items():
+                            if acc.numel() == 1:
+                                best_state[k] = v.detach().clone()
+                            else:
+                                best_state[k][r] = v.detach()[r]
+                    best_acc = torch.where(improved, acc, best_acc)
+            history.append(record)
+            bar.set_postfix(postfix)
+            if not by_step:
+                bar.update()
+    if best_state is None:
+        best_state = {k: v.detach().clone() for k, v in params.items()}
+    return TrainResult(
+        state=best_state,
+        best_epochs=best_epochs,
+        best_accuracies=None if best_acc is None else best_acc.tolist(),
+        history=history,
+    )
+
+
+def chunked(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``fn`` over consecutive chunks of :data:`EVAL_ROWS` rows of ``rows``, concatenated along ``dim``."""
+    return torch.cat([fn(rows[i : i + EVAL_ROWS]) for i in range(0, rows.shape[0], EVAL_ROWS)], dim=dim)
+
+
+# --------------------------------------------------------------------------- training on cached views
 
 
 def canonical_order(support_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +224,7 @@ def draw_views(support_features: torch.Tensor, generator: torch.Generator) -> to
     num_views, num = support_features.shape[:2]
     views = torch.randint(num_views, (num,), generator=generator).to(support_features.device)
     rows = torch.arange(num, device=support_features.device)
-    return l2n(support_features[views, rows].float())
+    return F.normalize(support_features[views, rows].float(), dim=-1)
 
 
 def adamw(params: list[torch.Tensor], **kw: float) -> torch.optim.Optimizer:
@@ -70,24 +234,6 @@ def adamw(params: list[torch.Tensor], **kw: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # pragma: no cover - devices without a fused kernel
         return torch.optim.AdamW(params, **kw)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train_on_views` returns: the chosen state and the per-epoch record.
-
-    With one candidate ``best_epochs`` has one entry; with a batch of R candidates trained side by side
-    (parameters stacked on dim 0, ``evaluate`` returning R accuracies) each candidate has its own epoch.
-    """
-
-    state: dict[str, torch.Tensor]
-    best_epochs: list[int]  # 1-based
-    best_accuracies: list[float] | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def best_epoch(self) -> int:
-        return self.best_epochs[0]
 
 
 def train_on_views(
@@ -103,15 +249,14 @@ def train_on_views(
     weight_decay: float,
     seed: int,
     evaluate: Callable[[], float | torch.Tensor] | None = None,
-    desc: str = "train",
+    name: str = "views",
 ) -> TrainResult:
-    """AdamW with a cosine schedule stepped every iteration (T_max = epochs × iterations), shuffled batches.
+    """AdamW with a cosine schedule stepped every iteration (T_max = epochs × iterations), shuffled batches, through
+    :func:`fit_epochs`.
 
-    ``params`` are leaf tensors with ``requires_grad``; ``loss_fn(queries [B, D], labels [B])`` returns the
-    loss. ``evaluate()`` returns the validation accuracy after an epoch, or R accuracies when R candidates
-    are trained at once (every parameter then has R rows on dim 0, and each candidate keeps its own best
-    epoch); None keeps the last epoch. The best epoch is the first with the highest accuracy. Deterministic
-    on CPU for a given seed: view draws and batch order come from one generator seeded with ``seed``.
+    ``params`` are leaf tensors with ``requires_grad``; ``loss_fn(queries [B, D], labels [B])`` returns the batch-mean
+    loss (an epoch's loss is the mean over its rows). ``evaluate`` as in :func:`fit_epochs`. Deterministic on CPU for
+    a given seed: view draws and batch order come from one generator seeded with ``seed``.
     """
     epochs, batch_size = int(epochs), int(batch_size)
     num = labels.numel()
@@ -119,57 +264,25 @@ def train_on_views(
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = adamw(list(params.values()), lr=float(lr), eps=float(eps), weight_decay=float(weight_decay))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * iters)
-    best_acc: torch.Tensor | None = None
-    best_epochs: list[int] = [epochs]
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, Any]] = []
-    with tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False, disable=None) as bar:
-        for epoch in bar:
-            queries = draw_views(support_features, generator)
-            order = torch.randperm(num, generator=generator).to(labels.device)
-            total = 0.0
-            for start in range(0, num, batch_size):
-                batch = order[start : start + batch_size]
-                loss = loss_fn(queries[batch], labels[batch])
-                if not torch.isfinite(loss):
-                    raise MethodError(
-                        f"{desc}: the training loss became {float(loss)} at epoch {epoch}; lower lr (now {lr})."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total += float(loss.detach()) * batch.numel()
-            record: dict[str, Any] = {"epoch": epoch, "loss": total / num, "val_accuracy": None}
-            postfix = {"loss": f"{record['loss']:.4f}"}
-            if evaluate is not None:
-                with torch.no_grad():
-                    acc = torch.as_tensor(evaluate(), dtype=torch.float64).reshape(-1).cpu()
-                record["val_accuracy"] = float(acc[0]) if acc.numel() == 1 else acc.tolist()
-                postfix["val"] = f"{float(acc.max()):.2f}"
-                if best_acc is None:
-                    best_acc = acc.clone()
-                    best_epochs = [epoch] * acc.numel()
-                    best_state = {k: v.detach().clone() for k, v in params.items()}
-                else:
-                    improved = acc > best_acc
-                    for r in improved.nonzero().flatten().tolist():
-                        best_epochs[r] = epoch
-                        for k, v in params.items():
-                            if acc.numel() == 1:
-                                best_state[k] = v.detach().clone()
-                            else:
-                                best_state[k][r] = v.detach()[r]
-                    best_acc = torch.where(improved, acc, best_acc)
-            history.append(record)
-            bar.set_postfix(postfix)
-    if best_state is None:
-        best_state = {k: v.detach().clone() for k, v in params.items()}
-    return TrainResult(
-        state=best_state,
-        best_epochs=best_epochs,
-        best_accuracies=None if best_acc is None else best_acc.tolist(),
-        history=history,
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        queries = draw_views(support_features, generator)
+        order = torch.randperm(num, generator=generator).to(labels.device)
+        for start in range(0, num, batch_size):
+            rows = order[start : start + batch_size]
+            yield queries[rows], labels[rows]
+
+    return fit_epochs(
+        params,
+        optimizer,
+        epochs,
+        batches,
+        lambda batch: loss_fn(*batch),
+        name=name,
+        lr=lr,
+        evaluate=evaluate,
+        scheduler=schedule,
+        weight=lambda batch: batch[1].numel(),
     )
 
 
@@ -178,19 +291,36 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-ADAMW_SETTINGS = ("epochs", "batch_size", "lr", "eps", "weight_decay")
+class TrainsOnViews(Protocol):
+    """An estimator trained by :func:`train_adapter`: its name and AdamW hyperparameters."""
 
+    @property
+    def name(self) -> str: ...
 
-def check_adapter_settings(method: Any) -> None:
-    """:func:`check_training_params` on an estimator's AdamW settings (epochs, batch_size, lr, eps, weight_decay)."""
-    check_training_params(method.name, **{key: getattr(method, key) for key in ADAMW_SETTINGS})
+    @property
+    def epochs(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def eps(self) -> float: ...
+
+    @property
+    def weight_decay(self) -> float: ...
+
+    @property
+    def seed(self) -> int: ...
 
 
 def train_adapter(
-    method: Any,
+    method: TrainsOnViews,
     params: Mapping[str, torch.Tensor],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    bundle: Any,
+    bundle: Bundle,
     evaluate: Callable[[], float | torch.Tensor] | None,
 ) -> TrainResult:
     """:func:`train_on_views` on ``bundle``'s support in canonical row order, with the estimator's AdamW settings
@@ -201,8 +331,12 @@ def train_adapter(
         loss_fn,
         bundle.support_features[:, order],
         bundle.support_labels[order],
-        **{key: getattr(method, key) for key in ADAMW_SETTINGS},
+        epochs=method.epochs,
+        batch_size=method.batch_size,
+        lr=method.lr,
+        eps=method.eps,
+        weight_decay=method.weight_decay,
         seed=method.seed,
         evaluate=evaluate,
-        desc=f"{method.name} train",
+        name=method.name,
     )

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from ..features.bundle import Bundle
-from .base import Method, l2n
+from .base import Method
 from .registry import register
 
 
 @register("zero-shot")
+@dataclass(kw_only=True, repr=False, eq=False)
 class ZeroShot(Method):
-    selects = False
+    selects_on_validation = False
 
-    def __init__(self, *, selection: str = "val", preset: str | None = None):
-        self.selection = selection
-        self.preset = preset
-
-    def _fit(self, bundle: Bundle) -> None:
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
         self.text_ = bundle.text_weights.clone()
-        self.selected_ = {}
-        self.val_accuracy_ = self.score(bundle.val_features, bundle.val_labels) if bundle.has_val else None
+        return {}
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        return 100.0 * l2n(features) @ self.text_.T
+        return 100.0 * F.normalize(features, dim=-1) @ self.text_.T
