@@ -20,6 +20,7 @@ FAST = {
     "clip-adapter": {"epochs": 4, "batch_size": 32},
     "candle": {"epochs": 4, "batch_size": 32},
     "linear-probe": {"max_iter": 50, "tol": 1e-4},
+    "clip-ft": {"scope": "last", "epochs": 2, "lr": 1e-3, "batch_size": 8},
 }
 
 

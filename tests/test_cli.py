@@ -74,7 +74,7 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
     [
         (
             ["--method", "nope"],
-            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, gda, linear-probe, "
+            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, clip-ft, gda, linear-probe, "
             "tip-adapter, tip-adapter-f, zero-shot",
         ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),
@@ -138,7 +138,8 @@ def test_demo_console_script_runs_offline_from_images():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "1-shot" in proc.stdout and "2-shot" in proc.stdout and "loaded back by path" in proc.stdout
-    for name in ["ape", "ape-t", "clip-adapter", "gda", "linear-probe", "tip-adapter", "tip-adapter-f", "zero-shot"]:
+    for name in ["ape", "ape-t", "clip-adapter", "clip-ft", "gda", "linear-probe", "tip-adapter", "tip-adapter-f",
+                 "zero-shot"]:  # fmt: skip
         assert sum(line.startswith(name + " ") for line in lines) == 2, name  # summary row and 2-shot detail row
 
 

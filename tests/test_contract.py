@@ -33,8 +33,17 @@ def make(name, **kw):
     return M.create(name, **{**FAST.get(name, {}), **kw})
 
 
-@pytest.fixture(params=M.list_methods())
+#: the methods fitted on a feature bundle (the image methods have their own suite, tests/test_image_methods.py)
+FEATURE_METHODS = [m for m in M.list_methods() if M.get_class(m).inputs == "features"]
+
+
+@pytest.fixture(params=FEATURE_METHODS)
 def name(request):
+    return request.param
+
+
+@pytest.fixture(params=M.list_methods())
+def any_method(request):
     return request.param
 
 
@@ -123,7 +132,8 @@ def test_unequal_shots(bundle, name):
 # --------------------------------------------------------------------------- hyperparameters and their constraints
 
 
-def test_every_hyperparameter_has_a_constraint_and_a_doc(name):
+def test_every_hyperparameter_has_a_constraint_and_a_doc(any_method):
+    name = any_method
     cls = M.get_class(name)
     fields = cls.param_fields()
     assert [f.name for f in fields] == cls.param_names() == list(cls.default_params())
@@ -172,9 +182,10 @@ def test_every_invalid_value_is_refused_before_any_work(monkeypatch, method, key
             model.predict_logits(torch.zeros(1, 64))
 
 
-def test_defaults_presets_and_shipped_settings_pass_validation(name):
+def test_defaults_presets_and_shipped_settings_pass_validation(any_method):
     """The defaults, every preset, the demo's grids, the protocols' method defaults, the benchmarks' grids and the
     suite's own FAST settings are all valid values."""
+    name = any_method
     settings = [{}, FAST.get(name, {}), DEMO_GRIDS.get(name, {}), LONGTAIL_METHOD_DEFAULTS.get(name, {})]
     spec = importlib.util.spec_from_file_location("bench_fit", BENCHMARKS / "bench_fit.py")
     bench = importlib.util.module_from_spec(spec)
@@ -182,11 +193,11 @@ def test_defaults_presets_and_shipped_settings_pass_validation(name):
     settings += [grid[name] for grid in bench.GRIDS.values() if name in grid]
     for params in settings:
         params = dict(params)
-        M.create(name, preset=params.pop("preset", None), **params)._validate_params()
+        M.create(name, preset=params.pop("preset", None), **params).validate_params()
     for preset in M.list_presets(name):
-        M.create(name, preset=preset)._validate_params()
+        M.create(name, preset=preset).validate_params()
         for selection in ("val", "none"):
-            M.create(name, preset=preset, selection=selection)._validate_params()
+            M.create(name, preset=preset, selection=selection).validate_params()
 
 
 def test_selection_flags_say_what_happens_without_validation(bundle, name):

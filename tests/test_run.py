@@ -586,3 +586,12 @@ seeds = [1, 2]
     assert str(config) in err and "[extraction]" in err and "'view'" in err and "views" in err
     assert main(["run", "--out", str(tmp_path / "d")]) == 2
     assert "--dataset, --model, --method required" in capsys.readouterr().err
+
+
+def test_a_bad_hyperparameter_is_refused_before_any_image_is_encoded(env, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = run_argv(env, tmp_path / "out", cache, "--method", "zero-shot", "gda", "--shots", "1", "--seeds", "1",
+                    "--set", 'gda:alpha_grid=["x"]')  # fmt: skip
+    assert main(argv) == 2
+    assert "gda: alpha_grid=['x'] is not valid" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "out").exists()

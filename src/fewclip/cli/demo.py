@@ -21,6 +21,7 @@ DEMO_GRIDS = {
     "tip-adapter-f": {"search_step": [40, 10]},
     "ape": {"search_step": [40, 10, 10]},
     "ape-t": {"search_step": [40, 10]},
+    "clip-ft": {"scope": "last", "epochs": 3, "lr": 1e-3},  # the tiny random model learns within a few epochs
 }
 DEMO_CLASSES = ("amber", "azure", "cobalt", "coral", "crimson", "jade", "lilac", "olive", "saffron", "teal")
 
@@ -117,7 +118,7 @@ def run_bundle_demo(args: argparse.Namespace) -> int:
         path = bundle_io.save(bundle, Path(args.out) / "demo_bundle.safetensors")
         print(f"bundle written to {path} (try: fewclip fit {path} --method ape)")
     results = []
-    for name in methods.list_methods():
+    for name in [m for m in methods.list_methods() if methods.get_class(m).inputs == "features"]:
         model, res = fit_and_evaluate(bundle, name, None, {}, "val")
         results.append(
             {

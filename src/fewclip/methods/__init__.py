@@ -6,12 +6,26 @@
 """
 
 from ..errors import MethodError, NotFittedError
-from . import ape, ape_t, candle, clip_adapter, gda, linear_probe, tip_adapter, tip_adapter_f, zero_shot  # noqa: F401
+from . import (  # noqa: F401  (importing a method's module registers it)
+    ape,
+    ape_t,
+    candle,
+    clip_adapter,
+    clip_ft,
+    gda,
+    linear_probe,
+    tip_adapter,
+    tip_adapter_f,
+    zero_shot,
+)
 from .base import Method
+from .image import ImageEpisode, ImageMethod
 from .registry import create, get_class, list_methods, list_presets, preset_params, register
 from .registry import load_model as load
 
 __all__ = [
+    "ImageEpisode",
+    "ImageMethod",
     "Method",
     "MethodError",
     "NotFittedError",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
@@ -34,6 +34,8 @@ from ..metrics import accuracy
 from .params import Constraint, Options, constraint_of, param, validate
 
 MODEL_FORMAT = "fewclip-model/1"
+#: joins a fitted dict-of-tensors attribute and an entry's name in a model file ("encoder_state_/visual.proj")
+STATE_SEPARATOR = "/"
 SELECTIONS = ("val", "none")
 #: what ``fit`` takes, by the value of :attr:`Method.inputs`
 INPUTS = ("features", "images")
@@ -136,7 +138,7 @@ class Method:
         """Validate, learn, record; returns ``self``. Any earlier fitted state is dropped first."""
         self._reset()
         try:
-            self._validate_params()
+            self.validate_params()
             self._check_data(data)
             self._check(data)
             train = data.without_test()
@@ -154,7 +156,7 @@ class Method:
             raise
         return self
 
-    def _validate_params(self, names: Iterable[str] | None = None) -> None:
+    def validate_params(self, names: Iterable[str] | None = None) -> None:
         """Check the hyperparameters (or those in ``names``) against their constraints."""
         values = self.get_params() if names is None else {key: getattr(self, key) for key in names}
         validate(self.name, {f.name: f for f in self.param_fields()}, values)
@@ -256,6 +258,9 @@ class Method:
                 continue
             if isinstance(value, torch.Tensor):
                 tensors[key] = value.detach().cpu().clone()  # own storage: safetensors refuses aliases
+            elif isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                for name, tensor in value.items():  # a state dict (fine-tuned weights): one tensor per entry
+                    tensors[f"{key}{STATE_SEPARATOR}{name}"] = tensor.detach().cpu().clone()
             else:
                 scalars[key] = value
         return tensors, scalars

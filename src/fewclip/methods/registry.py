@@ -11,7 +11,7 @@ from typing import Any
 from ..data import resolve_name
 from ..errors import DataError, MethodError
 from ..io import read_safetensors
-from .base import INPUTS, MODEL_FORMAT, Method
+from .base import INPUTS, MODEL_FORMAT, STATE_SEPARATOR, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -127,7 +127,13 @@ def load_model(path: str | os.PathLike) -> Method:
     for key, value in fitted.items():
         setattr(model, key, value)
     for key, value in tensors.items():
-        setattr(model, key, value)
+        attr, sep, entry = key.partition(STATE_SEPARATOR)
+        if sep:  # an entry of a fitted state dict
+            if not isinstance(getattr(model, attr, None), dict):
+                setattr(model, attr, {})
+            getattr(model, attr)[entry] = value
+        else:
+            setattr(model, key, value)
     return model
 
 

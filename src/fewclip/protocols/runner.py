@@ -12,7 +12,7 @@ Stages, with plain data between them (a sweep or a cluster engine can run each o
 2. :func:`partition` — a finished result of the same setup is kept (skipped); one of another setup is an error
    unless ``force``; a failed result is run again.
 3. :func:`draw_episodes` — draw and save the episode of every (shots, seed) still to run.
-4. :func:`extract` — the GPU stage: encode every image the remaining cells need once (support views, validation
+4. :func:`encode` — the GPU stage: encode every image the remaining cells need once (support views, validation
    and test images of the dataset and of every target) and the text classifiers, through the feature cache.
 5. :func:`fit_and_score` — the CPU stage: fit one cell's method on its episode bundle (choices on validation only),
    evaluate the test set once, build the result record. A failure is recorded in the cell's result file with its
@@ -35,10 +35,11 @@ from tqdm import tqdm
 from ..data import DatasetSplits, Episode, Item, Prompts, episode_filename, load_dataset, load_prompts, save_episode
 from ..errors import ResultsError
 from ..features.bundle import Bundle
+from ..features.extract import extract
 from ..features.pipeline import FeaturePool, encode_images_once, episode_bundle
 from ..features.store import FeatureStore
 from ..features.text import encode_text_classifier
-from ..methods import Method, create, get_class, list_presets
+from ..methods import ImageEpisode, Method, create, get_class, list_presets
 from ..models import Backbone
 from .config import PROTOCOLS, RunConfig
 from .protocol import BaseToNew, LongTail, Protocol, Target
@@ -143,7 +144,8 @@ def create_method(config: RunConfig, protocol: Protocol, name: str, preset: str 
 
 
 def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[str, tuple[str | None, dict[str, Any]]]:
-    """Create every method once before any image is encoded, so a bad name or override fails fast."""
+    """Create every method and check its hyperparameters once before any image is encoded, so a bad name, value or
+    override fails fast (what depends on the data is checked when each cell is fitted)."""
     names = list(dict.fromkeys(config.methods.names))
     unknown = [k for k in config.methods.overrides if k != "*" and k not in names]
     if unknown:
@@ -154,7 +156,7 @@ def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[s
         protocol.check_method(name)
         preset = method_preset(name, config.methods.preset, dataset)
         params = method_overrides(config.methods.overrides, name)
-        create_method(config, protocol, name, preset, params)
+        create_method(config, protocol, name, preset, params).validate_params()
         plan[name] = (preset, params)
     return plan
 
@@ -285,7 +287,7 @@ def draw_episodes(plan: Plan, cells: list[Cell]) -> dict[tuple[int, int], tuple[
 
 @dataclass
 class Features:
-    """What :func:`extract` encoded: the dataset's pool and text classifier, and each target's."""
+    """What :func:`encode` encoded: the dataset's pool and text classifier, and each target's."""
 
     pool: FeaturePool
     text: torch.Tensor
@@ -293,6 +295,7 @@ class Features:
     target_pools: dict[str, FeaturePool]
     target_text: dict[str, torch.Tensor]
     backbone: Backbone
+    store: FeatureStore
     seconds: float
 
     @property
@@ -307,7 +310,7 @@ class Features:
         return self.pool if target.name is None else self.target_pools[target.name]
 
 
-def extract(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]], store: FeatureStore) -> Features:
+def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]], store: FeatureStore) -> Features:
     """Stage 4 (the GPU stage): every image and prompt the episodes and targets need, encoded once."""
     options = plan.config.extraction
     t0 = time.perf_counter()
@@ -328,7 +331,7 @@ def extract(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]]
             target_text[target.name], _ = encode_text_classifier(
                 backbone, target.splits.classnames, target.prompts, store=store
             )
-    return Features(pool, text, text_info, target_pools, target_text, backbone, time.perf_counter() - t0)
+    return Features(pool, text, text_info, target_pools, target_text, backbone, store, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- stage 5: fit and score
@@ -371,38 +374,56 @@ def fit_and_predict(model: Method, bundle: Bundle) -> tuple[torch.Tensor, dict[s
     return logits, {"fit": t1 - t0, "predict": time.perf_counter() - t1}
 
 
+@dataclass(frozen=True)
+class CellData:
+    """What one (episode, target) gives every method fitted and scored on it."""
+
+    bundle: Bundle  # the episode's support and validation features, the target's test rows, the cell's classes
+    dropped: Mapping[str, int]  # images left out as unreadable, per split
+    episode: Episode  # the episode, its class names those of the bundle
+    test: list[Item]  # the target's test items, labels in the bundle's classes
+    episode_file: Path
+
+
 def fit_and_score(
     plan: Plan,
     cell: Cell,
-    bundle: Bundle,
-    episode: tuple[Episode, Path],
-    dropped: Mapping[str, int],
+    data: CellData,
+    features: Features,
     common: Mapping[str, Any],
     fitted: dict[Any, tuple[Method, float]],
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[str]]:
     """Stage 5 for one cell: (result record, predicted, true classes, class names they index).
 
-    ``bundle`` is the episode's bundle with the target's test rows (see :meth:`Protocol.cell_classes`); ``fitted``
-    keeps models a protocol scores on several targets (ImageNet variants), so each is fitted once.
+    A feature method is fitted on the cell's bundle and predicts its test features. An image method is fitted on
+    the episode's images (:class:`~fewclip.methods.image.ImageEpisode`); the test images are then encoded with its
+    fine-tuned encoder, through the feature cache, and scored by its head. ``fitted`` keeps the models a protocol
+    scores on several targets (ImageNet variants), so each is fitted once.
     """
     protocol, target = plan.protocol, plan.targets[cell.target]
     preset, params = plan.methods[cell.method]
+    images = get_class(cell.method).inputs == "images"
     key = (cell.method, cell.shots, cell.seed, protocol.fit_key(target))
-    t0 = time.perf_counter()
     if key in fitted:
         model, fit_seconds = fitted[key]
-        logits = model.predict_logits(bundle.test_features)
-        seconds = {"fit": fit_seconds, "predict": time.perf_counter() - t0}
     else:
         model = create_method(plan.config, protocol, cell.method, preset, params)
-        logits, seconds = fit_and_predict(model, bundle)
-        fitted[key] = model, seconds["fit"]
-    labels = bundle.test_labels
+        t0 = time.perf_counter()
+        model.fit(image_episode(plan, data, features) if images else data.bundle)
+        fit_seconds = time.perf_counter() - t0
+        fitted[key] = model, fit_seconds
+    t0 = time.perf_counter()
+    encoder: dict[str, Any] | None = None
+    if images:
+        test_features, labels, encoder = encode_test_images(plan, model, target, data.test, features)
+    else:
+        test_features, labels = data.bundle.test_features, data.bundle.test_labels
+    logits = model.predict_logits(test_features)
+    seconds = {"fit": fit_seconds, "predict": time.perf_counter() - t0}
+    bundle = data.bundle
     scores, extra = protocol.evaluate(logits, labels, bundle.num_classes, target)
     predicted, truth, names = protocol.prediction_record(logits, labels, bundle.classnames, target)
-    episode_obj, episode_file = episode
     setup = plan.setups[cell]
-    bad = list(common.get("bad_images", []))
     result = {
         **common,
         "status": "ok",
@@ -418,13 +439,13 @@ def fit_and_score(
         "overrides": params,
         "selection": plan.config.methods.selection,
         "episode": {
-            "file": _relative(episode_file, plan.out_dir),
-            "sampler": episode_obj.sampler,
-            "val_kind": episode_obj.val_kind,
+            "file": _relative(data.episode_file, plan.out_dir),
+            "sampler": data.episode.sampler,
+            "val_kind": data.episode.val_kind,
             "support": bundle.support_labels.numel(),
             "val": 0 if bundle.val_labels is None else bundle.val_labels.numel(),
             "test": labels.numel(),
-            "dropped_bad_images": dict(dropped),
+            "dropped_bad_images": dict(data.dropped),
         },
         "hyperparameters": model.hyperparameters(),
         "selected": getattr(model, "selected_", {}),
@@ -432,11 +453,50 @@ def fit_and_score(
         "history": getattr(model, "history_", None),
         "accuracy": {**scores, "val_accuracy": model.val_accuracy_},
         **extra,
-        "bad_images": bad,
+        **({"image_encoder": encoder} if encoder is not None else {}),
         "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return result, predicted, truth, list(names)
+
+
+def image_episode(plan: Plan, data: CellData, features: Features) -> ImageEpisode:
+    """What an image method is fitted on, for one cell: the episode's images, the backbone (already loaded in this
+    process), the cell's text rows, the images the extraction stage found unreadable left out."""
+    return ImageEpisode(
+        splits=plan.splits,
+        episode=data.episode,
+        backbone=plan.config.backbone,
+        text_weights=data.bundle.text_weights,
+        loaded=features.backbone,
+        exclude=frozenset(features.pool.bad_paths()),
+        options=plan.config.extraction,
+    )
+
+
+def encode_test_images(
+    plan: Plan, model: Method, target: Target, items: list[Item], features: Features
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(features, labels, record) of ``items`` (labels in the cell's classes) encoded by an image method's
+    fine-tuned encoder, through the feature cache (its key records the fine-tuned weights' hash)."""
+    encoder = model.image_encoder()
+    options = plan.config.extraction
+    out = extract(
+        encoder,
+        target.splits.root,
+        [i.path for i in items],
+        store=features.store,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        skip_bad_images=options.skip_bad_images,
+        dataset=target.splits.name,
+        split_hash=target.splits.split_sha256,
+        progress=options.progress,
+        desc=f"{target.splits.name}: test images through the fine-tuned encoder",
+    )
+    labels = torch.tensor([items[i].label for i in out.kept], dtype=torch.long)
+    record = {**encoder.identity["finetuned"], "test_encoded": out.encoded, "test_cached": out.cached}
+    return out.features, labels, record
 
 
 def failure_record(plan: Plan, cell: Cell, exc: BaseException) -> dict[str, Any]:
@@ -520,7 +580,7 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False, log: Log
     if todo:
         episodes = draw_episodes(the_plan, todo)
         store = FeatureStore(config.cache_dir)
-        features = extract(the_plan, episodes, store)
+        features = encode(the_plan, episodes, store)
         report.encoded, report.cached, report.extraction_seconds = features.encoded, features.cached, features.seconds
         log(
             f"{the_plan.splits.name}: {features.encoded} image view(s) encoded, {features.cached} read from the cache "
@@ -566,21 +626,20 @@ def _fit_all(
     with bar:
         for (k, seed), cells in by_episode.items():
             fitted: dict[Any, tuple[Method, float]] = {}
-            bundles: dict[str | None, tuple[Bundle, dict[str, int]]] = {}
+            cell_data: dict[str | None, CellData] = {}
             for cell in cells:
                 path = plan.paths[cell]
                 target = plan.targets[cell.target]
                 try:
-                    if cell.target not in bundles:
-                        bundles[cell.target] = _cell_bundle(plan, features, episodes[k, seed][0], target)
-                    bundle, dropped = bundles[cell.target]
+                    if cell.target not in cell_data:
+                        cell_data[cell.target] = _cell_data(plan, features, episodes[k, seed], target)
                     record = dict(common)
                     pool = features.test_pool(target)
                     record["bad_images"] = [b.as_dict() for b in features.pool.bad] + (
                         [] if pool is features.pool else [b.as_dict() for b in pool.bad]
                     )
                     result, predicted, truth, names = fit_and_score(
-                        plan, cell, bundle, episodes[k, seed], dropped, record, fitted
+                        plan, cell, cell_data[cell.target], features, record, fitted
                     )
                     saved = write_predictions(path, predicted, truth, names)
                     result["predictions_file"] = saved.name
@@ -604,21 +663,23 @@ def _fit_all(
     return out
 
 
-def _cell_bundle(plan: Plan, features: Features, episode: Episode, target: Target) -> tuple[Bundle, dict[str, int]]:
+def _cell_data(plan: Plan, features: Features, episode: tuple[Episode, Path], target: Target) -> CellData:
     """The episode's bundle with ``target``'s test rows and the classes the protocol scores them among."""
     spec = plan.config.backbone
     text, classnames, offset = plan.protocol.cell_classes(
-        target, features.text, episode.classnames, features.target_text.get(target.name)
+        target, features.text, episode[0].classnames, features.target_text.get(target.name)
     )
-    items = [Item(i.path, i.label + offset, i.classname) for i in target.items] if offset else target.items
-    return episode_bundle(
+    items = [Item(i.path, i.label + offset, i.classname) for i in target.items] if offset else list(target.items)
+    named = replace(episode[0], classnames=classnames)
+    bundle, dropped = episode_bundle(
         features.pool,
-        replace(episode, classnames=classnames),
+        named,
         items,
         text,
         metadata={"backbone": spec.model, "pretrained": spec.pretrained},
         test_pool=features.test_pool(target),
     )
+    return CellData(bundle, dropped, named, items, episode[1])
 
 
 def _describe(cell: Cell) -> str:

@@ -375,7 +375,7 @@ class Candle(Method):
         """[M, C] = z^{vt} + z^{vv}. Per image by default; under ``inference_context="transductive"`` the rows are
         scored in consecutive chunks of ``test_batch_size`` (the outer ``batch_size`` is rounded to a multiple)."""
         self._check_fitted()
-        self._validate_params(INFERENCE_PARAMS)
+        self.validate_params(INFERENCE_PARAMS)
         if self.inference_context == "transductive":
             step = int(self.test_batch_size)
             batch_size = max(step, (int(batch_size) // step) * step)

@@ -1,0 +1,183 @@
+"""Methods that back-propagate through CLIP (``inputs = "images"``): what they are fitted on and what they return.
+
+An image method is fitted on an :class:`ImageEpisode`: the dataset's images, the episode (support and validation
+items), the :class:`~fewclip.models.BackboneSpec` it builds a trainable model from, and the cached zero-shot text
+classifier. For test time it returns two things:
+
+- a fine-tuned image encoder (:meth:`ImageMethod.image_encoder`, an inference :class:`~fewclip.models.Backbone`
+  whose cache key records the fine-tuned weights' SHA-256), through which the runner encodes test images with the
+  ordinary extraction pipeline and feature cache;
+- a feature-level head (:meth:`~fewclip.methods.base.Method.predict_logits`) that scores those features as every
+  other method does, so protocols, results and predictions files stay the same.
+
+The fine-tuned weights are fitted state (``encoder_state_``, the trainable parameters only), saved with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DatasetSplits, Episode, Item
+from ..errors import MethodError
+from ..features.extract import load_image, seeded, view_seed
+from ..features.pipeline import ExtractionOptions
+from ..models import Backbone, BackboneSpec, TrainableBackbone
+from .base import Method
+
+LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class ImageEpisode:
+    """What an image method is fitted on (the analogue of a feature :class:`~fewclip.features.bundle.Bundle`).
+
+    - ``splits``: the dataset; images open as ``splits.root / item.path``.
+    - ``episode``: support (``train``) and validation items, labels in ``episode.classnames``.
+    - ``backbone``: the pre-trained model to fine-tune, as a spec any process can rebuild; ``loaded`` optionally
+      the backbone already loaded from it in this process (saves loading the weights again).
+    - ``text_weights`` [C, D]: the zero-shot classifier, one unit row per class of ``episode.classnames``.
+    - ``test``: test items (removed in the copy ``fit`` sees); ``exclude``: paths of unreadable images left out.
+    - ``options``: batch size, loader workers and progress bars for reading images.
+    """
+
+    splits: DatasetSplits
+    episode: Episode
+    backbone: BackboneSpec
+    text_weights: torch.Tensor
+    test: Sequence[Item] | None = None
+    loaded: Backbone | None = None
+    exclude: frozenset[str] = frozenset()
+    options: ExtractionOptions = ExtractionOptions()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_weights.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_weights.shape[1])
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.episode.classnames)
+
+    @property
+    def train(self) -> list[Item]:
+        """The support items, unreadable ones left out."""
+        return [i for i in self.episode.train if i.path not in self.exclude]
+
+    @property
+    def val(self) -> list[Item]:
+        """The validation items, unreadable ones left out."""
+        return [i for i in self.episode.val if i.path not in self.exclude]
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val)
+
+    def shots_per_class(self) -> torch.Tensor:
+        labels = torch.tensor([i.label for i in self.train], dtype=torch.long)
+        return torch.bincount(labels, minlength=self.num_classes)
+
+    def without_test(self) -> ImageEpisode:
+        return dataclasses.replace(self, test=None)
+
+    def trainable(self, scope: str) -> TrainableBackbone:
+        """The backbone as a :class:`~fewclip.models.TrainableBackbone` (``loaded`` if given, else from the spec)."""
+        if self.loaded is not None:
+            return TrainableBackbone(self.loaded, scope, spec=self.backbone)
+        return TrainableBackbone.from_spec(self.backbone, scope)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Item i: (transformed image, label). With ``seed`` the random transform of image p is drawn from a generator
+    seeded by (seed, p, ``draw``), so the pixels do not depend on batching, workers or the order of the items."""
+
+    def __init__(self, root: Path, items: Sequence[Item], transform: Callable, seed: int | None = None, draw: int = 0):
+        self.root, self.items, self.transform, self.seed, self.draw = root, list(items), transform, seed, draw
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.items[i]
+        try:
+            image = load_image(self.root / item.path)
+        except Exception as exc:  # a worker's bare traceback would name neither the file nor the fix
+            raise MethodError(
+                f"{self.root / item.path}: cannot be read ({type(exc).__name__}: {exc}); replace or delete it, or "
+                "run with --skip-bad-images."
+            ) from exc
+        if self.seed is None:
+            return self.transform(image), item.label
+        with seeded(view_seed(self.seed, item.path, self.draw)):
+            return self.transform(image), item.label
+
+
+def image_batches(
+    root: Path,
+    items: Sequence[Item],
+    transform: Callable,
+    options: ExtractionOptions,
+    batch_size: int,
+    *,
+    seed: int | None = None,
+    draw: int = 0,
+    order: Iterable[int] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (images [B, 3, S, S], labels [B]) of ``items`` in ``order`` (default: as given), transformed by
+    ``transform`` (seeded per image and ``draw`` when ``seed`` is given), read by ``options.num_workers`` loader
+    workers (0 when unset: the support sets of few-shot episodes are small)."""
+    items = list(items) if order is None else [items[i] for i in order]
+    loader = torch.utils.data.DataLoader(
+        _Images(root, items, transform, seed, draw),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=options.num_workers or 0,
+    )
+    for images, labels in loader:
+        yield images, labels.long()
+
+
+class ImageMethod(Method):
+    """Base of the methods fitted on images. A subclass implements ``_fit(episode: ImageEpisode)``, which sets
+    ``text_`` (the head's text rows), ``encoder_state_`` (the fine-tuned trainable parameters), ``encoder_scope_``,
+    ``backbone_spec_`` (``BackboneSpec.to_dict()``) and ``_val_accuracy_``, and may cache the fine-tuned encoder as
+    ``_encoder_``. The head is zero-shot's over the fine-tuned features: 100·n(f)·Wᵀ."""
+
+    inputs = "images"
+
+    def _check_data(self, data: Any) -> None:
+        if not isinstance(data, ImageEpisode):
+            raise MethodError(
+                f"{self.name} fine-tunes CLIP on images, so it is fitted on an image episode, not on "
+                f"{type(data).__name__}; run it with `fewclip run` (a dataset on disk), not `fewclip fit` (a bundle)."
+            )
+        super()._check_data(data)
+
+    def _validation_accuracy(self, data: Any) -> float | None:
+        return self._val_accuracy_
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * F.normalize(features, dim=-1) @ self.text_.T
+
+    def image_encoder(self, device: str | torch.device | None = None) -> Backbone:
+        """The fine-tuned image encoder as an inference :class:`~fewclip.models.Backbone` (rebuilt from the spec and
+        the saved state after :func:`~fewclip.methods.load`), on ``device`` (default: the spec's)."""
+        self._check_fitted()
+        cached = getattr(self, "_encoder_", None)
+        if cached is not None and (device is None or torch.device(device) == cached.device):
+            return cached
+        spec = BackboneSpec.from_dict(self.backbone_spec_)
+        if device is not None:
+            spec = dataclasses.replace(spec, device=str(device))
+        encoder = TrainableBackbone.from_spec(spec, self.encoder_scope_, state=self.encoder_state_).frozen()
+        self._encoder_ = encoder
+        return encoder
