@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fewclip import methods
 from fewclip.cli.main import main
 from fewclip.features import bundle as bio
 
@@ -133,19 +134,21 @@ def _console_script(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_demo_console_script_runs_offline_from_images():
+    """The console script the README's install puts on PATH, on the smallest setting (CI also runs the default)."""
     proc = _console_script("demo", "--classes", "3", "--shots", "1", "2", "--seeds", "1", "--views", "2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "1-shot" in proc.stdout and "2-shot" in proc.stdout and "loaded back by path" in proc.stdout
-    for name in ["ape", "ape-t", "clip-adapter", "clip-ft", "gda", "linear-probe", "tip-adapter", "tip-adapter-f",
-                 "zero-shot"]:  # fmt: skip
+    for name in methods.list_methods():
         assert sum(line.startswith(name + " ") for line in lines) == 2, name  # summary row and 2-shot detail row
 
 
-def test_demo_bundle_console_script_runs_offline():
-    proc = _console_script("demo", "--bundle", "--classes", "8", "--shots", "4", "--dim", "32")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    for name in ["ape", "gda", "linear-probe", "tip-adapter", "zero-shot"]:
-        assert any(line.startswith(name + " ") for line in lines), name
+def test_demo_bundle_reports_what_fit_reports_on_the_same_bundle(capsys, tmp_path):
+    assert main(["demo", "--bundle", "--classes", "4", "--shots", "4", "--dim", "16", "--out", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    features = [m for m in methods.list_methods() if methods.get_class(m).inputs == "features"]
+    assert all(name in rows for name in features) and "clip-ft" not in rows  # image methods need images
+    code, out, _ = run(capsys, "fit", tmp_path / "demo_bundle.safetensors", "--method", "gda", "--json")
+    assert code == 0 and f"{json.loads(out)['test_accuracy']:.2f}" == rows["gda"][-2]  # the demo's test accuracy

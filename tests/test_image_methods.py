@@ -142,6 +142,7 @@ def test_selection_none_keeps_the_last_epoch_and_still_reports_validation(env, n
         make(name).fit(no_val)
 
 
+@pytest.mark.slow
 def test_clip_ft_runs_through_fewclip_run_and_caches_the_fine_tuned_features(env, tmp_path, capsys, bundle):
     argv = ["run", "--dataset", "folder", "--path", str(env.folder), "--model", env.spec.model, "--views", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress",

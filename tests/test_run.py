@@ -71,6 +71,7 @@ def run_argv(env, out: Path, cache: Path, *extra: str, data_root: Path | None = 
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     out, cache = tmp_path / "results", tmp_path / "cache"
     sweep = ["--shots", "1", "2", "--seeds", "1", "2"]
@@ -92,7 +93,7 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     assert r["accuracy"]["test_mean_per_class"] == pytest.approx(sum(r["per_class_accuracy"]) / 3)
     # the test rows' predictions are saved beside the result; the confusion matrix comes from them
     result_file = out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"
-    predictions, labels = read_predictions(result_file)
+    predictions, labels, _ = read_predictions(result_file)
     assert r["predictions_file"] == "shots_2-seed_1.predictions.safetensors" and labels.numel() == 15
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(r["accuracy"]["test_accuracy"])
     capsys.readouterr()
@@ -276,6 +277,7 @@ def test_base2new_episode_keeps_every_class_but_supports_only_base(env):
         BaseToNew().check_method("linear-probe")
 
 
+@pytest.mark.slow
 def test_run_base2new_end_to_end(env, tmp_path, capsys):
     out = tmp_path / "results"
     argv = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new", "--method", "zero-shot", "gda",
@@ -324,6 +326,7 @@ def make_lt(root: Path, train_counts: list[int]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_run_longtail_end_to_end(env, tmp_path, capsys):
     data_root = make_lt(tmp_path / "data", [120, 30, 5])
     out = tmp_path / "results"
@@ -361,6 +364,7 @@ def test_domain_predictions_200way_restricts_to_the_variant_columns():
     assert (predicted.tolist(), truth.tolist(), in_source) == ([1, 0], [2, 0], True)  # row 0 predicts source class 1
 
 
+@pytest.mark.slow
 def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(env.data_root, root)  # oxford_pets: the cross-dataset target
@@ -387,12 +391,12 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     pets = json.loads(pets_file.read_text())
     assert pets["transfer"] == "cross-dataset" and len(pets["per_class_accuracy"]) == 3
     # predictions are saved in the target's classes; the confusion matrix carries the target's names
-    predictions, labels = read_predictions(pets_file)
+    predictions, labels, _ = read_predictions(pets_file)
     assert labels.numel() == 15 and int(predictions.max()) < 3 and pets["predictions_file"].endswith(".safetensors")
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(pets["accuracy"]["test_accuracy"])
     matrix, names = result_confusion(pets_file)
     assert matrix.shape == (3, 3) and names == data.load_dataset("oxford_pets", root, warn=False).classnames
-    predictions, labels = read_predictions(out / "imagenet" / BB / "transfer/imagenet_a/gda/shots_2-seed_1.json")
+    predictions, labels, _ = read_predictions(out / "imagenet" / BB / "transfer/imagenet_a/gda/shots_2-seed_1.json")
     assert sorted(set(labels.tolist())) == [0, 1] and int(predictions.max()) < 2  # 200way: the variant's classes
     assert any(line.split()[:4] == ["method", "shots", "imagenet_a", "oxford_pets"] for line in printed.splitlines())
     assert main(argv) == 0 and "0 result(s) written, 6 reused, 0 failed" in capsys.readouterr().out
@@ -414,7 +418,7 @@ def test_run_transfer_domain_and_cross_dataset(env, tmp_path, capsys):
     assert main(wide) == 0
     wide_file = tmp_path / "wide/imagenet" / BB / "transfer/imagenet_a/zero-shot/shots_2-seed_1.json"
     w = json.loads(wide_file.read_text())
-    predictions, labels = read_predictions(wide_file)
+    predictions, labels, _ = read_predictions(wide_file)
     assert sorted(set(labels.tolist())) == [0, 2]  # source indices of the variant's classes (no goldfish)
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(w["accuracy"]["test_accuracy"])
     matrix, names = result_confusion(wide_file)

@@ -280,8 +280,8 @@ def group_accuracies(per_class: Sequence[float | None], groups: Mapping[str, Seq
     return out
 
 
-#: Candle on a long-tailed training list (a fewclip extension: the authors released no long-tailed setting, spec
-#: ``candle.md`` §5.5). The released step is kept (128 images + 2C prototype rows, lr 3e-4, SGD, the Dassl warm-up
+#: Candle on a long-tailed training list (a fewclip extension: ``shijxcs/Candle`` has no long-tailed setting). The
+#: released step is kept (128 images + 2C prototype rows, lr 3e-4, SGD, the Dassl warm-up
 #: epoch and per-epoch cosine, selection on validation); only the number of steps is bounded. The released epoch
 #: (every image once, 905 steps on ImageNet-LT) times 50 epochs is 45,250 steps of a 2,128-token attention, about
 #: 12 hours on two CPU cores; this budget, 10 epochs of 40 steps (51,200 image draws, 0.44 of ImageNet-LT's 115,846

@@ -139,13 +139,10 @@ def write_predictions(
     return path
 
 
-def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, labels) saved beside the result JSON ``result``."""
-    predictions, labels, _ = _read_predictions_file(predictions_path(result))
-    return predictions, labels
-
-
-def _read_predictions_file(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """(predictions, labels, class names they index, or None for files written before names were recorded) saved
+    beside the result JSON ``result``."""
+    path = predictions_path(Path(result))
     if not path.is_file():
         raise ResultsError(f"{path}: no saved predictions (the result predates them); re-run the result with --force.")
     meta, tensors = read_safetensors(path, expected_format=PREDICTIONS_FORMAT, what="predictions", error=ResultsError)
@@ -163,7 +160,7 @@ def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
     result = read_result(path)
     if result is None:
         raise ResultsError(f"{path}: not a fewclip result JSON (fewclip run writes <out>/<dataset>/<method>/*.json).")
-    predictions, labels, names = _read_predictions_file(predictions_path(path))
+    predictions, labels, names = read_predictions(path)
     if names is not None:
         num_classes = len(names)
     else:
