@@ -123,6 +123,7 @@ def test_bundle_import_cli(capsys, tmp_path):
 def test_methods_list(capsys):
     code, out, _ = run(capsys, "methods", "list")
     assert code == 0 and "ape\n" in out and "presets: caltech101" in out
+    assert "clip-ft\n  fitted on: images" in out and "zero-shot\n  fitted on: features" in out
 
 
 def _console_script(*argv: str) -> subprocess.CompletedProcess:

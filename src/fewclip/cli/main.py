@@ -95,9 +95,14 @@ def cmd_methods_list(args: argparse.Namespace) -> int:
     from .. import methods
 
     for name in methods.list_methods():
+        cls = methods.get_class(name)
         presets = methods.list_presets(name)
-        params = ", ".join(methods.get_class(name).param_names())
-        print(f"{name}\n  hyperparameters: {params}\n  presets: {', '.join(presets) if presets else 'none'}")
+        params = ", ".join(cls.param_names())
+        fitted_on = "images (fewclip run)" if cls.inputs == "images" else "features (fewclip fit, fewclip run)"
+        print(
+            f"{name}\n  fitted on: {fitted_on}\n  hyperparameters: {params}\n"
+            f"  presets: {', '.join(presets) if presets else 'none'}"
+        )
     return 0
 
 

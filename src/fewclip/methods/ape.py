@@ -43,18 +43,33 @@ def resolve_channels(channels: int | None, reference_dim: int | None, dim: int, 
     return int(channels)
 
 
-def merge_channel_preset(preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A preset's values overridden by the user's; an explicit ``channels`` is used verbatim (the preset's
-    ``channels_reference_dim`` is dropped), not rescaled from the preset's RN50 dimension."""
-    merged = {**preset_values, **params}
-    if "channels" in params and "channels_reference_dim" not in params:
-        merged["channels_reference_dim"] = None
-    return merged
+class RefinedChannels(CacheMethod):
+    """What APE and APE-T share about their channel count Q: a preset's Q is defined for its RN50 dimension
+    (``channels_reference_dim``), while a ``channels`` the user gives is used verbatim; Q must fit the data's D."""
+
+    channels: int | None
+    channels_reference_dim: int | None
+
+    @classmethod
+    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """A preset's values overridden by the user's; an explicit ``channels`` drops the preset's
+        ``channels_reference_dim`` (it is used verbatim, not rescaled from the preset's RN50 dimension)."""
+        merged = {**preset_values, **params}
+        if "channels" in params and "channels_reference_dim" not in params:
+            merged["channels_reference_dim"] = None
+        return merged
+
+    def _check(self, bundle: Bundle) -> None:
+        self._channels(bundle)
+
+    def _channels(self, bundle: Bundle) -> int:
+        """Q for the bundle's dimension (see :func:`resolve_channels`)."""
+        return resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
 
 
 @register("ape")
 @dataclass(kw_only=True, repr=False, eq=False)
-class APE(CacheMethod):
+class APE(RefinedChannels):
     channels: int | None = param(None, CHANNELS, doc="Q, refined channels kept (None: 70% of D)")
     channels_reference_dim: int | None = param(
         None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q keeps its fraction of D"
@@ -67,16 +82,9 @@ class APE(CacheMethod):
     search_scale: Sequence[float] = param((7.0, 7.0, 1.0), search_scale(3), doc="upper ends of the β, α, γ grids")
     search_step: Sequence[int] = param((200, 20, 20), search_step(3), doc="points of the β, α, γ grids")
 
-    @classmethod
-    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        return merge_channel_preset(preset_values, params)
-
-    def _check(self, bundle: Bundle) -> None:
-        resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
-
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         scale, step = self._grid()
-        q = resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
+        q = self._channels(bundle)
         text = bundle.text_weights
         keys, labels = support_cache(bundle)
         criterion = ape_criterion(text, keys, labels)

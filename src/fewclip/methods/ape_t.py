@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from ..features.bundle import Bundle
 from ..metrics import accuracy
-from .ape import CHANNELS, CRITERION_WEIGHT, merge_channel_preset, resolve_channels
+from .ape import CHANNELS, CRITERION_WEIGHT, RefinedChannels
 from .ape_refine import ape_criterion, select_channels
-from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
+from .cache import CACHE_WEIGHT, search_scale, search_step, support_cache
 from .params import Options, param
 from .registry import register
 from .search import ClassLayout, phi, search_row_chunk
@@ -89,7 +89,7 @@ def factored_logits(
 
 @register("ape-t")
 @dataclass(kw_only=True, repr=False, eq=False)
-class APET(CacheMethod):
+class APET(RefinedChannels):
     channels: int | None = param(None, CHANNELS, doc="Q_T, channels the residual acts on (None: 70% of D)")
     channels_reference_dim: int | None = param(
         None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q_T keeps its fraction of D"
@@ -108,16 +108,9 @@ class APET(CacheMethod):
     batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
     seed: int = param(1, SEED, doc="seed of the view draws and batch order")
 
-    @classmethod
-    def merge_preset(cls, preset_values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        return merge_channel_preset(preset_values, params)
-
-    def _check(self, bundle: Bundle) -> None:
-        resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
-
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         scale, step = self._grid()
-        q = resolve_channels(self.channels, self.channels_reference_dim, bundle.dim, self.name)
+        q = self._channels(bundle)
         text = bundle.text_weights.float()
         keys, key_labels = support_cache(bundle)
         pool = (keys, key_labels) if self.criterion_pool == "text+cache" else (None, None)
