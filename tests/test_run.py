@@ -583,6 +583,11 @@ seeds = [1, 2]
     assert [p.name for p in sorted((tmp_path / "c/oxford_pets" / BB / "fewshot").glob("*/*.json"))] == [
         "shots_1-seed_3.json"
     ]
+    # --set adds to the file's overrides (tables merge key by key), a value it names wins
+    argv = ["run", "--config", str(config), "--out", str(tmp_path / "e"), "--method", "gda", "--seeds", "1"]
+    assert main([*argv, "--set", "gda:init_alpha=2.0", "--set", "gda:alpha_grid=[1.0]"]) == 0
+    e = json.loads((tmp_path / "e/oxford_pets" / BB / "fewshot/gda/shots_1-seed_1.json").read_text())
+    assert e["overrides"] == {"alpha_grid": [1.0], "init_alpha": 2.0}
     capsys.readouterr()
     config.write_text(config.read_text().replace("views = 2", "view = 2"))
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "d")]) == 2

@@ -123,6 +123,16 @@ def test_alpha_scan_equals_nested_loop(seed):
     assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, shuffled), naive_counts(z0, gg, labels, shuffled))
 
 
+@pytest.mark.parametrize("size", [1, 2, 6])
+def test_alpha_scan_on_grids_of_one_or_a_few_points_equals_nested_loop(size):
+    # one α leaves no segment between anchors (it used to crash); two are both anchors; six have one segment
+    g = torch.Generator().manual_seed(size)
+    z0, gg = torch.randn(80, 4, generator=g), torch.rand(2, 80, 4, generator=g)
+    labels = torch.randint(0, 4, (80,), generator=g)
+    alphas = torch.linspace(0.5, 3.0, size)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas), naive_counts(z0, gg, labels, alphas))
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("classes", [5, 60])
 def test_alpha_scan_with_nonnegative_terms_equals_nested_loop(seed, classes):

@@ -194,7 +194,8 @@ def count_correct_along_alpha(
             counts[:, j] = correct_mask(torch.add(z0, g, alpha=alpha), labels).sum(1)
         return counts
     anchors = torch.tensor(sorted({*range(0, num_a - 1, segment), num_a - 1}))
-    inner = anchors[:-1, None] + 1 + torch.arange(max(int((anchors[1:] - anchors[:-1]).max()) - 1, 0))  # [S, O]
+    widest = int((anchors[1:] - anchors[:-1]).max()) if anchors.numel() > 1 else 1  # one α: no segment at all
+    inner = anchors[:-1, None] + 1 + torch.arange(widest - 1)  # [S, O]
     valid = inner < anchors[1:, None]
     inner = torch.minimum(inner, anchors[1:, None])
     anchor_alpha = alphas[anchors].to(g.dtype)[:, None, None, None]

@@ -159,11 +159,12 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, An
 
 
 def merge_sections(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with each section's keys replaced by those in ``overrides`` (one level deep)."""
-    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
-    for section, values in overrides.items():
-        if isinstance(values, Mapping):
-            out[section] = {**out.get(section, {}), **values}
+    """``base`` with ``overrides`` laid over it, tables merged key by key at every depth (so ``--set ape:alpha=1``
+    adds to the file's ``[methods.overrides]`` instead of replacing them), other values replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_sections(out[key], value)
         else:
-            out[section] = values
+            out[key] = value
     return out

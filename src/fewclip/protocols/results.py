@@ -80,7 +80,7 @@ def backbone_slug(spec: BackboneSpec) -> str:
     if spec.pretrained:
         weights = Path(spec.pretrained)
         parts.append(weights.stem if weights.suffix in WEIGHT_SUFFIXES else spec.pretrained)
-    slug = "-".join(parts)
+    slug = "-".join(parts).replace("/", "-")  # the OpenAI names: ViT-B/16 -> ViT-B-16
     if spec.backend != "open_clip":
         slug = f"{spec.backend}-{slug}"
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", slug).strip("._") or "backbone"

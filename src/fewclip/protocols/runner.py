@@ -49,6 +49,7 @@ from .results import (
     backbone_slug,
     config_sha256,
     episodes_dir,
+    predictions_path,
     protocol_dir,
     read_result,
     result_path,
@@ -644,6 +645,7 @@ def _fit_all(
                     saved = write_predictions(path, predicted, truth, names)
                     result["predictions_file"] = saved.name
                 except Exception as exc:  # one failing cell is recorded, the run goes on
+                    predictions_path(path).unlink(missing_ok=True)  # an earlier success's, no longer this result's
                     write_result(path, failure_record(plan, cell, exc))
                     report.failed.append((path, f"{type(exc).__name__}: {exc}"))
                     log(f"{_describe(cell)}: FAILED ({type(exc).__name__}: {exc}); recorded in {path}")
