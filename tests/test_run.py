@@ -604,3 +604,16 @@ def test_a_bad_hyperparameter_is_refused_before_any_image_is_encoded(env, tmp_pa
     assert main(argv) == 2
     assert "gda: alpha_grid=['x'] is not valid" in capsys.readouterr().err
     assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_run_config_round_trips_through_plain_data_and_names_what_is_missing():
+    config = RunConfig.from_dict(
+        {"data": {"dataset": "dtd"}, "backbone": {"model": "RN50", "pretrained": "openai"}, "cache_dir": "/c",
+         "methods": {"names": ["ape"], "overrides": {"ape": {"search_step": [10, 5, 5]}}}}
+    )  # fmt: skip
+    assert config.backbone.cache_dir == "/c"  # converted checkpoints go to the run's cache folder too
+    assert RunConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ResultsError, match=r"\[data\]: dataset must be given"):
+        RunConfig.from_dict({"data": {}, "backbone": {"model": "RN50"}})
+    with pytest.raises(ResultsError, match=r"unknown section\(s\) \['method'\]"):
+        RunConfig.from_dict({"data": {"dataset": "dtd"}, "backbone": {"model": "RN50"}, "method": {}})

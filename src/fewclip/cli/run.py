@@ -89,7 +89,6 @@ def sections_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "backbone": _given(
             model=get("model"), pretrained=get("pretrained"), backend=get("backend"), precision=get("precision"),
             device=get("device"), preprocess=get("preprocess"), trust_checkpoint=get("trust_checkpoint"),
-            cache_dir=get("cache_dir"),
         ),
         "extraction": _given(
             views=get("views"), augmentation=get("augmentation"), augment_seed=get("augment_seed"),

@@ -118,6 +118,8 @@ class RunConfig:
         cache_dir = obj.get("cache_dir")
         if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
             raise ResultsError(f"{where}: cache_dir must be a folder path, got {cache_dir!r}.")
+        if cache_dir is not None and parts["backbone"].cache_dir is None:  # converted checkpoints go there too
+            parts["backbone"] = dataclasses.replace(parts["backbone"], cache_dir=str(cache_dir))
         return cls(**parts, cache_dir=None if cache_dir is None else str(cache_dir))
 
 
