@@ -18,7 +18,7 @@ from fewclip import data
 from fewclip.cli.main import main
 from fewclip.cli.run import parse_method_sets
 from fewclip.data.generate import write_images
-from fewclip.errors import ResultsError
+from fewclip.errors import ExtractionError, ResultsError
 from fewclip.features import bundle as bundle_io
 from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
@@ -617,3 +617,24 @@ def test_run_config_round_trips_through_plain_data_and_names_what_is_missing():
         RunConfig.from_dict({"data": {}, "backbone": {"model": "RN50"}})
     with pytest.raises(ResultsError, match=r"unknown section\(s\) \['method'\]"):
         RunConfig.from_dict({"data": {"dataset": "dtd"}, "backbone": {"model": "RN50"}, "method": {}})
+    with pytest.raises(ResultsError, match=r"\[data\]: dataset = 3 is not valid; expected str"):
+        RunConfig.from_dict({"data": {"dataset": 3}, "backbone": {"model": "RN50"}})
+    with pytest.raises(ResultsError, match=r"\[backbone\]: trust_checkpoint = 1 is not valid; expected bool"):
+        RunConfig.from_dict({"data": {"dataset": "dtd"}, "backbone": {"model": "RN50", "trust_checkpoint": 1}})
+    with pytest.raises(ExtractionError, match="views='ten' is not valid"):
+        RunConfig.from_dict({"data": {"dataset": "dtd"}, "backbone": {"model": "RN50"}, "extraction": {"views": "ten"}})
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--views", "0"], "extraction: views=0 is not valid; expected an integer ≥ 1 (--views)"),
+        (["--batch-size", "0"], "extraction: batch_size=0 is not valid; expected an integer ≥ 1 (--batch-size)"),
+        (["--workers", "-1"], "extraction: num_workers=-1 is not valid"),
+    ],
+)
+def test_bad_extraction_options_are_one_line_errors_before_any_work(env, tmp_path, capsys, option, message):
+    argv = run_argv(env, tmp_path / "out", tmp_path / "cache", "--method", "zero-shot", "--shots", "1", "--seeds", "1")
+    argv[argv.index("--views") : argv.index("--views") + 2] = []
+    assert main([*argv, *option]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -36,6 +36,10 @@ class FeatureStoreError(FewclipError, ValueError):
     """A cache folder or shard that cannot be used."""
 
 
+class ExtractionError(FewclipError, ValueError):
+    """Extraction options that cannot be used (views, batch size, loader workers, ...)."""
+
+
 class _Bad(Protocol):
     path: str
     error: str

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import BadImagesError
+from ..errors import BadImagesError, ExtractionError
 from ..models import Backbone
 from .store import FeatureGroup, FeatureStore
 
@@ -168,10 +168,10 @@ def _extract_views(
 ) -> tuple[dict[View, torch.Tensor], list[int], list[BadImage], int, int]:
     root = Path(root)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+        raise ExtractionError(f"batch_size must be an integer ≥ 1, got {batch_size!r}.")
     for v in views:
         if v != "clean" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"view {v!r} is invalid; use 'clean' or an augmentation index ≥ 0.")
+            raise ExtractionError(f"view {v!r} is invalid; use 'clean' or an augmentation index ≥ 0.")
     paths = [str(p) for p in paths]
     unique = list(dict.fromkeys(paths))
     namespace = dataset or f"root:{root.resolve()}"
@@ -322,7 +322,7 @@ def extract_support(
     """Support features [V, N, D] under ``views`` augmented views, plus ``clean`` [N, D] (the evaluation
     transform) when ``include_clean``. Each image is decoded once for all its missing views."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"views must be an integer ≥ 1, got {views!r}.")
+        raise ExtractionError(f"views must be an integer ≥ 1, got {views!r}.")
     view_list: list[View] = list(range(views)) + (["clean"] if include_clean else [])
     feats, kept, bad, encoded, cached = _extract_views(
         backbone,

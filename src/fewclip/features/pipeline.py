@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..data import DatasetSplits, Episode, Item
+from ..errors import ExtractionError
 from ..models import Backbone
 from .bundle import Bundle, make_bundle
 from .extract import BadImage, extract, extract_support
@@ -37,6 +38,26 @@ class ExtractionOptions:
     num_workers: int | None = None
     skip_bad_images: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        checks = {
+            "views": (integer(self.views) and self.views >= 1, "an integer ≥ 1 (--views)"),
+            "augmentation": (isinstance(self.augmentation, str), "a preset name (--augmentation)"),
+            "augment_seed": (integer(self.augment_seed) and self.augment_seed >= 0, "an integer ≥ 0 (--augment-seed)"),
+            "batch_size": (integer(self.batch_size) and self.batch_size >= 1, "an integer ≥ 1 (--batch-size)"),
+            "num_workers": (
+                self.num_workers is None or (integer(self.num_workers) and self.num_workers >= 0),
+                "None (automatic) or an integer ≥ 0 (--workers)",
+            ),
+            "skip_bad_images": (isinstance(self.skip_bad_images, bool), "true or false (--skip-bad-images)"),
+            "progress": (isinstance(self.progress, bool), "true or false (--no-progress)"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ExtractionError(f"extraction: {name}={getattr(self, name)!r} is not valid; expected {expected}.")
 
     def recorded(self) -> dict[str, Any]:
         return {

@@ -144,7 +144,22 @@ def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
     ]
     if missing:
         raise ResultsError(f"{where}: {', '.join(missing)} must be given.")
+    for key, value in values.items():
+        expected = SCALAR_TYPES.get(str(fields[key].type))
+        # a bool is an int to isinstance: accept it only where a bool is expected
+        if expected is not None and not (bool in expected if isinstance(value, bool) else isinstance(value, expected)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise ResultsError(f"{where}: {key} = {value!r} is not valid; expected {names}.")
     return kind(**values)
+
+
+#: the scalar field types of the configuration's parts, as their annotations spell them, and what they accept
+SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "bool": (bool,),
+    "float | None": (float, int, type(None)),
+}
 
 
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
