@@ -165,3 +165,20 @@ def test_clip_ft_runs_through_fewclip_run_and_caches_the_fine_tuned_features(env
     # `fewclip fit` has features only: it says where an image method runs
     assert main(["fit", str(bundle_io.save(bundle, tmp_path / "b.safetensors")), "--method", "clip-ft"]) == 2
     assert "clip-ft fine-tunes CLIP on images" in capsys.readouterr().err
+
+
+def test_an_unreadable_support_image_is_named_or_skipped_and_recorded(env, tmp_path):
+    import shutil
+
+    from fewclip.features.pipeline import ExtractionOptions
+
+    folder = tmp_path / "images"
+    shutil.copytree(env.folder, folder)
+    splits = data.load_dataset("folder", path=folder, warn=False)
+    episode = replace(env.episode, splits=splits)
+    broken = episode.train[0].path
+    (folder / broken).write_bytes(b"\xff\xd8\xff not a jpeg")  # e.g. replaced after its features were cached
+    with pytest.raises(MethodError, match=f"{broken}: cannot be read .*--skip-bad-images"):
+        make("clip-ft").fit(episode)
+    model = make("clip-ft").fit(replace(episode, options=ExtractionOptions(skip_bad_images=True)))
+    assert model.skipped_images_ == [broken] and model.best_epoch_ >= 1

@@ -50,13 +50,24 @@ class CLIPFineTune(ImageMethod):
         steps = -(-len(train) // batch)
         augment, plain = model.train_transform(self.augmentation), model.eval_transform()
         generator = torch.Generator().manual_seed(int(self.seed))
+        unreadable: set[str] = set()  # images the extraction stage had cached but that cannot be read now
         params = dict(model.named_parameters())
         optimizer = adamw(list(params.values()), lr=float(self.lr), weight_decay=float(self.weight_decay))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(self.epochs) * steps)
 
         def batches(epoch: int):
             order = torch.randperm(len(train), generator=generator).tolist()
-            return image_batches(root, train, augment, options, batch, seed=int(self.seed), draw=epoch, order=order)
+            return image_batches(
+                root,
+                train,
+                augment,
+                options,
+                batch,
+                seed=int(self.seed),
+                draw=epoch,
+                order=order,
+                unreadable=unreadable,
+            )
 
         def loss(images_labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             images, labels = images_labels
@@ -66,11 +77,11 @@ class CLIPFineTune(ImageMethod):
         def val_accuracy() -> float:
             model.eval()
             hits = 0
-            for images, labels in image_batches(root, val, plain, options, max(batch, 64)):
+            for images, labels in image_batches(root, val, plain, options, max(batch, 64), unreadable=unreadable):
                 logits = model.image_features(images) @ text.T  # the arg-max of the cosines: no need to normalise
                 hits += int((logits.argmax(1).cpu() == labels).sum())
             model.train()
-            return 100.0 * hits / len(val)
+            return 100.0 * hits / max(1, len(val) - len(unreadable.intersection(i.path for i in val)))
 
         result = fit_epochs(
             params,
@@ -92,6 +103,7 @@ class CLIPFineTune(ImageMethod):
         self.encoder_scope_ = self.scope
         self.encoder_sha256_ = model.state_sha256(self.encoder_state_)
         self.backbone_spec_ = data.backbone.to_dict()
+        self.skipped_images_ = sorted(unreadable)
         self.trained_parameters_ = int(sum(p.numel() for p in params.values()))
         self.best_epoch_ = result.best_epoch
         self.history_ = result.history

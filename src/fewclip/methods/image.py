@@ -97,8 +97,9 @@ class ImageEpisode:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Item i: (transformed image, label). With ``seed`` the random transform of image p is drawn from a generator
-    seeded by (seed, p, ``draw``), so the pixels do not depend on batching, workers or the order of the items."""
+    """Item i: (transformed image or None, label, path, error). With ``seed`` the random transform of image p is
+    drawn from a generator seeded by (seed, p, ``draw``), so the pixels do not depend on batching, workers or the
+    order of the items. A failure is returned, not raised, so the main process can name the file."""
 
     def __init__(self, root: Path, items: Sequence[Item], transform: Callable, seed: int | None = None, draw: int = 0):
         self.root, self.items, self.transform, self.seed, self.draw = root, list(items), transform, seed, draw
@@ -106,19 +107,23 @@ class _Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str | None]:
         item = self.items[i]
         try:
             image = load_image(self.root / item.path)
-        except Exception as exc:  # a worker's bare traceback would name neither the file nor the fix
-            raise MethodError(
-                f"{self.root / item.path}: cannot be read ({type(exc).__name__}: {exc}); replace or delete it, or "
-                "run with --skip-bad-images."
-            ) from exc
-        if self.seed is None:
-            return self.transform(image), item.label
-        with seeded(view_seed(self.seed, item.path, self.draw)):
-            return self.transform(image), item.label
+            if self.seed is None:
+                return self.transform(image), item.label, item.path, None
+            with seeded(view_seed(self.seed, item.path, self.draw)):
+                return self.transform(image), item.label, item.path, None
+        except Exception as exc:  # any decoding or transform failure marks the image unreadable
+            return None, item.label, item.path, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(rows: list[tuple[torch.Tensor | None, int, str, str | None]]):
+    good = [(t, y) for t, y, _, error in rows if error is None]
+    bad = [(path, error) for _, _, path, error in rows if error is not None]
+    images = torch.stack([t for t, _ in good]) if good else None
+    return images, torch.tensor([y for _, y in good], dtype=torch.long), bad
 
 
 def image_batches(
@@ -131,19 +136,33 @@ def image_batches(
     seed: int | None = None,
     draw: int = 0,
     order: Iterable[int] | None = None,
+    unreadable: set[str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (images [B, 3, S, S], labels [B]) of ``items`` in ``order`` (default: as given), transformed by
     ``transform`` (seeded per image and ``draw`` when ``seed`` is given), read by ``options.num_workers`` loader
-    workers (0 when unset: the support sets of few-shot episodes are small)."""
+    workers (0 when unset: the support sets of few-shot episodes are small).
+
+    An image that cannot be read is an error naming the file, unless ``options.skip_bad_images``: then it is left
+    out of its batch and its path added to ``unreadable``.
+    """
     items = list(items) if order is None else [items[i] for i in order]
     loader = torch.utils.data.DataLoader(
         _Images(root, items, transform, seed, draw),
         batch_size=batch_size,
         shuffle=False,
         num_workers=options.num_workers or 0,
+        collate_fn=_collate,
     )
-    for images, labels in loader:
-        yield images, labels.long()
+    for images, labels, bad in loader:
+        if bad and not options.skip_bad_images:
+            path, error = bad[0]
+            raise MethodError(
+                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
+            )
+        if unreadable is not None:
+            unreadable.update(path for path, _ in bad)
+        if images is not None:
+            yield images, labels
 
 
 class ImageMethod(Method):

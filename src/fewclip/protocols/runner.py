@@ -497,6 +497,7 @@ def encode_test_images(
     )
     labels = torch.tensor([items[i].label for i in out.kept], dtype=torch.long)
     record = {**encoder.identity["finetuned"], "test_encoded": out.encoded, "test_cached": out.cached}
+    record["skipped_images"] = [*getattr(model, "skipped_images_", []), *(b.path for b in out.bad)]
     return out.features, labels, record
 
 
