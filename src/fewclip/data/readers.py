@@ -18,6 +18,7 @@ A missing split file is an error that says where the file goes; nothing is re-sp
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -45,14 +46,41 @@ def listing_sha256(train: Sequence[Item], val: Sequence[Item], test: Sequence[It
     return h.hexdigest()
 
 
+def unreadable_entry(path: str | os.PathLike[str], exc: OSError) -> DataError:
+    """The error for a folder entry that cannot even be stat'ed: a symbolic-link loop (ELOOP) or no permission."""
+    if exc.errno == errno.ELOOP:
+        return DataError(
+            f"{os.fspath(path)}: a symbolic-link loop (following it never reaches a file or folder); remove the link or point it "
+            "at a real image or folder."
+        )
+    return DataError(f"{os.fspath(path)}: cannot be read ({exc.strerror}); fix its permissions or remove it.")
+
+
+def entry_is_dir(entry: os.DirEntry[str]) -> bool:
+    """``entry.is_dir()`` (symbolic links followed), a link loop or an unreadable entry a :class:`DataError`."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise unreadable_entry(entry.path, exc) from None
+
+
 def _scan(folder: Path) -> tuple[list[str], list[str]]:
-    """(sorted sub-folder names, sorted file names) of ``folder``, hidden entries skipped."""
+    """(sorted sub-folder names, sorted file names) of ``folder``, hidden entries skipped.
+
+    Symbolic links are followed (a dataset folder linked from another disk is common); a link that loops, or an
+    entry that cannot be read, is a :class:`DataError` naming it.
+    """
     dirs, files = [], []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            (dirs if e.is_dir() else files).append(e.name)
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                (dirs if entry_is_dir(e) else files).append(e.name)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise unreadable_entry(folder, exc) from None
     return sorted(dirs), sorted(files)
 
 
