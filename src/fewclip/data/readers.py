@@ -50,8 +50,8 @@ def unreadable_entry(path: str | os.PathLike[str], exc: OSError) -> DataError:
     """The error for a folder entry that cannot even be stat'ed: a symbolic-link loop (ELOOP) or no permission."""
     if exc.errno == errno.ELOOP:
         return DataError(
-            f"{os.fspath(path)}: a symbolic-link loop (following it never reaches a file or folder); remove the link or point it "
-            "at a real image or folder."
+            f"{os.fspath(path)}: a symbolic-link loop (following it never reaches a file or folder); remove the "
+            "link or point it at a real image or folder."
         )
     return DataError(f"{os.fspath(path)}: cannot be read ({exc.strerror}); fix its permissions or remove it.")
 
