@@ -374,7 +374,10 @@ def test_csv_kind(tmp_path):
         touch(tmp_path / "ds" / rel)
     (tmp_path / "ds" / "train.csv").write_text(f"path,label,classname\nimg/a.jpg,0,red_fox\n{absolute},1,owl\n")
     (tmp_path / "ds" / "test.csv").write_text("img/b.jpg,1\nimg/c.jpg,0\n")
-    s = data.load_dataset("csv", path=tmp_path / "ds", warn=False)
+    # the absolute row lies outside the image root: accepted only when asked for
+    with pytest.raises(data.DataError, match=r"1 train path\(s\) in train.csv \+ test.csv leave the image root"):
+        data.load_dataset("csv", path=tmp_path / "ds", warn=False)
+    s = data.load_dataset("csv", path=tmp_path / "ds", warn=False, allow_outside_root=True)
     assert s.classnames == ["red_fox", "owl"] and s.root == tmp_path / "ds"
     assert s.train == [data.Item("img/a.jpg", 0, "red_fox"), data.Item(str(absolute), 1, "owl")]
     assert s.test[0] == data.Item("img/b.jpg", 1, "owl") and (s.root / s.train[1].path) == absolute

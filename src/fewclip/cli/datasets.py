@@ -42,6 +42,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, as_option: bool = Fal
     g.add_argument("--val-csv", help="csv: the val rows")
     g.add_argument("--test-csv", help="csv: the test rows")
     g.add_argument("--classnames-file", help="csv: class names, one per line (line i = label i)")
+    g.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        default=None,
+        help="accept image paths that leave the image root (../ or absolute paths in a split file or CSV)",
+    )
 
 
 def kind_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,6 +62,7 @@ def kind_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "val_csv": "val",
         "test_csv": "test",
         "classnames_file": "classnames_file",
+        "allow_outside_root": "allow_outside_root",
     }
     return {opt: getattr(args, attr) for attr, opt in names.items() if getattr(args, attr, None) is not None}
 

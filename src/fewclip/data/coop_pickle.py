@@ -21,9 +21,18 @@ from .types import DatasetSplits, Item
 class _Datum:
     """Stand-in for Dassl's ``Datum`` (attributes ``_impath``, ``_label``, ``_classname``)."""
 
-    def field(self, name: str) -> Any:
-        d = self.__dict__
-        return d.get(f"_{name}", d.get(name))
+
+def _field(datum: _Datum, name: str) -> Any:
+    """Dassl's ``_name`` attribute of ``datum`` (or ``name``), None when absent. Read from ``vars`` so that a
+    pickled state cannot shadow a method of the stand-in."""
+    d = vars(datum)
+    return d.get(f"_{name}", d.get(name))
+
+
+def _show(value: Any) -> str:
+    """``value`` for a message: its type and a repr cut at 60 characters."""
+    text = repr(value)
+    return f"{text[:57] + '...' if len(text) > 60 else text} ({type(value).__name__})"
 
 
 class _CoOpUnpickler(pickle.Unpickler):
@@ -64,7 +73,11 @@ def import_coop_pickle(
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
         raise DataError(f"{pkl_path}: not a CoOp few-shot pickle ({exc}).") from None
     if not isinstance(data, dict) or "train" not in data:
-        raise DataError(f"{pkl_path}: expected a dict with 'train' (and 'val') lists of Datum.")
+        found = f"keys {sorted(map(str, data))}" if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise DataError(
+            f"{pkl_path}: expected a dict with 'train' (and 'val') lists of Datum, found {found}; "
+            "use CoOp's split_fewshot/shot_K-seed_S.pkl."
+        )
     if splits.val and "val" not in data:
         raise DataError(f"{pkl_path}: has no 'val' list, but {splits.name} has a val split (incomplete bundle).")
     known = {i.path: i for i in (*splits.train, *splits.val)}
@@ -87,16 +100,23 @@ def import_coop_pickle(
     out: dict[str, list[Item]] = {}
     for part in ("train", "val"):
         rows = data.get(part, [])
-        if not isinstance(rows, list) or not all(isinstance(d, _Datum) for d in rows):
-            raise DataError(f"{pkl_path}: '{part}' must be a list of Datum objects.")
+        if not isinstance(rows, list):
+            raise DataError(f"{pkl_path}: '{part}' is {_show(rows)}; expected a list of Datum objects.")
         items = []
-        for d in rows:
-            impath, label, name = d.field("impath"), d.field("label"), d.field("classname")
-            if not isinstance(impath, str):
-                raise DataError(f"{pkl_path}: a Datum in '{part}' has no image path.")
+        for n, d in enumerate(rows):
+            where = f"{pkl_path}: {part}[{n}]"
+            if not isinstance(d, _Datum):
+                raise DataError(f"{where} is {_show(d)}; expected a Datum (impath, label, classname).")
+            impath, label, name = _field(d, "impath"), _field(d, "label"), _field(d, "classname")
+            if not isinstance(impath, str) or not impath:
+                raise DataError(f"{where}: field impath is {_show(impath)}; expected the image path (a string).")
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise DataError(f"{where}: field label is {_show(label)}; expected the class index (an int).")
+            if not isinstance(name, str):
+                raise DataError(f"{where}: field classname is {_show(name)}; expected the class name (a string).")
             rel = relative(impath)
             ref = known[rel]
-            if int(label) != ref.label or name != ref.classname:
+            if label != ref.label or name != ref.classname:
                 raise DataError(
                     f"{pkl_path}: {rel} has label {label} ({name!r}); the split says {ref.label} ({ref.classname!r})."
                 )

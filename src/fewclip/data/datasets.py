@@ -16,26 +16,49 @@ from typing import Any
 
 from ..errors import DataError, DataWarning
 from ..io import atomic_write_text
-from .readers import KIND_OPTIONS, read_raw
+from .readers import KIND_OPTIONS, entry_is_dir, read_raw, unreadable_entry
 from .registry import DatasetInfo, dataset_info, resolve_folder
 from .types import SPLITS, DatasetSplits
 
 
 def find_missing(root: str | Path, paths: Iterable[str]) -> list[str]:
-    """The ``paths`` (relative to ``root``, or absolute) that are not files; one directory scan per folder."""
+    """The ``paths`` (relative to ``root``, or absolute) that are not files; one directory scan per folder.
+
+    A symbolic-link loop, or a folder that cannot be read, among them is a :class:`DataError` naming it."""
     root = os.fspath(root)
     by_dir: dict[str, list[str]] = {}
     for p in paths:
         by_dir.setdefault(os.path.dirname(p), []).append(p)
     missing: list[str] = []
     for d, ps in by_dir.items():
+        folder = os.path.join(root, d)
         try:
-            with os.scandir(os.path.join(root, d)) as it:
-                present = {e.name for e in it if not e.is_dir()}
+            with os.scandir(folder) as it:
+                present = {e.name for e in it if not entry_is_dir(e)}
         except (FileNotFoundError, NotADirectoryError):
             present = set()
+        except DataError:
+            raise
+        except OSError as exc:  # a folder that is a link loop, or has no read permission
+            raise unreadable_entry(folder, exc) from None
         missing.extend(p for p in ps if os.path.basename(p) not in present)
     return missing
+
+
+def outside_root(root: str | Path, paths: Iterable[str]) -> list[str]:
+    """The ``paths`` that leave ``root``: absolute paths not under it, and relative ones whose ``..`` climb out.
+
+    The test is lexical (``a/../b.jpg`` stays inside; symbolic links are not resolved), so it costs a substring
+    test per path on a million-image split."""
+    base = os.path.abspath(root)
+    out = []
+    for p in paths:
+        if not (p.startswith("/") or ".." in p or os.path.isabs(p)):
+            continue
+        full = os.path.normpath(os.path.join(base, p))
+        if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
+            out.append(p)
+    return out
 
 
 def count_warnings(info: DatasetInfo, found: Mapping[str, int], standard_split: bool) -> list[str]:
@@ -71,6 +94,7 @@ def load_dataset(
     path: str | Path | None = None,
     check_files: bool = True,
     warn: bool = True,
+    allow_outside_root: bool = False,
     **kind_options: Any,
 ) -> DatasetSplits:
     """Load a registered dataset (or a ``folder`` / ``csv`` custom one) into :class:`DatasetSplits`.
@@ -84,6 +108,15 @@ def load_dataset(
     ``check_files`` verifies that every image the split names exists (one directory scan per folder); missing
     files raise :class:`DataError`. Differences from the published counts become :class:`DataWarning`\\ s (also
     kept in ``splits.warnings``).
+
+    Every image path the split names must lie under the image root: a ``../`` that climbs out of it, or an
+    absolute path elsewhere (a CSV row), is a :class:`DataError` naming the file and the path, unless
+    ``allow_outside_root=True`` (CLI ``--allow-outside-root``). The test is on the paths as written; symbolic
+    links inside the root are followed wherever they lead (a dataset folder linked from another disk is common,
+    and the links are the user's own, unlike a downloaded split file). A link that loops is a :class:`DataError`.
+
+    Labels are class indices: the C classes of a split are 0..C-1 without gaps, so a label >= C (for instance a
+    stray 10000000000) is a :class:`DataError` naming the file, the row and the value.
 
     ``kind_options``: split files ``split_file``, ``regenerate_split`` (a seed; Caltech101, DTD, EuroSAT and
     Food101 only; the split is then marked non-standard); LT lists ``lists_dir``; ``folder``: ``split_file``,
@@ -104,7 +137,8 @@ def load_dataset(
             raise DataError(f"{info.key}: a custom dataset needs its folder or file: pass path= (CLI: --path).")
         location = Path(path).expanduser()
         if not location.exists():
-            raise DataError(f"{info.key}: {location} does not exist.")
+            link = " (a symbolic link that loops or leads nowhere)" if location.is_symlink() else ""
+            raise DataError(f"{info.key}: {location} does not exist{link}.")
         dataset_dir, alias = (location if location.is_dir() else location.parent), None
         image_root = Path(opts.pop("image_root", dataset_dir)).expanduser()
         if info.kind == "csv" and any(opts.get(s) for s in SPLITS) and "image_root" not in kind_options:
@@ -113,6 +147,15 @@ def load_dataset(
         dataset_dir, alias, image_root = resolve_folder(info.key, data_root, path)
         location = dataset_dir
     raw = read_raw(info, location, image_root, opts)
+    if not allow_outside_root:
+        for split in SPLITS:
+            outside = outside_root(image_root, (i.path for i in getattr(raw, split)))
+            if outside:
+                raise DataError(
+                    f"{info.key}: {len(outside)} {split} path(s) in {raw.split_source} leave the image root "
+                    f"{image_root} (first: {outside[0]!r}). Fix the paths, or pass allow_outside_root=True "
+                    "(CLI --allow-outside-root) if they are meant to point outside it."
+                )
     standard_split = raw.standard and not info.custom
     found = {"classes": len(raw.classnames), **{s: len(getattr(raw, s)) for s in SPLITS}}
     all_warnings = (*raw.warnings, *count_warnings(info, found, standard_split))

@@ -6,7 +6,8 @@
 - ``imagenet7``: the 7 templates of Tip-Adapter/APE/GDA on ImageNet (``templates.json``);
 - ``imagenet80``: OpenAI's 80 templates, read from the installed open_clip;
 - a ``.txt`` file (one template per line), a JSON list of templates, a JSON object of template lists keyed by
-  dataset (CLIP_benchmark style), or a description file (CuPL style: ``{classname: [sentences]}``).
+  dataset (CLIP_benchmark style), or a description file (CuPL style: ``{classname: [sentences]}``). Files are
+  UTF-8 (a byte-order mark is dropped); other bytes are an error naming the file and the byte offset.
 
 Templates use ``{}`` or ``{c}``; the class name goes in with underscores replaced by spaces. Classifiers
 average the per-sentence embeddings of :meth:`Prompts.sentences`.
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..errors import DataError, DataWarning
 from .classnames import open_clip_metadata, prompt_name
+from .readers import decode_text
 from .registry import dataset_info
 
 TEMPLATE_SETS = ("single", "imagenet7", "imagenet80")
@@ -133,12 +135,13 @@ def load_prompts(spec: str | Path, dataset: str | None = None) -> Prompts:
     raw = path.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     where = str(path)
+    text = decode_text(raw, path)
     if path.suffix.lower() != ".json":
-        lines = [ln.strip() for ln in raw.decode("utf-8").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return Prompts(where, "templates", _check_templates(lines, where), sha256=sha)
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not valid JSON ({exc}).") from None
     if isinstance(obj, list):
         return Prompts(where, "templates", _check_templates(obj, where), sha256=sha)

@@ -18,6 +18,7 @@ A missing split file is an error that says where the file goes; nothing is re-sp
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -45,24 +46,65 @@ def listing_sha256(train: Sequence[Item], val: Sequence[Item], test: Sequence[It
     return h.hexdigest()
 
 
+def unreadable_entry(path: str | os.PathLike[str], exc: OSError) -> DataError:
+    """The error for a folder entry that cannot even be stat'ed: a symbolic-link loop (ELOOP) or no permission."""
+    if exc.errno == errno.ELOOP:
+        return DataError(
+            f"{os.fspath(path)}: a symbolic-link loop (following it never reaches a file or folder); remove the "
+            "link or point it at a real image or folder."
+        )
+    return DataError(f"{os.fspath(path)}: cannot be read ({exc.strerror}); fix its permissions or remove it.")
+
+
+def entry_is_dir(entry: os.DirEntry[str]) -> bool:
+    """``entry.is_dir()`` (symbolic links followed), a link loop or an unreadable entry a :class:`DataError`."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise unreadable_entry(entry.path, exc) from None
+
+
 def _scan(folder: Path) -> tuple[list[str], list[str]]:
-    """(sorted sub-folder names, sorted file names) of ``folder``, hidden entries skipped."""
+    """(sorted sub-folder names, sorted file names) of ``folder``, hidden entries skipped.
+
+    Symbolic links are followed (a dataset folder linked from another disk is common); a link that loops, or an
+    entry that cannot be read, is a :class:`DataError` naming it.
+    """
     dirs, files = [], []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            (dirs if e.is_dir() else files).append(e.name)
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                (dirs if entry_is_dir(e) else files).append(e.name)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise unreadable_entry(folder, exc) from None
     return sorted(dirs), sorted(files)
+
+
+def decode_text(raw: bytes, path: str | Path) -> str:
+    """``raw`` (the bytes of ``path``) decoded as UTF-8, a leading byte-order mark dropped; anything else is a
+    one-line :class:`DataError` naming the file and the byte offset of the first undecodable byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1].hex()
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{bad} at offset {exc.start}: {exc.reason}); save it as UTF-8."
+        ) from None
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path`` (see :func:`decode_text`); ``OSError`` (missing file, ...) passes through."""
+    return decode_text(path.read_bytes(), path)
 
 
 def _read_text(path: Path, what: str, dataset: str, hint: str) -> str:
     if not path.is_file():
         raise DataError(f"{dataset}: {what} {path} not found. {hint}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    return read_text_file(path)
 
 
 def _classnames_from_items(splits: dict[str, list[Item]], where: str) -> list[str]:
@@ -81,14 +123,34 @@ def _classnames_from_items(splits: dict[str, list[Item]], where: str) -> list[st
             names.setdefault(label, name)
     if not names:
         raise DataError(f"{where}: the split lists no images.")
-    num = max(names) + 1
-    gaps = [y for y in range(num) if y not in names]
-    if gaps:
+    top = max(names)
+    if top >= len(names):  # C distinct labels must be exactly 0..C-1
+        split, row = next((s, i) for s in SPLITS for i, it in enumerate(splits[s]) if it.label == top)
         raise DataError(
-            f"{where}: labels must run 0..{num - 1} without gaps; label(s) {gaps[:5]} never appear. "
+            f"{where}: {split}[{row}] has label {top}, but the split has {len(names)} distinct labels, so they must "
+            f"run 0..{len(names) - 1} without gaps (label(s) {_first_gaps(names, top + 1)} never appear). "
             "Relabel the rows or restore the missing classes."
         )
-    return [names[y] for y in range(num)]
+    return [names[y] for y in range(top + 1)]
+
+
+def _first_gaps(present: dict[int, Any], num: int, count: int = 5) -> str:
+    """The first ``count`` of 0..num-1 missing from ``present``, as text (``"1, 2, 3, 4, 5, ..."``); a bounded
+    scan, whatever ``num`` is (a label of 10**10 must not build a list of 10**10 entries)."""
+    gaps: list[int] = []
+    for y in range(min(num, len(present) + count)):
+        if y not in present:
+            gaps.append(y)
+            if len(gaps) == count:
+                break
+    more = len(gaps) == count and num - len(present) > count
+    return ", ".join(map(str, gaps)) + (", ..." if more else "")
+
+
+def _is_int_text(text: str) -> bool:
+    """``text`` is an integer in ASCII digits (``"٣"`` and ``"²"`` pass ``str.isdigit`` but are not labels)."""
+    digits = text.strip().removeprefix("-")
+    return digits.isascii() and digits.isdigit()
 
 
 def _parse_label(value: Any, where: str) -> int:
@@ -96,7 +158,7 @@ def _parse_label(value: Any, where: str) -> int:
         raise DataError(f"{where}: label {value!r} is not an integer.")
     if isinstance(value, int):
         label = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and _is_int_text(value):
         label = int(value)
     else:
         raise DataError(f"{where}: label {value!r} is not an integer.")
@@ -137,8 +199,8 @@ def read_split_json(path: str | Path) -> tuple[dict[str, list[Item]], str]:
     path = Path(path)
     data = path.read_bytes()
     try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        obj = json.loads(decode_text(data, path))
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not a valid JSON split file ({exc}).") from None
     if not isinstance(obj, dict) or set(obj) != set(SPLITS):
         found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -469,23 +531,24 @@ def _read_folder(info: DatasetInfo, folder: Path, image_root: Path, opts: dict[s
     return RawSplits(train, val, test, [g[0] for g in groups], listing_sha256(train, val, test), source, standard=False)
 
 
-def _read_csv_file(path: Path) -> list[tuple[str, int, str | None]]:
+def _read_csv_file(path: Path) -> list[tuple[str, int, str | None, int]]:
+    """Rows ``(path, label, classname or None, line number)`` of one CSV file."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_text_file(path)
     except FileNotFoundError:
         raise DataError(f"csv: {path} not found.") from None
-    rows: list[tuple[str, int, str | None]] = []
+    rows: list[tuple[str, int, str | None, int]] = []
     for n, row in enumerate(csv.reader(text.splitlines()), 1):
         if not "".join(row).strip():
             continue
         where = f"{path}:{n}"
         if len(row) not in (2, 3):
             raise DataError(f"{where}: {len(row)} columns; rows are path,label[,classname].")
-        if n == 1 and not row[1].strip().lstrip("-").isdigit():
+        if n == 1 and not _is_int_text(row[1]):
             continue  # a header row
         p = row[0].strip()
         p = p if os.path.isabs(p) else _rel(p)
-        rows.append((p, _parse_label(row[1].strip(), where), row[2].strip() if len(row) == 3 else None))
+        rows.append((p, _parse_label(row[1].strip(), where), row[2].strip() if len(row) == 3 else None, n))
     return rows
 
 
@@ -505,18 +568,29 @@ def _read_csv(info: DatasetInfo, location: Path, image_root: Path, opts: dict[st
     rows = {s: _read_csv_file(p) if p else [] for s, p in files.items()}
     names: dict[int, str] = {}
     for s in SPLITS:
-        for _, y, c in rows[s]:
+        for _, y, c, _ in rows[s]:
             if c is not None and names.setdefault(y, c) != c:
                 raise DataError(f"csv: label {y} has two class names ({names[y]!r} and {c!r}) in {files[s]}.")
-    num = 1 + max((y for s in SPLITS for _, y, _ in rows[s]), default=-1)
+    labels = {y for s in SPLITS for _, y, _, _ in rows[s]}
+    num = 1 + max(labels, default=-1)
     if num == 0:
         raise DataError(f"csv: {files['train']} lists no images.")
     cn_file = opts.pop("classnames_file", None)
     cn_path = Path(cn_file).expanduser() if cn_file else files["train"].parent / "classnames.txt"
+    lines: list[str] = []
     if len(names) < num and cn_path.is_file():
-        lines = [ln.strip() for ln in cn_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in read_text_file(cn_path).splitlines() if ln.strip()]
         for y, name in enumerate(lines):
             names.setdefault(y, name)
+    classes = max(len(labels), len(lines))  # labels 0..C-1: every class has rows, or a line in classnames.txt
+    if num > classes:
+        s, line = next((s, n) for s in SPLITS for _, y, _, n in rows[s] if y == num - 1)
+        named = f"{len(labels)} distinct labels" + (f" and {cn_path} names {len(lines)} classes" if lines else "")
+        raise DataError(
+            f"{files[s]}:{line}: label {num - 1} is out of range: the CSV has {named}, so labels must run "
+            f"0..{classes - 1} (label(s) {_first_gaps(dict.fromkeys(labels), num)} never appear). Relabel the rows, "
+            f"or name every class in {cn_path} (line i = label i)."
+        )
     gaps = [y for y in range(num) if y not in names]
     if gaps:
         raise DataError(
@@ -526,13 +600,13 @@ def _read_csv(info: DatasetInfo, location: Path, image_root: Path, opts: dict[st
     classnames = [names[y] for y in range(num)]
     if files["test"] is None and files["val"] is None:
         by_label: dict[int, list[str]] = {}
-        for p, y, _ in rows["train"]:
+        for p, y, _, _ in rows["train"]:
             by_label.setdefault(y, []).append(p)
         groups = [(classnames[y], "", sorted(by_label.get(y, []))) for y in range(num)]
         train, val, test = _split_groups(groups, seed, str(files["train"]))
         source = f"{files['train'].name}, generated 50/20/30 per class, seed {seed}"
     else:
-        train, val, test = ([Item(p, y, classnames[y]) for p, y, _ in rows[s]] for s in SPLITS)
+        train, val, test = ([Item(p, y, classnames[y]) for p, y, _, _ in rows[s]] for s in SPLITS)
         source = " + ".join(p.name for p in files.values() if p is not None)
     return RawSplits(train, val, test, classnames, listing_sha256(train, val, test), source, standard=False)
 

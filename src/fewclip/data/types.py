@@ -17,7 +17,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One image: ``path`` relative to :attr:`DatasetSplits.root` (absolute only for absolute CSV rows)."""
+    """One image: ``path`` relative to :attr:`DatasetSplits.root` (absolute only for absolute CSV rows, which
+    ``load_dataset`` accepts with ``allow_outside_root=True``)."""
 
     path: str
     label: int

@@ -87,10 +87,61 @@ def seeded(seed: int):
 
 
 def load_image(path: Path):
-    """Open ``path`` fully (so truncated files fail here, not later) and return an RGB PIL image."""
+    """Open ``path`` fully (so truncated files fail here, not later) and return an 8-bit RGB PIL image.
+
+    - 8-bit modes go through PIL's ``convert("RGB")``, as open_clip's preprocessing does: L and LA repeat the
+      grey level, 1-bit is 0 or 255, CMYK uses PIL's formula, an alpha channel is dropped (a transparent pixel
+      keeps its colour; a palette image with transparency goes through RGBA first, same colours, no warning).
+    - Wider samples are scaled to 8 bits, never clipped: 16-bit integers (modes ``I;16``, ``I;16B``, ``I;16L``,
+      and ``I`` from PNG and PGM/PPM, which decode 16-bit grey so) as round(v / 257): 65535 -> 255,
+      32768 -> 128 (127.5 rounds up), 0 -> 0; floats (mode ``F``) in [0, 1] as floor(255 v + 0.5): 1.0 -> 255,
+      0.5 -> 128. 16-bit RGB PNGs arrive as 8-bit RGB already (PIL keeps the high byte).
+    - Refused with a ``ValueError`` that names the file, the mode and the range (the caller lists the file as an
+      unreadable image), because no scale is known: a float image with values outside [0, 1] or NaN, and a 32-bit
+      integer image (``I`` from TIFF and other formats).
+    - A multi-frame file (animated GIF, multi-page TIFF) gives its first frame.
+    """
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return _to_rgb(im, Path(path).name)
+
+
+#: Formats whose mode ``I`` (32-bit integer) holds 16-bit samples: PIL decodes 16-bit grey PNG (older versions)
+#: and 16-bit PGM/PPM (format "PPM") into it; the files cannot hold more than 16 bits.
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    """``im`` as 8-bit RGB (the rules of :func:`load_image`); ``name`` is the file named by a refusal."""
+    mode = im.mode
+    if mode.startswith("I;16") or (mode == "I" and im.format in _SIXTEEN_BIT_I_FORMATS):
+        a = np.asarray(im).astype(np.int64)  # the array interface gives the byte order of I;16B / I;16L
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(
+                f"{name}: a {mode} image with values in [{a.min()}, {a.max()}], outside 16 bits; save it as an "
+                "8- or 16-bit image."
+            )
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8)).convert("RGB")
+    if mode == "I":
+        a = np.asarray(im)
+        span = f" with values in [{a.min()}, {a.max()}]" if a.size else ""
+        raise ValueError(
+            f"{name}: a 32-bit integer image (mode I, {im.format or 'unknown'} format){span}; its white level is "
+            "unknown, so it cannot be scaled to 8 bits. Save it as an 8- or 16-bit image."
+        )
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and not np.isfinite(a).all():
+            raise ValueError(f"{name}: a floating-point image (mode F) with NaN or infinite values; fix the file.")
+        if a.size and (a.min() < 0.0 or a.max() > 1.0):
+            raise ValueError(
+                f"{name}: a floating-point image (mode F) with values in [{a.min():g}, {a.max():g}]; fewclip reads "
+                "float images as [0, 1] (0 black, 1 white) only. Save it as an 8-bit image, or scale it to [0, 1]."
+            )
+        return Image.fromarray(np.floor(a * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 class _ImageViews(torch.utils.data.Dataset):
