@@ -448,3 +448,26 @@ def test_a_full_disk_is_one_line_naming_the_path_and_nothing_is_half_written(
     assert_published_pairs(out)
     summary = json.loads((folder / "summary.json").read_text())
     assert [r["file"] for r in summary["results"]] == [f"{m}/shots_1-seed_1.json" for m in ("zero-shot", "tip-adapter")]
+
+
+def test_results_confusion_refuses_foreign_predictions_and_a_full_disk_in_one_line(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "shots_1-seed_1.json"
+    record = publish(path, 1)
+    cmat = tmp_path / "cmat.safetensors"
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if Path(dst) == cmat:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main(["results", "confusion", str(path), "--out", str(cmat)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {cmat}: could not write (No space left on device)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, record["predictions_file"]]  # no partial file
+    monkeypatch.undo()
+    write_predictions(path.with_name(record["predictions_file"]), torch.full((5,), 2), torch.arange(5) % 4)
+    assert main(["results", "confusion", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"is not the predictions file {path} was written with" in err and record["predictions_file"] in err
