@@ -22,6 +22,7 @@ from fewclip.errors import ExtractionError, ResultsError
 from fewclip.features import bundle as bundle_io
 from fewclip.features.extract import BadImage
 from fewclip.features.pipeline import ExtractionOptions, FeaturePool, episode_bundle
+from fewclip.io import file_sha256
 from fewclip.metrics import confusion_matrix, macro_f1
 from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
@@ -35,7 +36,7 @@ from fewclip.protocols.protocol import (
     shot_groups,
 )
 from fewclip.protocols.report import format_summary, mean_std, summarize
-from fewclip.protocols.results import RESULT_FORMAT, read_predictions, result_confusion, write_predictions
+from fewclip.protocols.results import RESULT_FORMAT, publish_result, read_predictions, result_confusion
 from fewclip.protocols.runner import run
 from fewclip.protocols.transfer import domain_predictions
 
@@ -94,7 +95,8 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     # the test rows' predictions are saved beside the result; the confusion matrix comes from them
     result_file = out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"
     predictions, labels, _ = read_predictions(result_file)
-    assert r["predictions_file"] == "shots_2-seed_1.predictions.safetensors" and labels.numel() == 15
+    assert r["predictions_file"] == f"shots_2-seed_1.{r['run_id']}.predictions.safetensors" and labels.numel() == 15
+    assert r["predictions_sha256"] == file_sha256(result_file.with_name(r["predictions_file"]))
     assert 100 * float((predictions == labels).double().mean()) == pytest.approx(r["accuracy"]["test_accuracy"])
     capsys.readouterr()
     assert main(["results", "confusion", str(result_file), "--out", str(tmp_path / "cmat.safetensors")]) == 0
@@ -470,13 +472,15 @@ def test_confusion_matrix_by_hand():
 def test_result_confusion_takes_classes_from_the_predictions_file(tmp_path):
     predictions, labels = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 2])
     result = tmp_path / "shots_1-seed_1.json"
-    result.write_text(json.dumps({"format": RESULT_FORMAT, "per_class_accuracy": [50.0, 100.0, 0.0, None]}))
-    write_predictions(result, predictions, labels, ["a", "b", "c", "d", "e"])  # 5 names: C = 5
+    record = {"format": RESULT_FORMAT, "per_class_accuracy": [50.0, 100.0, 0.0, None]}
+    publish_result(result, record, (predictions, labels, ["a", "b", "c", "d", "e"]))  # 5 names: C = 5
     matrix, names = result_confusion(result)
     assert names == ["a", "b", "c", "d", "e"] and matrix.shape == (5, 5) and matrix[0, :2].tolist() == [0.5, 0.5]
-    write_predictions(result, predictions, labels)  # no names recorded: C from the per-class accuracies
+    publish_result(result, record, (predictions, labels, None))  # no names recorded: C from the per-class accuracies
     matrix, names = result_confusion(result)
     assert names is None and matrix.shape == (4, 4)
+    # a result written before results recorded their predictions' hash reads the fixed name beside it
+    result.write_text(json.dumps(record))
     result.with_name("shots_1-seed_1.predictions.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ResultsError, match="not a readable predictions file"):
         result_confusion(result)
@@ -514,7 +518,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(env, tmp_path, capsys):
     failed = json.loads((folder / "ape/shots_2-seed_1.json").read_text())
     assert failed["status"] == "failed" and failed["error"]["type"] == "MethodError"
     assert "channels=1000" in failed["error"]["message"] and failed["setup"]["overrides"] == {"channels": 1000}
-    assert not (folder / "ape/shots_2-seed_1.predictions.safetensors").exists()
+    assert not list(folder.glob("ape/shots_2-seed_1.*predictions.safetensors"))
     summary = json.loads((folder / "summary.json").read_text())
     assert [r["method"] for r in summary["summary"]] == ["zero-shot", "zero-shot"] and len(summary["failed"]) == 2
     # the next run skips what finished and tries the failed cells again (here, with a valid value)

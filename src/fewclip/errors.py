@@ -80,3 +80,12 @@ class NotFittedError(FewclipError, RuntimeError):
 
 class ResultsError(FewclipError, ValueError):
     """A run configuration or results folder that cannot be used as asked."""
+
+
+class ResultsLockedError(ResultsError):
+    """A results folder another fewclip run is writing into now; the message names that run (pid, host, start)."""
+
+
+class OutputError(ResultsError):
+    """A results file that cannot be written: a file where the folder should be, no permission, a read-only file
+    system or a full disk. The message names the path."""

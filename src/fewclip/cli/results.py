@@ -15,7 +15,9 @@ def add_parsers(subparsers: Any) -> None:
         "confusion",
         help="the row-normalised confusion matrix of one result: its largest confusions, or the matrix as a file",
     )
-    conf.add_argument("result", help="a result JSON written by fewclip run (its .predictions.safetensors beside it)")
+    conf.add_argument(
+        "result", help="a result JSON written by fewclip run (it names its .predictions.safetensors beside it)"
+    )
     conf.add_argument("--top", type=int, default=10, metavar="N", help="print the N largest confusions (default 10)")
     conf.add_argument("--out", metavar="FILE", help="write the [C, C] matrix (float32) and class names as safetensors")
     conf.set_defaults(func=cmd_confusion)
@@ -26,7 +28,7 @@ def cmd_confusion(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from ..io import atomic_write
-    from ..protocols.results import result_confusion
+    from ..protocols.results import result_confusion, writing
 
     matrix, names = result_confusion(Path(args.result))
     classes = matrix.shape[0]
@@ -46,6 +48,7 @@ def cmd_confusion(args: argparse.Namespace) -> int:
         out = Path(args.out)
         meta = {"format": "fewclip-confusion/1", "rows": "true class", "columns": "predicted class"}
         meta["classnames"] = "\n".join(label)
-        atomic_write(out, lambda tmp: save_file({"confusion": matrix.to(torch.float32)}, str(tmp), metadata=meta))
+        with writing(out):  # a full disk or an unwritable folder: one line naming the file, no partial file
+            atomic_write(out, lambda tmp: save_file({"confusion": matrix.to(torch.float32)}, str(tmp), metadata=meta))
         print(f"wrote {out}")
     return 0

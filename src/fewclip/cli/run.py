@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.protocol.name == "transfer" and not config.protocol.targets:
         raise CLIError("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
     try:
-        report = run(config, args.out, force=args.force)
+        report = run(config, args.out, force=args.force, wait=args.wait)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished results and encoded features are kept; run the same command again to continue.",
@@ -267,6 +267,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add_extraction_arguments(run, defaults=False)
     run.add_argument("--out", default="results", help="results folder (default: results)")
     run.add_argument("--force", action="store_true", help="re-run results that exist already")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing into the same results folder, wait for it to finish (then reuse what it "
+        "finished) instead of stopping with its pid, host and start time",
+    )
     run.set_defaults(func=cmd_run)
 
     ext = subparsers.add_parser("extract", help="write the feature bundle of one (dataset, K, seed) episode")

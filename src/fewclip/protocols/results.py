@@ -1,31 +1,49 @@
 """Results files: one JSON per cell (dataset, backbone, protocol, target, method, shots, seed), written atomically,
-with the test predictions beside it."""
+with the test predictions beside it; the lock that keeps two runs out of one results folder.
+
+A result JSON is the manifest of its cell: it names its predictions file and that file's SHA-256
+(:func:`publish_result`), so a reader never pairs a result with the predictions of another run.
+"""
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import math
+import os
 import platform
 import re
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .. import __version__
-from ..errors import ResultsError
-from ..io import atomic_write, atomic_write_text, read_safetensors
+from ..errors import OutputError, ResultsError, ResultsLockedError
+from ..io import atomic_write, atomic_write_text, file_sha256, read_safetensors
 from ..metrics import confusion_matrix
 from ..models import WEIGHT_SUFFIXES, BackboneSpec
+
+try:  # POSIX; where there is none (Windows), runs do not lock their folder (the README says so)
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux or macOS
+    fcntl = None  # type: ignore[assignment]
 
 RESULT_FORMAT = "fewclip-result/1"
 SUMMARY_FORMAT = "fewclip-summary/1"
 PREDICTIONS_FORMAT = "fewclip-predictions/1"
+#: the lock file of a protocol folder (see :func:`results_lock`)
+LOCK_NAME = ".fewclip-run.lock"
 
 
 def jsonable(value: Any) -> Any:
@@ -115,36 +133,102 @@ def episodes_dir(out_dir: str | Path, dataset: str, protocol: str) -> Path:
 
 
 def write_result(path: Path, result: Mapping[str, Any]) -> Path:
-    """Write ``result`` atomically (a temporary file renamed onto ``path``)."""
-    atomic_write_text(path, json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
+    """Write ``result`` (or a summary) atomically (a temporary file renamed onto ``path``); a failed write raises
+    :class:`~fewclip.errors.OutputError` naming ``path`` and leaves the earlier file as it was."""
+    with writing(path):
+        atomic_write_text(path, json.dumps(jsonable(result), indent=1, ensure_ascii=False) + "\n")
     return path
 
 
-def predictions_path(result: Path) -> Path:
-    """``shots_<K>-seed_<S>.predictions.safetensors`` beside the result JSON."""
-    return result.with_name(result.stem + ".predictions.safetensors")
+def new_run_id() -> str:
+    """A run's identifier: its start time and 8 random hex digits (``20250102T030405-1a2b3c4d``)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def predictions_path(result: Path, run_id: str | None = None) -> Path:
+    """``shots_<K>-seed_<S>.<run id>.predictions.safetensors`` beside the result JSON; without ``run_id`` the name
+    results written before the manifest scheme used (``shots_<K>-seed_<S>.predictions.safetensors``)."""
+    middle = f".{run_id}" if run_id else ""
+    return result.with_name(f"{result.stem}{middle}.predictions.safetensors")
 
 
 def write_predictions(
-    result: Path, predictions: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str] | None = None
-) -> Path:
-    """Save the predicted and true class of every test row (int32, in test order) beside ``result``, atomically;
-    ``classnames`` (the classes the two index) go into the file's metadata."""
-    path = predictions_path(result)
+    path: Path, predictions: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str] | None = None
+) -> str:
+    """Save the predicted and true class of every test row (int32, in test order) to ``path`` atomically and return
+    the file's SHA-256; ``classnames`` (the classes the two index) go into the file's metadata. The file belongs to
+    a result only once :func:`publish_result` names it."""
     tensors = {"predictions": predictions.to(torch.int32).cpu(), "labels": labels.to(torch.int32).cpu()}
     metadata = {"format": PREDICTIONS_FORMAT}
     if classnames is not None:
         metadata["classnames"] = "\n".join(classnames)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return path
+    data = safetensors_bytes(tensors, metadata=metadata)
+    with writing(path):
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+Predictions = tuple[torch.Tensor, torch.Tensor, Sequence[str] | None]
+
+
+def publish_result(
+    path: Path, result: Mapping[str, Any], predictions: Predictions | None = None, *, run_id: str | None = None
+) -> dict[str, Any]:
+    """Publish one cell's result and its predictions together; returns the record written.
+
+    The predictions (predicted, true classes, class names) go to a file of their own,
+    ``shots_<K>-seed_<S>.<run id>.predictions.safetensors``; then the result JSON, which records that file's name
+    and SHA-256, is renamed onto ``path`` (the moment of publication); then the predictions files of earlier results
+    of the cell, which no JSON names any more, are removed. A crash before the rename leaves the earlier result and
+    its predictions as they were (an exception also removes the new file; a kill leaves it, unnamed, for the next
+    publication to remove); after it, the new pair. A result without predictions (a failed cell) leaves no earlier
+    predictions behind.
+    """
+    run_id = run_id or new_run_id()
+    record = {**result, "run_id": run_id}
+    new = None
+    if predictions is not None:
+        new = predictions_path(path, run_id)
+        record["predictions_file"] = new.name
+        record["predictions_sha256"] = write_predictions(new, *predictions)
+    try:
+        write_result(path, record)
+    except BaseException:
+        if new is not None:
+            new.unlink(missing_ok=True)
+        raise
+    for stale in path.parent.glob(f"{glob.escape(path.stem)}.*predictions.safetensors"):
+        if stale != new:
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:  # no JSON names it: an orphan, harmless, removed by the next publication
+                pass
+    return record
 
 
 def read_predictions(result: Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    """(predictions, labels, class names they index, or None for files written before names were recorded) saved
-    beside the result JSON ``result``."""
-    path = predictions_path(Path(result))
+    """(predictions, labels, class names they index, or None for files written before names were recorded) of the
+    result JSON ``result``: the file it names, checked against the SHA-256 it records."""
+    result = Path(result)
+    record = read_result(result)
+    if record is None:
+        raise ResultsError(f"{result}: not a fewclip result JSON (fewclip run writes <out>/<dataset>/<method>/*.json).")
+    if record.get("status") == "failed":
+        raise ResultsError(f"{result}: a failed result has no predictions (its error is recorded in it); run it again.")
+    name, sha256 = record.get("predictions_file"), record.get("predictions_sha256")
+    if sha256 is None:  # written before results named their predictions' hash: the fixed name beside it
+        path = predictions_path(result)
+    elif not isinstance(name, str) or Path(name).name != name or not name.endswith(".predictions.safetensors"):
+        raise ResultsError(f"{result}: 'predictions_file' is {name!r}, not a file name beside it; re-run with --force.")
+    else:
+        path = result.with_name(name)
     if not path.is_file():
-        raise ResultsError(f"{path}: no saved predictions (the result predates them); re-run the result with --force.")
+        raise ResultsError(f"{result}: its predictions {path} are missing; re-run the result with --force.")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ResultsError(
+            f"{path} is not the predictions file {result} was written with (its SHA-256 differs from the "
+            f"{str(sha256)[:12]}... the result records); re-run the result with --force."
+        )
     meta, tensors = read_safetensors(path, expected_format=PREDICTIONS_FORMAT, what="predictions", error=ResultsError)
     if "predictions" not in tensors or "labels" not in tensors:
         raise ResultsError(f"{path}: holds no 'predictions' and 'labels' tensors; re-run the result with --force.")
@@ -166,6 +250,123 @@ def result_confusion(path: Path) -> tuple[torch.Tensor, list[str] | None]:
     else:
         num_classes = len(result.get("per_class_accuracy") or []) or int(max(predictions.max(), labels.max())) + 1
     return confusion_matrix(predictions, labels, num_classes), names
+
+
+# --------------------------------------------------------------------------- the results folder
+
+
+_FIXES = {
+    errno.ENOSPC: "free space on that file system, or write to another --out folder",
+    errno.EDQUOT: "free space within your disk quota, or write to another --out folder",
+    errno.EROFS: "the file system is read-only: write to another --out folder",
+}
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """The one-line error of a write to ``path`` that raised ``exc``: the path, the reason, the fix."""
+    fix = _FIXES.get(exc.errno, "make the folder writable, or write to another --out folder")
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"{path}: could not write ({reason}); {fix}. Results published before this one are kept, nothing was "
+        "half-written; run the same command again to continue."
+    )
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into :class:`~fewclip.errors.OutputError` naming it."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise output_error(Path(path), exc) from exc
+
+
+def check_output_folder(out_dir: str | Path) -> Path:
+    """Refuse, before any work, a results folder that cannot be written: a file in its place (or in place of a
+    folder above it), or a folder where a file cannot be created (probed with a temporary file, removed at once).
+    Creates nothing; returns ``out_dir`` as a path."""
+    out = Path(out_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        raise OutputError(f"the results folder (--out) {out} {where}; pass a folder (it is created if missing).")
+    probe = existing / f".fewclip-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"the results folder (--out) {out}: cannot create a file in {existing} ({exc.strerror or exc}); make it "
+            "writable or choose another --out folder."
+        ) from exc
+    return out
+
+
+def _holder_text(path: Path) -> str:
+    """``pid 123 on host, started 2025-...`` from the lock file at ``path`` (its holder writes it)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that has just started or did not record itself"
+
+
+@contextmanager
+def results_lock(folder: Path, *, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold the results folder ``folder`` (a protocol folder) for one run: an exclusive ``flock`` on its
+    :data:`LOCK_NAME` file, whose text names the holder (pid, host, start time, command).
+
+    Another run that holds it makes this raise :class:`~fewclip.errors.ResultsLockedError` naming the folder and the
+    holder, or, with ``wait``, block until it is released. The lock is released when the block exits, by an
+    exception too, and by the kernel when the process dies, so a killed run never leaves the folder locked (the file
+    stays; it is not the lock). Where the platform has no ``fcntl`` the folder is not locked.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    with writing(path):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    held = False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder_text(path)
+                if not wait:
+                    raise ResultsLockedError(
+                        f"{folder} is in use by another fewclip run ({holder}); wait for it to finish, pass --wait "
+                        "to start when it does, or write to another --out folder."
+                    ) from None
+                if log is not None:
+                    log(f"{folder} is in use by another fewclip run ({holder}); waiting for it to finish (--wait).")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # ENOLCK: a network file system without locks
+                raise OutputError(
+                    f"{path}: cannot lock the results folder ({exc.strerror or exc}); use a local --out folder."
+                ) from exc
+        held = True
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": sys.argv,
+        }
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        yield path
+    finally:
+        if held:
+            try:
+                os.ftruncate(fd, 0)  # the holder's text goes with the lock
+            except OSError:
+                pass
+        os.close(fd)
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

@@ -10,14 +10,17 @@ Stages, with plain data between them (a sweep or a cluster engine can run each o
 1. :func:`plan` — load the dataset, the prompts and the protocol (with its targets), check every method once, and
    list the cells: (method, shots, seed, target), each with its setup fingerprint and result path.
 2. :func:`partition` — a finished result of the same setup is kept (skipped); one of another setup is an error
-   unless ``force``; a failed result is run again.
+   unless ``force``; a failed result is run again. :func:`run` holds the protocol folder's lock
+   (:func:`~fewclip.protocols.results.results_lock`) from here to the summary, so two runs never both decide to run
+   one cell.
 3. :func:`draw_episodes` — draw and save the episode of every (shots, seed) still to run.
 4. :func:`encode` — the GPU stage: encode every image the remaining cells need once (support views, validation
    and test images of the dataset and of every target) and the text classifiers, through the feature cache.
 5. :func:`fit_and_score` — the CPU stage: fit one cell's method on its episode bundle (choices on validation only),
    evaluate the test set once, build the result record. A failure is recorded in the cell's result file with its
    error, and the run goes on.
-6. :func:`~fewclip.protocols.results.write_result` — one schema for every protocol.
+6. :func:`~fewclip.protocols.results.publish_result` — one schema for every protocol; the result JSON names its
+   predictions file and that file's SHA-256, and is published after it.
 """
 
 from __future__ import annotations
@@ -47,16 +50,19 @@ from .results import (
     RESULT_FORMAT,
     SUMMARY_FORMAT,
     backbone_slug,
+    check_output_folder,
     config_sha256,
     episodes_dir,
-    predictions_path,
+    new_run_id,
     protocol_dir,
+    publish_result,
     read_result,
     result_path,
+    results_lock,
     setup_difference,
     versions,
-    write_predictions,
     write_result,
+    writing,
 )
 from .transfer import Transfer
 
@@ -279,7 +285,9 @@ def draw_episodes(plan: Plan, cells: list[Cell]) -> dict[tuple[int, int], tuple[
     out = {}
     for k, seed in dict.fromkeys((c.shots, c.seed) for c in cells):
         episode = plan.protocol.episode(plan.splits, k, seed, sampler=data.sampler, val_kind=data.val_kind)
-        out[k, seed] = episode, save_episode(episode, folder / episode_filename(episode))
+        path = folder / episode_filename(episode)
+        with writing(path):
+            out[k, seed] = episode, save_episode(episode, path)
     return out
 
 
@@ -569,40 +577,83 @@ class RunReport:
         return self.protocol.format(self.summary(), self.seeds_expected)
 
 
-def run(config: RunConfig, out_dir: str | Path, *, force: bool = False, log: Log | None = None) -> RunReport:
+def run(
+    config: RunConfig, out_dir: str | Path, *, force: bool = False, wait: bool = False, log: Log | None = None
+) -> RunReport:
     """Run every stage for ``config``; one result file per cell under ``out_dir`` (see
-    :func:`~fewclip.protocols.results.result_path`), a summary per protocol folder."""
+    :func:`~fewclip.protocols.results.result_path`), a summary per protocol folder.
+
+    A results folder that cannot be written is refused before the dataset is read. From the skip-or-run decision to
+    the summary the run holds its protocol folder's lock: another run writing there makes this raise
+    :class:`~fewclip.errors.ResultsLockedError` naming it, or, with ``wait``, wait for it (and then reuse what it
+    finished).
+    """
     log = log or console_log
+    check_output_folder(out_dir)
     the_plan = plan(config, out_dir)
-    todo, done = partition(the_plan, force)
-    report = RunReport(the_plan, [], [], [the_plan.paths[c] for c in done], [])
-    if done:
-        log(f"{len(done)} result(s) already in {out_dir} for this setup: skipped (--force re-runs them).")
-    results: dict[Cell, dict[str, Any]] = dict(done)
-    if todo:
-        episodes = draw_episodes(the_plan, todo)
-        store = FeatureStore(config.cache_dir)
-        features = encode(the_plan, episodes, store)
-        report.encoded, report.cached, report.extraction_seconds = features.encoded, features.cached, features.seconds
+    with results_lock(the_plan.folder, wait=wait, log=log):
+        run_id = new_run_id()
+        todo, done = partition(the_plan, force)
+        report = RunReport(the_plan, [], [], [the_plan.paths[c] for c in done], [])
+        if done:
+            log(f"{len(done)} result(s) already in {out_dir} for this setup: skipped (--force re-runs them).")
+        results: dict[Cell, dict[str, Any]] = dict(done)
+        if todo:
+            episodes = draw_episodes(the_plan, todo)
+            store = FeatureStore(config.cache_dir)
+            features = encode(the_plan, episodes, store)
+            report.encoded, report.cached = features.encoded, features.cached
+            report.extraction_seconds = features.seconds
+            log(
+                f"{the_plan.splits.name}: {features.encoded} image view(s) encoded, {features.cached} read from the "
+                f"cache ({features.seconds:.1f} s)."
+            )
+            common = common_record(the_plan, features)
+            results.update(_fit_all(the_plan, todo, episodes, features, common, report, log, run_id))
+        mine = summary_cells(the_plan, results)
+        report.results = [results[c] for c in mine]
+        report.summary_path = write_summary(the_plan, report, {c: results[c] for c in mine}, run_id, log)
+    return report
+
+
+def summary_cells(plan: Plan, results: Mapping[Cell, Mapping[str, Any]]) -> list[Cell]:
+    """The cells of ``plan`` (in its order) with a finished result that records this run's setup of the cell."""
+    return [
+        c
+        for c in plan.cells
+        if c in results
+        and results[c].get("status", "ok") == "ok"
+        and results[c].get("config_sha256") == config_sha256(plan.setups[c])
+    ]
+
+
+def write_summary(plan: Plan, report: RunReport, mine: Mapping[Cell, Mapping[str, Any]], run_id: str, log: Log) -> Path:
+    """Write ``summary.json`` of the protocol folder (under the run's lock) from ``report.results``, the results of
+    this run's setup (:func:`summary_cells`), each listed with its file and fingerprint in ``mine``. Other result
+    files in the folder (other methods, shots, seeds or setups) are not mixed in; the log says how many there are."""
+    path = plan.folder / "summary.json"
+    own = {plan.paths[c] for c in plan.cells}
+    others = sorted(p for p in plan.folder.rglob("shots_*-seed_*.json") if p not in own)
+    if others:
         log(
-            f"{the_plan.splits.name}: {features.encoded} image view(s) encoded, {features.cached} read from the cache "
-            f"({features.seconds:.1f} s)."
+            f"{path}: the {len(mine)} result(s) of this run's setup; {len(others)} other result file(s) in "
+            f"{plan.folder} (other methods, shots, seeds or setups) are not in it."
         )
-        common = common_record(the_plan, features)
-        results.update(_fit_all(the_plan, todo, episodes, features, common, report, log))
-    report.results = [results[c] for c in the_plan.cells if c in results and results[c].get("status", "ok") == "ok"]
-    summary_path = the_plan.folder / "summary.json"
     summary = {
         "format": SUMMARY_FORMAT,
-        "dataset": the_plan.splits.name,
-        "backbone": the_plan.backbone,
-        "protocol": the_plan.protocol.name,
+        "dataset": plan.splits.name,
+        "backbone": plan.backbone,
+        "protocol": plan.protocol.name,
+        "run_id": run_id,
         "summary": report.summary(),
+        "results": [
+            {"file": _relative(plan.paths[c], plan.folder), "config_sha256": rec["config_sha256"]}
+            for c, rec in mine.items()
+        ],
         "failed": [str(p) for p, _ in report.failed],
     }
-    write_result(summary_path, summary)
-    report.summary_path = summary_path
-    return report
+    write_result(path, summary)
+    return path
 
 
 def _fit_all(
@@ -613,8 +664,11 @@ def _fit_all(
     common: Mapping[str, Any],
     report: RunReport,
     log: Log,
+    run_id: str | None = None,
 ) -> dict[Cell, dict[str, Any]]:
-    """Stage 5 and 6 over ``todo``: every cell fitted, scored and written; a failing cell is recorded and skipped."""
+    """Stage 5 and 6 over ``todo``: every cell fitted, scored and published with its predictions; a failing cell is
+    recorded and skipped. A write that fails (a full disk) ends the run with
+    :class:`~fewclip.errors.OutputError`: it is no cell's fault, and what was published before it stands."""
     out: dict[Cell, dict[str, Any]] = {}
     by_episode: dict[tuple[int, int], list[Cell]] = {}
     for cell in todo:
@@ -643,16 +697,14 @@ def _fit_all(
                     result, predicted, truth, names = fit_and_score(
                         plan, cell, cell_data[cell.target], features, record, fitted
                     )
-                    saved = write_predictions(path, predicted, truth, names)
-                    result["predictions_file"] = saved.name
                 except Exception as exc:  # one failing cell is recorded, the run goes on
-                    predictions_path(path).unlink(missing_ok=True)  # an earlier success's, no longer this result's
-                    write_result(path, failure_record(plan, cell, exc))
+                    # its record replaces an earlier success, whose predictions go with it
+                    publish_result(path, failure_record(plan, cell, exc), run_id=run_id)
                     report.failed.append((path, f"{type(exc).__name__}: {exc}"))
                     log(f"{_describe(cell)}: FAILED ({type(exc).__name__}: {exc}); recorded in {path}")
                     bar.update(1)
                     continue
-                write_result(path, result)
+                result = publish_result(path, result, (predicted, truth, names), run_id=run_id)
                 out[cell] = result
                 report.written.append(path)
                 val = result["accuracy"]["val_accuracy"]
