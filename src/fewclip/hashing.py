@@ -14,6 +14,7 @@ warning says so and files are hashed without it; a corrupt memo file is set asid
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from stat import S_ISREG
 
 from .errors import FewclipError
 
@@ -28,7 +30,7 @@ logger = logging.getLogger("fewclip.hashing")
 
 #: the memo's file name under the cache folder
 MEMO_NAME = "file-hashes.sqlite3"
-_CHUNK = 500  # paths per SELECT (below SQLite's oldest variable limit, 999)
+_CHUNK = 50_000  # paths per SELECT
 _COMMIT_EVERY = 512  # new hashes per transaction: a killed run keeps what it hashed
 
 
@@ -40,6 +42,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """``os.path.abspath`` without its cost for paths that are absolute and normal already (the common case)."""
+    text = os.fspath(path)
+    if os.sep == "/" and text.startswith("/") and "/." not in text and "//" not in text and not text.endswith("/"):
+        return text
+    return os.path.abspath(text)
 
 
 class HashMemo:
@@ -127,17 +137,25 @@ class HashMemo:
             return out
         try:
             for s in range(0, len(rest), _CHUNK):
-                chunk = rest[s : s + _CHUNK]
-                rows = conn.execute(
-                    "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files WHERE path IN "
-                    f"({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                for path, size, mtime, ctime, inode, digest in rows:
+                for path, size, mtime, ctime, inode, digest in self._select(conn, rest[s : s + _CHUNK]):
                     out[path] = ((size, mtime, ctime, inode), digest)
         except sqlite3.Error as exc:
             self._give_up(exc)
         return out
+
+    @staticmethod
+    def _select(conn: sqlite3.Connection, paths: list[str]) -> list[tuple]:
+        columns = "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files WHERE path IN "
+        try:  # one query: the paths travel as one JSON array
+            return conn.execute(columns + "(SELECT value FROM json_each(?))", (json.dumps(paths),)).fetchall()
+        except sqlite3.OperationalError as exc:  # an SQLite without JSON functions
+            if "json_each" not in str(exc):
+                raise
+        rows = []
+        for s in range(0, len(paths), 500):  # below SQLite's oldest limit on parameters, 999
+            chunk = paths[s : s + 500]
+            rows += conn.execute(columns + f"({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
 
     def _remember(self, rows: list[tuple[str, tuple[int, int, int, int], str]]) -> None:
         for path, sig, digest in rows:
@@ -177,7 +195,7 @@ class HashMemo:
     ) -> list[str | None]:
         """Hex SHA-256 of each file, in order; None for a file that cannot be read, with its message in
         ``errors[str(path)]``. Remembered files are only stat'ed; the others are read in a few threads."""
-        keys = [os.path.abspath(p) for p in paths]
+        keys = [_absolute(p) for p in paths]
         sigs: list[tuple[int, int, int, int] | None] = []
         problems: dict[int, str] = {}
         for i, key in enumerate(keys):
@@ -187,11 +205,11 @@ class HashMemo:
                 problems[i] = f"{type(exc).__name__}: {exc.strerror or exc}"
                 sigs.append(None)
                 continue
-            if not os.path.isfile(key):
+            if not S_ISREG(st.st_mode):
                 problems[i] = "not a regular file"
                 sigs.append(None)
                 continue
-            sigs.append(_signature(st))
+            sigs.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         known = self._remembered(list(dict.fromkeys(k for k, s in zip(keys, sigs) if s is not None)))
         out: list[str | None] = [None] * len(keys)
         todo: dict[str, list[int]] = {}

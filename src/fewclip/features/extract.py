@@ -149,15 +149,15 @@ def content_hashes(
 ) -> dict[str, str | None]:
     """{path: hex SHA-256 of ``root / path``} through ``memo`` (a fresh in-process memo if None); an unreadable
     file maps to None, with its message in ``errors[path]``."""
-    root = Path(root)
+    base = os.path.abspath(root)
     memo = memo if memo is not None else HashMemo(None)
     found: dict[str, str] = {}
-    digests = memo.sha256_many([root / p for p in paths], errors=found)
-    if errors is not None:
-        for p in paths:
-            message = found.get(str(root / p))
-            if message is not None:
-                errors[p] = message
+    full = [os.path.join(base, p) for p in paths]
+    digests = memo.sha256_many(full, errors=found)
+    if errors is not None and found:
+        for p, f in zip(paths, full):
+            if f in found:
+                errors[p] = found[f]
     return dict(zip(paths, digests))
 
 
@@ -211,17 +211,17 @@ def _extract_views(
             first_path.setdefault(digest[p], p)
 
     groups: dict[View, FeatureGroup] = {}
-    have: dict[View, dict[str, torch.Tensor]] = {v: {} for v in views}  # key -> features read from the store
+    table: dict[View, torch.Tensor] = {}  # [len(keys), D] per view: rows read from the store, then the encoded ones
+    have: dict[View, list[bool]] = {}
     for v in views:
         if store is not None:
             groups[v] = store.group(_group_spec(backbone, v, seed, augmentation))
-            rows, found = groups[v].read(keys)
-            have[v] = {k: rows[i] for i, k in enumerate(keys) if found[i]}
-    needs_all = [[v for v in views if k not in have[v]] for k in keys]
+            table[v], have[v] = groups[v].read(keys)
+        else:
+            have[v] = [False] * len(keys)
+    needs_all = [[v for v in views if not have[v][j]] for j in range(len(keys))]
     todo = [j for j, need in enumerate(needs_all) if need]
-    cached = sum(len(have[v]) for v in views)
-
-    fresh: dict[View, dict[str, torch.Tensor]] = {v: {} for v in views}
+    cached = sum(sum(have[v]) for v in views)
     bad_keys: dict[str, str] = {}
     encoded = 0
     if todo:
@@ -264,16 +264,19 @@ def _extract_views(
                     row = 0
                     per_view: dict[View, tuple[list[str], list[torch.Tensor]]] = {}
                     for i in local_idx:
-                        key = keys[todo[i]]
-                        for v in needs_all[todo[i]]:
-                            fresh[v][key] = feats[row]
-                            view_keys, rows = per_view.setdefault(v, ([], []))
-                            view_keys.append(key)
-                            rows.append(feats[row])
+                        j = todo[i]
+                        for v in needs_all[j]:
+                            view_rows, positions = per_view.setdefault(v, ([], []))
+                            view_rows.append(row)
+                            positions.append(j)
                             row += 1
-                    for v, (view_keys, rows) in per_view.items():
+                    for v, (view_rows, positions) in per_view.items():
+                        block = feats.index_select(0, torch.tensor(view_rows, dtype=torch.long)).float()
+                        if v not in table or table[v].shape[1] != block.shape[1]:  # nothing read: shape it now
+                            table[v] = torch.zeros(len(keys), block.shape[1])
+                        table[v].index_copy_(0, torch.tensor(positions, dtype=torch.long), block)
                         if v in writers:
-                            writers[v].add(view_keys, torch.stack(rows))
+                            writers[v].add([keys[j] for j in positions], block)
                 # the views of one pass share one budget: at most ``flush_rows`` rows or a minute of work unsaved
                 if writers and (
                     sum(w.pending for w in writers.values()) >= flush_rows
@@ -291,13 +294,14 @@ def _extract_views(
     if bad and not skip_bad_images:
         raise BadImagesError(bad, root)
     kept = [i for i, p in enumerate(paths) if p not in bad_by_path]
+    position = {k: j for j, k in enumerate(keys)}
+    index = torch.tensor([position[digest[paths[i]]] for i in kept], dtype=torch.long)
     out: dict[View, torch.Tensor] = {}
     for v in views:
         if not kept:
             out[v] = torch.empty(0, groups[v].dim if v in groups and groups[v].dim else backbone.embed_dim)
             continue
-        source = {**have[v], **fresh[v]}
-        out[v] = torch.stack([source[digest[paths[i]]] for i in kept]).float()
+        out[v] = table[v].index_select(0, index)
     return out, kept, bad, encoded, cached
 
 

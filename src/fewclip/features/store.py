@@ -232,9 +232,9 @@ class FeatureGroup:
                 else:  # set aside by another process
                     self._index = {k: v for k, v in self._index.items() if v[0] != shard}
                 continue
-            dest = torch.tensor([p[0] for p in pairs])
-            rows = torch.tensor([p[1] for p in pairs])
-            out[dest] = data[rows].float()
+            dest = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+            rows = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            out.index_copy_(0, dest, data.index_select(0, rows).float())  # (``out[dest] = …`` is ~100x slower)
             for i, _ in pairs:
                 found[i] = True
         return out, found
