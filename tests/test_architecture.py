@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewclip"
 FLOORS = {
     "errors": 0,
     "io": 1,
+    "hashing": 1,
     "metrics": 1,
     "data": 2,
     "models": 2,

@@ -57,11 +57,11 @@ def test_clean_features_equal_direct_encoding(backbone, dataset):
 def test_cache_reuse_second_run_encodes_nothing(backbone, dataset, tmp_path):
     root, paths = dataset
     store = FeatureStore(tmp_path / "cache")
-    kw = dict(store=store, dataset="toy", split_hash="abc", batch_size=8, progress=False)
+    kw = dict(store=store, batch_size=8, progress=False)
     first = extract_support(backbone, root, paths, views=3, **kw)
     assert first.features.shape == (3, N, 16) and first.clean.shape == (N, 16)
     assert first.encoded == 4 * N and first.cached == 0
-    again = extract_support(backbone, FeatureStore(tmp_path / "cache").root, paths, views=3, **kw)
+    again = extract_support(backbone, root, paths, views=3, **{**kw, "store": FeatureStore(tmp_path / "cache")})
     assert again.encoded == 0 and again.cached == 4 * N
     torch.testing.assert_close(again.features, first.features)
     torch.testing.assert_close(again.clean, first.clean)
@@ -79,8 +79,13 @@ def test_cache_reuse_second_run_encodes_nothing(backbone, dataset, tmp_path):
     other_seed = extract_support(backbone, root, paths, views=2, seed=1, **kw)
     assert other_seed.encoded == 2 * N
     assert not torch.allclose(other_seed.features[0], first.features[0])
-    # another split hash or dataset is another cache scope
-    assert extract(backbone, root, paths, **{**kw, "split_hash": "other"}).encoded == N
+    # rows are keyed by content, not by path: the same files under another root and other names are cached
+    copy = tmp_path / "copy"
+    for i, p in enumerate(paths):
+        (copy / f"renamed_{i}{os.path.splitext(p)[1]}").parent.mkdir(parents=True, exist_ok=True)
+        (copy / f"renamed_{i}{os.path.splitext(p)[1]}").write_bytes((root / p).read_bytes())
+    moved = extract_support(backbone, copy, sorted(q.name for q in copy.iterdir()), views=3, **kw)
+    assert moved.encoded == 0 and moved.cached == 4 * N
 
 
 def test_augmented_views_are_deterministic_across_batching_and_workers(backbone, dataset):
@@ -133,7 +138,8 @@ def test_failed_writes_leave_no_partial_files(backbone, dataset, tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         extract(backbone, root, paths, store=store, progress=False)
     monkeypatch.undo()
-    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "group.json"]
+    kept = ("group.json", "file-hashes.sqlite3")  # the spec and the hash memo, both complete
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name not in kept]
     assert leftovers == []
     out = extract(backbone, root, paths, store=FeatureStore(tmp_path / "cache"), progress=False)
     assert out.encoded == N
@@ -147,8 +153,9 @@ def test_unreadable_shard_is_ignored_and_recomputed(backbone, dataset, tmp_path,
     shard.write_bytes(b"garbage")
     with caplog.at_level("WARNING", logger="fewclip.features"):
         out = extract(backbone, root, paths, store=FeatureStore(tmp_path / "cache"), progress=False)
-    assert "ignoring unreadable cache shard" in caplog.text
+    assert f"cache shard {shard} is unreadable or truncated" in caplog.text
     assert out.encoded == N
+    assert not shard.exists() and (shard.parent / "quarantine" / shard.name).read_bytes() == b"garbage"
 
 
 def test_corrupt_images_are_listed_together_or_skipped(backbone, dataset, tmp_path):
@@ -201,7 +208,7 @@ def test_cache_info_cli(backbone, dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEWCLIP_CACHE", str(tmp_path / "envcache"))
     assert default_cache_dir() == tmp_path / "envcache"
     store = FeatureStore()
-    extract_support(backbone, root, paths, views=2, store=store, dataset="toy", progress=False)
+    extract_support(backbone, root, paths, views=2, store=store, progress=False)
 
     parser = argparse.ArgumentParser(prog="fewclip")
     add_parsers(parser.add_subparsers(dest="command", required=True))
@@ -211,7 +218,7 @@ def test_cache_info_cli(backbone, dataset, tmp_path, monkeypatch, capsys):
     assert info["root"] == str(tmp_path / "envcache")
     assert info["feature_rows"] == 3 * N and len(info["groups"]) == 3 and info["total_bytes"] > 0
     assert {g["view"] for g in info["groups"]} == {0, 1, "clean"}
-    assert all(g["dataset"] == "toy" and g["model"] == "fewclip-test-extract-vit" for g in info["groups"])
+    assert all(g["model"] == "fewclip-test-extract-vit" for g in info["groups"])
 
     args = parser.parse_args(["cache", "info", "--cache-dir", str(tmp_path / "envcache")])
     assert args.func(args) == 0

@@ -31,8 +31,12 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the kernel applies the umask
+        mode = os.fstat(fd).st_mode & 0o777
+        os.close(fd)
         writer(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that re-creates the file (safetensors: 0600)
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

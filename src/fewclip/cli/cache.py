@@ -59,17 +59,18 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
         print(f"stale temp  {_size(info['stale_temp_bytes'])} left by interrupted writes (safe to delete *.tmp)")
     print(f"total       {_size(info['total_bytes'])}")
     if groups:
-        header = ("group", "kind", "model", "weights", "dataset", "view", "rows", "shards", "size")
+        header = ("group", "kind", "model", "weights", "view", "rows", "shards", "size")
         rows = [
             (
                 g["id"][:12],
                 str(g["kind"]),
                 str(g["model"]),
                 str(g["weights"]),
-                str(g["dataset"] or "-"),
                 str(g["view"] if g["view"] is not None else "-"),
                 str(g["rows"]),
-                str(g["shards"]) + (f" ({g['unreadable_shards']} unreadable)" if g["unreadable_shards"] else ""),
+                str(g["shards"])
+                + (f" ({g['unreadable_shards']} unreadable)" if g["unreadable_shards"] else "")
+                + (f" ({g['quarantined_shards']} set aside)" if g["quarantined_shards"] else ""),
                 _size(g["bytes"]),
             )
             for g in groups

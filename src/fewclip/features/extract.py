@@ -1,15 +1,16 @@
 """Image-feature extraction through a :class:`~fewclip.models.Backbone`, with the on-disk cache.
 
 >>> store = FeatureStore()                                   # $FEWCLIP_CACHE or ~/.cache/fewclip
->>> test = extract(bb, root, test_paths, store=store, dataset="caltech101", split_hash=sha)
->>> support = extract_support(bb, root, support_paths, views=10, store=store, dataset="caltech101", split_hash=sha)
+>>> test = extract(bb, root, test_paths, store=store)
+>>> support = extract_support(bb, root, support_paths, views=10, store=store)
 >>> support.features.shape, support.clean.shape              # [10, N, D], [N, D]
 
 The clean view is the backbone's evaluation transform (val, test and the support images' clean view). Augmented
-view ``v`` of image ``p`` (preset ``tip_cache`` by default: RandomResizedCrop(scale 0.5–1, bicubic) + flip) is
-drawn from generators seeded by a hash of ``(seed, p, v)``: the same pixels whatever the batch composition,
-worker count or shot count, which is what makes a cached view reusable. Keep the augmentation ``seed`` fixed
-across few-shot seeds (default 0) so every episode shares the views of the images it has in common.
+view ``v`` of an image (preset ``tip_cache`` by default: RandomResizedCrop(scale 0.5–1, bicubic) + flip) is
+drawn from generators seeded by a hash of ``(seed, SHA-256 of the image file, v)``: the same pixels whatever the
+batch composition, worker count, shot count or the file's path, which is what makes a cached view reusable. Keep
+the augmentation ``seed`` fixed across few-shot seeds (default 0) so every episode shares the views of the images
+it has in common.
 
 Images that cannot be read are collected over the whole pass, then reported together in a
 :class:`BadImagesError`; with ``skip_bad_images=True`` they are left out instead and listed in
@@ -22,7 +23,8 @@ import contextlib
 import hashlib
 import os
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import BadImagesError, ExtractionError
+from ..hashing import HashMemo
 from ..models import Backbone
-from .store import FeatureGroup, FeatureStore
+from .store import FLUSH_ROWS, FLUSH_SECONDS, FeatureGroup, FeatureStore
 
 View = str | int  # "clean" or an augmentation index 0..V-1
 
@@ -65,9 +68,10 @@ class Extraction:
     cached: int = 0  # (image, view) pairs read from the store
 
 
-def view_seed(seed: int, path: str, view: int) -> int:
-    """A 63-bit seed for augmented view ``view`` of image ``path``: independent of batching and workers."""
-    digest = hashlib.sha256(f"fewclip-view|{int(seed)}|{path}|{int(view)}".encode()).digest()
+def view_seed(seed: int, key: str, view: int) -> int:
+    """A 63-bit seed for augmented view ``view`` of the image ``key`` names (its content SHA-256 in extraction, so the
+    same bytes get the same views wherever they live): independent of batching and workers."""
+    digest = hashlib.sha256(f"fewclip-view|{int(seed)}|{key}|{int(view)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -145,24 +149,23 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
 
 
 class _ImageViews(torch.utils.data.Dataset):
-    """Item i: image ``todo[i]`` decoded once and put through each of its missing views."""
+    """Item i: image ``files[i]`` decoded once and put through each of its missing views (seeded by ``keys[i]``)."""
 
-    def __init__(self, root: Path, paths: list[str], needs: list[list[View]], transforms: dict, seed: int):
-        self.root, self.paths, self.needs, self.transforms, self.seed = root, paths, needs, transforms, seed
+    def __init__(self, files: list[Path], keys: list[str], needs: list[list[View]], transforms: dict, seed: int):
+        self.files, self.keys, self.needs, self.transforms, self.seed = files, keys, needs, transforms, seed
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
         try:
-            image = load_image(self.root / path)
+            image = load_image(self.files[i])
             tensors = []
             for view in self.needs[i]:
                 if view == "clean":
                     tensors.append(self.transforms["clean"](image))
                 else:
-                    with seeded(view_seed(self.seed, path, view)):
+                    with seeded(view_seed(self.seed, self.keys[i], view)):
                         tensors.append(self.transforms["augment"](image))
             return i, torch.stack(tensors), None
         except Exception as exc:  # any decoding or transform failure marks the image bad
@@ -176,19 +179,37 @@ def _collate(items):
     return [i for i, _ in good], images, bad
 
 
-def _group_spec(backbone: Backbone, view: View, seed: int, augmentation: str, dataset: str, split: str | None):
-    spec: dict[str, Any] = {
-        "kind": "image",
-        "backbone": backbone.cache_key(),
-        "dataset": dataset,
-        "split": split,
-    }
+def _group_spec(backbone: Backbone, view: View, seed: int, augmentation: str) -> dict[str, Any]:
+    """A group of image features: rows keyed by the SHA-256 of the image file's bytes, so groups are shared by every
+    dataset and split that holds the same images, and an image replaced in place gets a new key."""
+    spec: dict[str, Any] = {"kind": "image", "key": "content-sha256", "backbone": backbone.cache_key()}
     if view == "clean":
         spec.update(view="clean", transform=backbone.preprocess_description)
     else:
         spec.update(view=int(view), seed=int(seed), augmentation=augmentation)
         spec["transform"] = backbone.augment_description(augmentation)
     return spec
+
+
+def content_hashes(
+    root: str | os.PathLike,
+    paths: Sequence[str],
+    *,
+    memo: HashMemo | None = None,
+    errors: dict[str, str] | None = None,
+) -> dict[str, str | None]:
+    """{path: hex SHA-256 of ``root / path``} through ``memo`` (a fresh in-process memo if None); an unreadable
+    file maps to None, with its message in ``errors[path]``."""
+    base = os.path.abspath(root)
+    memo = memo if memo is not None else HashMemo(None)
+    found: dict[str, str] = {}
+    full = [os.path.join(base, p) for p in paths]
+    digests = memo.sha256_many(full, errors=found)
+    if errors is not None and found:
+        for p, f in zip(paths, full):
+            if f in found:
+                errors[p] = found[f]
+    return dict(zip(paths, digests))
 
 
 def _auto_workers(n_images: int, batch_size: int) -> int:
@@ -211,8 +232,7 @@ def _extract_views(
     num_workers: int | None,
     skip_bad_images: bool,
     augmentation: str,
-    dataset: str | None,
-    split_hash: str | None,
+    hashes: Mapping[str, str | None] | None,
     progress: bool,
     desc: str | None,
     flush_rows: int,
@@ -225,28 +245,47 @@ def _extract_views(
             raise ExtractionError(f"view {v!r} is invalid; use 'clean' or an augmentation index ≥ 0.")
     paths = [str(p) for p in paths]
     unique = list(dict.fromkeys(paths))
-    namespace = dataset or f"root:{root.resolve()}"
+
+    # every image is addressed by the SHA-256 of its bytes (given by the caller, or through the store's memo)
+    digest = {p: hashes[p] for p in unique if p in hashes} if hashes is not None else {}
+    unreadable: dict[str, str] = {}
+    rest = [p for p in unique if p not in digest]
+    if rest:
+        digest.update(content_hashes(root, rest, memo=store.memo if store is not None else None, errors=unreadable))
+    bad_by_path: dict[str, str] = {
+        p: unreadable.get(p, "the file could not be read to hash it") for p in unique if digest[p] is None
+    }
+    keys = list(dict.fromkeys(digest[p] for p in unique if digest[p] is not None))  # one entry per distinct content
+    first_path = {}
+    for p in unique:
+        if digest[p] is not None:
+            first_path.setdefault(digest[p], p)
 
     groups: dict[View, FeatureGroup] = {}
-    present: dict[View, list[bool]] = {}
+    table: dict[View, torch.Tensor] = {}  # [len(keys), D] per view: rows read from the store, then the encoded ones
+    have: dict[View, list[bool]] = {}
     for v in views:
         if store is not None:
-            groups[v] = store.group(_group_spec(backbone, v, seed, augmentation, namespace, split_hash))
-            present[v] = groups[v].has(unique)
+            groups[v] = store.group(_group_spec(backbone, v, seed, augmentation))
+            table[v], have[v] = groups[v].read(keys)
         else:
-            present[v] = [False] * len(unique)
-    needs_all = [[v for v in views if not present[v][j]] for j in range(len(unique))]
+            have[v] = [False] * len(keys)
+    needs_all = [[v for v in views if not have[v][j]] for j in range(len(keys))]
     todo = [j for j, need in enumerate(needs_all) if need]
-    cached = sum(len(views) - len(needs_all[j]) for j in range(len(unique)))
-
-    fresh: dict[View, dict[int, torch.Tensor]] = {v: {} for v in views}
-    bad: list[BadImage] = []
+    cached = sum(sum(have[v]) for v in views)
+    bad_keys: dict[str, str] = {}
     encoded = 0
     if todo:
         transforms: dict[str, Callable] = {"clean": backbone.preprocess}
         if any(v != "clean" for v in views):
             transforms["augment"] = backbone.augment(augmentation)
-        dataset_obj = _ImageViews(root, [unique[j] for j in todo], [needs_all[j] for j in todo], transforms, seed)
+        dataset_obj = _ImageViews(
+            [root / first_path[keys[j]] for j in todo],
+            [keys[j] for j in todo],
+            [needs_all[j] for j in todo],
+            transforms,
+            seed,
+        )
         per_image = max(len(needs_all[j]) for j in todo)
         loader_batch = max(1, batch_size // per_image)
         workers = _auto_workers(len(todo), loader_batch) if num_workers is None else num_workers
@@ -261,12 +300,13 @@ def _extract_views(
         )
         with contextlib.ExitStack() as stack:
             writers = {v: stack.enter_context(g.writer(flush_rows=flush_rows)) for v, g in groups.items()}
+            last_flush = time.monotonic()
             bar = stack.enter_context(
                 tqdm(total=len(todo), desc=desc or "encoding images", unit="img", disable=None if progress else True)
             )
             for local_idx, images, bad_items in loader:
                 for i, err in bad_items:
-                    bad.append(BadImage(unique[todo[i]], err))
+                    bad_keys[keys[todo[i]]] = err
                 if local_idx:
                     feats = torch.cat(
                         [backbone.encode_images(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
@@ -277,32 +317,42 @@ def _extract_views(
                     for i in local_idx:
                         j = todo[i]
                         for v in needs_all[j]:
-                            fresh[v][j] = feats[row]
-                            keys, rows = per_view.setdefault(v, ([], []))
-                            keys.append(unique[j])
-                            rows.append(feats[row])
+                            view_rows, positions = per_view.setdefault(v, ([], []))
+                            view_rows.append(row)
+                            positions.append(j)
                             row += 1
-                    for v, (keys, rows) in per_view.items():
+                    for v, (view_rows, positions) in per_view.items():
+                        block = feats.index_select(0, torch.tensor(view_rows, dtype=torch.long)).float()
+                        if v not in table or table[v].shape[1] != block.shape[1]:  # nothing read: shape it now
+                            table[v] = torch.zeros(len(keys), block.shape[1])
+                        table[v].index_copy_(0, torch.tensor(positions, dtype=torch.long), block)
                         if v in writers:
-                            writers[v].add(keys, torch.stack(rows))
+                            writers[v].add([keys[j] for j in positions], block)
+                # the views of one pass share one budget: at most ``flush_rows`` rows or a minute of work unsaved
+                if writers and (
+                    sum(w.pending for w in writers.values()) >= flush_rows
+                    or time.monotonic() - last_flush >= FLUSH_SECONDS
+                ):
+                    for w in writers.values():
+                        w.flush()
+                    last_flush = time.monotonic()
                 bar.update(len(local_idx) + len(bad_items))
 
-    position = {p: j for j, p in enumerate(unique)}
-    bad.sort(key=lambda b: position[b.path])
+    for p in unique:
+        if digest[p] is not None and digest[p] in bad_keys:
+            bad_by_path[p] = bad_keys[digest[p]]
+    bad = [BadImage(p, bad_by_path[p]) for p in unique if p in bad_by_path]
     if bad and not skip_bad_images:
         raise BadImagesError(bad, root)
-    bad_paths = {b.path for b in bad}
-    kept = [i for i, p in enumerate(paths) if p not in bad_paths]
+    kept = [i for i, p in enumerate(paths) if p not in bad_by_path]
+    position = {k: j for j, k in enumerate(keys)}
+    index = torch.tensor([position[digest[paths[i]]] for i in kept], dtype=torch.long)
     out: dict[View, torch.Tensor] = {}
     for v in views:
-        rows_needed = [position[paths[i]] for i in kept]
-        from_store = sorted({j for j in rows_needed if j not in fresh[v]})
-        loaded = dict(zip(from_store, groups[v].get([unique[j] for j in from_store]))) if from_store else {}
-        dim = next(iter(fresh[v].values())).shape[0] if fresh[v] else None
-        if not rows_needed:
-            out[v] = torch.empty(0, dim or backbone.embed_dim)
+        if not kept:
+            out[v] = torch.empty(0, groups[v].dim if v in groups and groups[v].dim else backbone.embed_dim)
             continue
-        out[v] = torch.stack([fresh[v][j] if j in fresh[v] else loaded[j] for j in rows_needed]).float()
+        out[v] = table[v].index_select(0, index)
     return out, kept, bad, encoded, cached
 
 
@@ -318,18 +368,19 @@ def extract(
     num_workers: int | None = None,
     skip_bad_images: bool = False,
     augmentation: str = "tip_cache",
-    dataset: str | None = None,
-    split_hash: str | None = None,
+    hashes: Mapping[str, str | None] | None = None,
     progress: bool = True,
     desc: str | None = None,
-    flush_rows: int = 4096,
+    flush_rows: int = FLUSH_ROWS,
 ) -> Extraction:
     """Raw features [N, D] of the images ``root / p`` for ``p`` in ``paths`` under one view.
 
     ``view`` is ``"clean"`` (the evaluation transform) or an augmentation index (preset ``augmentation``,
-    seeded by ``(seed, path, view)``). With a ``store``, cached rows are read and only missing images are
-    encoded (``Extraction.encoded`` counts them); ``dataset`` and ``split_hash`` scope the cache keys (without
-    a dataset name the resolved ``root`` is used). ``num_workers=None`` picks 0 for small jobs, else up to 16.
+    seeded by ``(seed, image content, view)``). With a ``store``, cached rows are read and only missing images are
+    encoded (``Extraction.encoded`` counts them). Rows are keyed by the SHA-256 of each file's bytes: ``hashes``
+    ({path: sha256}, e.g. from :func:`content_hashes`) gives them, else they are computed through the store's
+    file-hash memo. Shards are written every ``flush_rows`` rows (all views together) and at least once a minute.
+    ``num_workers=None`` picks 0 for small jobs, else up to 16.
     """
     feats, kept, bad, encoded, cached = _extract_views(
         backbone,
@@ -342,8 +393,7 @@ def extract(
         num_workers=num_workers,
         skip_bad_images=skip_bad_images,
         augmentation=augmentation,
-        dataset=dataset,
-        split_hash=split_hash,
+        hashes=hashes,
         progress=progress,
         desc=desc,
         flush_rows=flush_rows,
@@ -364,11 +414,10 @@ def extract_support(
     num_workers: int | None = None,
     skip_bad_images: bool = False,
     augmentation: str = "tip_cache",
-    dataset: str | None = None,
-    split_hash: str | None = None,
+    hashes: Mapping[str, str | None] | None = None,
     progress: bool = True,
     desc: str | None = None,
-    flush_rows: int = 4096,
+    flush_rows: int = FLUSH_ROWS,
 ) -> Extraction:
     """Support features [V, N, D] under ``views`` augmented views, plus ``clean`` [N, D] (the evaluation
     transform) when ``include_clean``. Each image is decoded once for all its missing views."""
@@ -386,8 +435,7 @@ def extract_support(
         num_workers=num_workers,
         skip_bad_images=skip_bad_images,
         augmentation=augmentation,
-        dataset=dataset,
-        split_hash=split_hash,
+        hashes=hashes,
         progress=progress,
         desc=desc or "encoding support views",
         flush_rows=flush_rows,

@@ -106,11 +106,13 @@ def encode_images_once(
     test: Sequence[Item] | None = None,
     store: FeatureStore | None = None,
     options: ExtractionOptions = ExtractionOptions(),
+    hashes: Mapping[str, str | None] | None = None,
 ) -> FeaturePool:
     """Encode the support, validation and test images of ``episodes`` (test: ``splits.test`` by default).
 
     Support images get ``options.views`` augmented views plus the clean view; val and test images the clean view
-    only. With a ``store``, only what it lacks is encoded (``FeaturePool.encoded`` counts it).
+    only. With a ``store``, only what it lacks is encoded (``FeaturePool.encoded`` counts it). ``hashes`` ({path
+    relative to ``splits.root``: SHA-256 of the file}) saves hashing what the caller already hashed.
     """
     support_paths = _unique_paths(e.train for e in episodes)
     eval_paths = _unique_paths([*(e.val for e in episodes), splits.test if test is None else test])
@@ -121,8 +123,7 @@ def encode_images_once(
         "num_workers": options.num_workers,
         "skip_bad_images": options.skip_bad_images,
         "augmentation": options.augmentation,
-        "dataset": splits.name,
-        "split_hash": splits.split_sha256,
+        "hashes": hashes,
         "progress": options.progress,
     }
     support = extract_support(

@@ -2,20 +2,27 @@
 
 Layout under the cache folder (``$FEWCLIP_CACHE`` or ``~/.cache/fewclip``)::
 
-    features/<group id>/group.json               the group's spec (backbone, transform, view, dataset, split)
+    features/<group id>/group.json               the group's spec (backbone, transform, view)
     features/<group id>/<shard>.safetensors      tensor "features" [n, D] + metadata "keys" (JSON list of n keys)
+    features/<group id>/quarantine/              shards found truncated or unreadable, set aside (safe to delete)
+    file-hashes.sqlite3                          (absolute path, size, mtime, ctime, inode) -> SHA-256 of the file
     checkpoints/<sha256>.safetensors             converted OpenAI TorchScript archives
 
 A *group* is every feature computed the same way: one backbone identity (model, weights hash, precision,
-preprocessing), one view (the clean test transform, or augmentation preset + seed + view index) and one dataset /
-split hash. Its id is a hash of that spec. Inside a group a feature is addressed by its key (the image path
-relative to the dataset root, or the prompt text). So the 1/2/4/8-shot subsets and other seeds reuse what a
-16-shot run encoded, and different methods never encode an image twice.
+preprocessing) and one view (the clean test transform, or augmentation preset + seed + view index). Its id is a
+hash of that spec. Inside a group an image's feature is addressed by the SHA-256 of the image file's bytes (a
+prompt's by its text). So the 1/2/4/8-shot subsets and other seeds reuse what a 16-shot run encoded, different
+methods never encode an image twice, two datasets that hold the same image share its features, and two datasets
+whose files share names but not pixels never do; an image replaced in place is encoded again. The hashes are
+remembered in ``file-hashes.sqlite3`` (:mod:`fewclip.hashing`), so a warm run stats each image, not reads it.
 
 Every shard is written to a temporary file and renamed into place, so a shard is either complete or absent; an
-interrupted extraction keeps the shards already written and resumes with the missing keys. Shards are appended,
-never rewritten, which keeps writes cheap for ~100k images; the index is rebuilt from shard headers (a few KB
-each) when a group is opened.
+interrupted extraction keeps the shards already written (a pass writes one every 1,024 rows and at least once a
+minute) and resumes with the missing keys. Shards are appended, never rewritten, which keeps writes cheap for
+~100k images; the index is rebuilt from shard headers (a few KB each) when a group is opened. A shard whose header
+does not match its file (a truncated copy, a disk error) is moved into ``quarantine/`` with a warning naming it, and
+its rows are encoded again. Files and folders get the permissions the user's umask gives, so a group can share a
+cache.
 """
 
 from __future__ import annotations
@@ -35,11 +42,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import FeatureStoreError
+from ..hashing import MEMO_NAME, HashMemo
 from ..io import atomic_write, default_cache_dir
 
 logger = logging.getLogger("fewclip.features")
 
 FORMAT = "fewclip-features/1"
+QUARANTINE = "quarantine"  # a group's sub-folder holding shards found unreadable or truncated
+#: a writer flushes at least this often, so an interrupted pass loses at most ~1,024 rows or a minute of work
+FLUSH_ROWS = 1024
+FLUSH_SECONDS = 60.0
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -52,23 +64,47 @@ def group_id(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()[:24]
 
 
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
 def read_shard_header(path: Path) -> tuple[list[str], list[int]]:
-    """(keys, shape of 'features') from a shard's safetensors header, without reading the tensor."""
+    """(keys, shape of 'features') from a shard's safetensors header, without reading the tensor.
+
+    Also checks the file against its header: a shard cut short (its data ends before the header's offsets say) or
+    padded raises :class:`FeatureStoreError` like a garbled header does.
+    """
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise FeatureStoreError(f"{path}: truncated safetensors header.")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or n > 100_000_000:
-            raise FeatureStoreError(f"{path}: implausible safetensors header length {n}.")
-        header = json.loads(f.read(n))
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
+            raise FeatureStoreError(f"{path}: implausible safetensors header length {n} for a {size}-byte file.")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise FeatureStoreError(f"{path}: garbled safetensors header ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise FeatureStoreError(f"{path}: garbled safetensors header.")
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT or "features" not in header:
+    entry = header.get("features")
+    if meta.get("format") != FORMAT or not isinstance(entry, dict):
         raise FeatureStoreError(f"{path}: not a {FORMAT} shard.")
-    keys = json.loads(meta["keys"])
-    shape = list(header["features"]["shape"])
-    if len(shape) != 2 or shape[0] != len(keys):
+    try:
+        keys = json.loads(meta["keys"])
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+        itemsize = _ITEMSIZE[entry["dtype"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FeatureStoreError(f"{path}: incomplete shard header ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(keys, list) or len(shape) != 2 or shape[0] != len(keys):
         raise FeatureStoreError(f"{path}: {len(keys)} keys but features of shape {shape}.")
+    if end - begin != shape[0] * shape[1] * itemsize or 8 + n + end != size:
+        raise FeatureStoreError(
+            f"{path}: the file has {size} bytes but its header describes {8 + n + end} (features {shape}); the "
+            "shard is truncated or corrupt."
+        )
     return keys, shape
 
 
@@ -86,7 +122,11 @@ class FeatureGroup:
 
     # ----------------------------------------------------------------- index
     def refresh(self) -> None:
-        """Read the headers of shards written since the last call (by this or another process)."""
+        """Read the headers of shards written since the last call (by this or another process).
+
+        A shard whose header is unreadable or does not match the file's size is set aside (see :meth:`quarantine`)
+        with a warning naming it, so its rows count as missing and are encoded again; it is never read as data.
+        """
         if not self.path.is_dir():
             return
         names = sorted(
@@ -98,8 +138,10 @@ class FeatureGroup:
             self._seen.add(name)
             try:
                 keys, shape = read_shard_header(self.path / name)
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("ignoring unreadable cache shard %s (%s); its rows will be recomputed", name, exc)
+            except FileNotFoundError:  # set aside by another process meanwhile
+                continue
+            except (OSError, FeatureStoreError) as exc:
+                self.quarantine(name, exc)
                 continue
             if self._dim is None:
                 self._dim = shape[1]
@@ -110,6 +152,29 @@ class FeatureGroup:
                 )
             for row, key in enumerate(keys):
                 self._index.setdefault(key, (name, row))
+
+    def quarantine(self, name: str, reason: BaseException | str) -> Path | None:
+        """Move shard ``name`` into the group's ``quarantine/`` folder and forget its rows (they will be encoded
+        again). Returns where it went (None if it was already gone)."""
+        source = self.path / name
+        dest = self.path / QUARANTINE / name
+        try:
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(source, dest)
+        except FileNotFoundError:
+            dest = None
+        except OSError as exc:  # cannot move it: it is still never read again by this process
+            logger.warning("could not move the bad cache shard %s aside (%s)", source, exc)
+            dest = None
+        logger.warning(
+            "cache shard %s is unreadable or truncated (%s); %s, its rows will be encoded again",
+            source,
+            reason,
+            f"moved to {dest}" if dest else "ignored",
+        )
+        self._seen.add(name)
+        self._index = {k: v for k, v in self._index.items() if v[0] != name}
+        return dest
 
     def keys(self) -> set[str]:
         self.refresh()
@@ -134,25 +199,45 @@ class FeatureGroup:
 
     # ----------------------------------------------------------------- read / write
     def get(self, keys: Sequence[str]) -> torch.Tensor:
-        """[len(keys), D] float32 features; every key must be present."""
-        self.refresh()
-        missing = [k for k in keys if k not in self._index]
+        """[len(keys), D] float32 features; every key must be present (a :class:`KeyError` names the missing)."""
+        out, found = self.read(keys)
+        missing = [k for k, ok in zip(keys, found) if not ok]
         if missing:
             raise KeyError(f"{len(missing)} key(s) not in cache group {self.id}, e.g. {missing[:3]}")
+        return out
+
+    def read(self, keys: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """([len(keys), D] float32 features, found): the rows of ``keys`` the group holds; rows not found are zero.
+
+        A shard that fails to read is set aside (:meth:`quarantine`) and its keys reported as not found, so the
+        caller encodes them again.
+        """
+        self.refresh()
         if not keys:
-            return torch.empty(0, self._dim or 0)
-        out = torch.empty(len(keys), self._dim)
+            return torch.empty(0, self._dim or 0), []
+        out = torch.zeros(len(keys), self._dim or 0)
+        found = [False] * len(keys)
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for i, k in enumerate(keys):
-            shard, row = self._index[k]
-            by_shard.setdefault(shard, []).append((i, row))
+            where = self._index.get(k)
+            if where is not None:
+                by_shard.setdefault(where[0], []).append((i, where[1]))
         for shard, pairs in by_shard.items():
-            with safe_open(str(self.path / shard), framework="pt", device="cpu") as f:
-                data = f.get_tensor("features")
-            dest = torch.tensor([p[0] for p in pairs])
-            rows = torch.tensor([p[1] for p in pairs])
-            out[dest] = data[rows].float()
-        return out
+            try:
+                with safe_open(str(self.path / shard), framework="pt", device="cpu") as f:
+                    data = f.get_tensor("features")
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                if (self.path / shard).exists():
+                    self.quarantine(shard, exc)
+                else:  # set aside by another process
+                    self._index = {k: v for k, v in self._index.items() if v[0] != shard}
+                continue
+            dest = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+            rows = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            out.index_copy_(0, dest, data.index_select(0, rows).float())  # (``out[dest] = …`` is ~100x slower)
+            for i, _ in pairs:
+                found[i] = True
+        return out, found
 
     def put(self, keys: Sequence[str], features: torch.Tensor) -> Path | None:
         """Write one shard holding ``features`` [n, D] under ``keys`` (atomically). Returns its path."""
@@ -179,7 +264,7 @@ class FeatureGroup:
             self._index.setdefault(key, (name, row))
         return path
 
-    def writer(self, flush_rows: int = 4096, flush_seconds: float = 60.0) -> GroupWriter:
+    def writer(self, flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS) -> GroupWriter:
         """A buffered writer: rows are written as shards of up to ``flush_rows`` rows (and at least every
         ``flush_seconds``), and whatever is buffered is written when the ``with`` block exits, also on error."""
         return GroupWriter(self, flush_rows, flush_seconds)
@@ -202,6 +287,11 @@ class GroupWriter:
         self._rows: list[torch.Tensor] = []
         self._last = time.monotonic()
         self.written = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows buffered and not yet written."""
+        return len(self._keys)
 
     def add(self, keys: Iterable[str], features: torch.Tensor) -> None:
         keys = list(keys)
@@ -240,6 +330,14 @@ class FeatureStore:
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.features_dir = self.root / "features"
         self._groups: dict[str, FeatureGroup] = {}
+        self._memo: HashMemo | None = None
+
+    @property
+    def memo(self) -> HashMemo:
+        """The file-hash memo of this cache folder (``file-hashes.sqlite3``): image and weights files → SHA-256."""
+        if self._memo is None:
+            self._memo = HashMemo(self.root / MEMO_NAME)
+        return self._memo
 
     def group(self, spec: dict[str, Any]) -> FeatureGroup:
         gid = group_id(spec)
@@ -262,6 +360,8 @@ class FeatureStore:
                 except (OSError, ValueError):
                     pass
                 rows = shards = size = bad = 0
+                quarantined = folder / QUARANTINE
+                set_aside = len(os.listdir(quarantined)) if quarantined.is_dir() else 0
                 for f in os.scandir(folder):
                     if not f.is_file():
                         continue
@@ -273,7 +373,7 @@ class FeatureStore:
                         shards += 1
                         try:
                             rows += len(read_shard_header(Path(f.path))[0])
-                        except (OSError, ValueError, KeyError):
+                        except (OSError, FeatureStoreError):
                             bad += 1
                 backbone = spec.get("backbone", {}) or {}
                 groups.append(
@@ -283,12 +383,11 @@ class FeatureStore:
                         "model": backbone.get("model"),
                         "weights": _short_weights(backbone.get("weights")),
                         "precision": backbone.get("precision"),
-                        "dataset": spec.get("dataset"),
-                        "split": spec.get("split"),
                         "view": spec.get("view"),
                         "rows": rows,
                         "shards": shards,
                         "unreadable_shards": bad,
+                        "quarantined_shards": set_aside,
                         "bytes": size,
                     }
                 )

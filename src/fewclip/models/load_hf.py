@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,7 +76,24 @@ def _hf_image_spec(source: str, image_size: int) -> ImageSpec:
     )
 
 
-def load_hf(spec: ModelSpec, precision: str, device: torch.device, preprocess: str) -> HFBackbone:
+def hf_local_weights(spec: ModelSpec, sha256: Callable[[Path], str] = file_sha256) -> dict[str, Any] | None:
+    """The ``weights`` record of a Hugging Face model saved in a folder (SHA-256s through ``sha256``); None for an
+    id (its files live in the Hugging Face cache)."""
+    folder = Path(spec.name)
+    if not folder.is_dir():
+        return None
+    names = ("model.safetensors", "pytorch_model.bin")
+    weights_file = next((folder / n for n in names if (folder / n).is_file()), None)
+    return {
+        "folder": str(folder),
+        "sha256": sha256(weights_file) if weights_file else None,
+        "config_sha256": sha256(folder / "config.json"),
+    }
+
+
+def load_hf(
+    spec: ModelSpec, precision: str, device: torch.device, preprocess: str, sha256: Callable[[Path], str] = file_sha256
+) -> HFBackbone:
     """Load the transformers ``CLIPModel`` ``spec`` names (see :func:`fewclip.models.load_backbone`)."""
     try:
         import transformers
@@ -95,18 +113,10 @@ def load_hf(spec: ModelSpec, precision: str, device: torch.device, preprocess: s
             + (" (HF_HUB_OFFLINE=1 is set: download it once online or give a local folder)" if offline else "")
         ) from exc
     model.to(device).eval()
-    folder = Path(source)
-    if folder.is_dir():
-        weights_file = next(
-            (folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None
-        )
-        weights = {
-            "folder": str(folder),
-            "sha256": file_sha256(weights_file) if weights_file else None,
-            "config_sha256": file_sha256(folder / "config.json"),
-        }
-    else:
-        weights = {"hf_id": source, "commit": getattr(model.config, "_commit_hash", None)}
+    weights = hf_local_weights(spec, sha256) or {
+        "hf_id": source,
+        "commit": getattr(model.config, "_commit_hash", None),
+    }
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     return HFBackbone.assemble(
         spec=spec,

@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -131,7 +132,30 @@ def _image_spec_from_cfg(cfg: dict) -> ImageSpec:
     )
 
 
-def _weights_record(spec: ModelSpec, cache_dir: Path) -> tuple[dict[str, Any], str | None, bool]:
+def local_weights(spec: ModelSpec, sha256: Callable[[Path], str] = file_sha256) -> dict[str, Any] | None:
+    """The ``weights`` record of a file or ``local-dir:`` spec (its SHA-256 through ``sha256``); None otherwise."""
+    if spec.source == "file":
+        path = Path(spec.pretrained or "")
+        return {"file": str(path), "sha256": sha256(path)}
+    if spec.source == "local-dir":
+        folder = Path(spec.name.split(":", 1)[1])
+        found = _find_open_clip_checkpoint(folder)
+        if found is None:
+            raise BackboneError(
+                f"model {spec.requested!r}: {folder} has open_clip_config.json but no weights "
+                "(open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)."
+            )
+        return {
+            "file": str(found),
+            "sha256": sha256(found),
+            "config_sha256": sha256(folder / "open_clip_config.json"),
+        }
+    return None
+
+
+def _weights_record(
+    spec: ModelSpec, cache_dir: Path, sha256: Callable[[Path], str] = file_sha256
+) -> tuple[dict[str, Any], str | None, bool]:
     """(identity ``weights`` record, checkpoint for ``open_clip.create_model``, force QuickGELU)."""
     import open_clip
 
@@ -142,7 +166,7 @@ def _weights_record(spec: ModelSpec, cache_dir: Path) -> tuple[dict[str, Any], s
         weights = {"tag": spec.pretrained, "source": tag_cfg.get("hf_hub") or tag_cfg.get("url") or None}
     elif spec.source == "file":
         path = Path(spec.pretrained)
-        weights = {"file": str(path), "sha256": file_sha256(path)}
+        weights = local_weights(spec, sha256) or {}
         if is_torchscript_archive(path):
             checkpoint = str(convert_torchscript(path, cache_dir, weights["sha256"]))
             force_quick_gelu = True  # OpenAI's archives are QuickGELU models
@@ -158,31 +182,26 @@ def _weights_record(spec: ModelSpec, cache_dir: Path) -> tuple[dict[str, Any], s
                     spec.name,
                 )
     elif spec.source == "local-dir":
-        folder = Path(spec.name.split(":", 1)[1])
-        found = _find_open_clip_checkpoint(folder)
-        if found is None:
-            raise BackboneError(
-                f"model {spec.requested!r}: {folder} has open_clip_config.json but no weights "
-                "(open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)."
-            )
-        weights = {
-            "file": str(found),
-            "sha256": file_sha256(found),
-            "config_sha256": file_sha256(folder / "open_clip_config.json"),
-        }
+        weights = local_weights(spec, sha256) or {}
     else:  # hf-hub
         weights = {"hf_hub": spec.name.split(":", 1)[1]}
     return weights, checkpoint, force_quick_gelu
 
 
 def load_open_clip(
-    spec: ModelSpec, precision: str, device: torch.device, preprocess: str, cache_dir: Path, trust: bool
+    spec: ModelSpec,
+    precision: str,
+    device: torch.device,
+    preprocess: str,
+    cache_dir: Path,
+    trust: bool,
+    sha256: Callable[[Path], str] = file_sha256,
 ) -> OpenClipBackbone:
     """Load the open_clip model ``spec`` names (see :func:`fewclip.models.load_backbone` for the options)."""
     import open_clip
     from open_clip.transformer import QuickGELU
 
-    weights, checkpoint, force_quick_gelu = _weights_record(spec, cache_dir)
+    weights, checkpoint, force_quick_gelu = _weights_record(spec, cache_dir, sha256)
     try:
         model = open_clip.create_model(
             spec.name,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import BackboneError
 from .backbone import Backbone
-from .backbones import load_backbone
+from .backbones import load_backbone, weights_identity
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class BackboneSpec:
             cache_dir=self.cache_dir,
             trust_checkpoint=self.trust_checkpoint,
         )
+
+    def weights_identity(self) -> dict[str, Any]:
+        """The weights' identity without loading them (see :func:`~fewclip.models.backbones.weights_identity`)."""
+        return weights_identity(self.model, self.pretrained, backend=self.backend, cache_dir=self.cache_dir)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data: every field, ``device`` and ``cache_dir`` as strings."""

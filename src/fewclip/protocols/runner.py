@@ -25,6 +25,8 @@ Stages, with plain data between them (a sweep or a cluster engine can run each o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -38,7 +40,7 @@ from tqdm import tqdm
 from ..data import DatasetSplits, Episode, Item, Prompts, episode_filename, load_dataset, load_prompts, save_episode
 from ..errors import ResultsError
 from ..features.bundle import Bundle
-from ..features.extract import extract
+from ..features.extract import content_hashes, extract
 from ..features.pipeline import FeaturePool, encode_images_once, episode_bundle
 from ..features.store import FeatureStore
 from ..features.text import encode_text_classifier
@@ -53,6 +55,7 @@ from .results import (
     check_output_folder,
     config_sha256,
     episodes_dir,
+    jsonable,
     new_run_id,
     protocol_dir,
     publish_result,
@@ -105,6 +108,11 @@ class Plan:
     cells: list[Cell] = field(default_factory=list)
     setups: dict[Cell, dict[str, Any]] = field(default_factory=dict)
     paths: dict[Cell, Path] = field(default_factory=dict)
+    episodes: dict[tuple[int, int], Episode] = field(default_factory=dict)  # (shots, seed) -> episode, drawn once
+    #: {dataset root: {relative path: SHA-256 of the file's bytes, None if unreadable}} of every image the cells use
+    hashes: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)  # the backbone weights' identity (SHA-256s, or the tag)
+    digests: dict[Any, Any] = field(default_factory=dict)  # digests of episodes, test sets, prompts; resolved params
 
     @property
     def folder(self) -> Path:
@@ -186,7 +194,10 @@ def cell_setup(plan: Plan, cell: Cell) -> dict[str, Any]:
         "backend": spec.backend,
         "precision": spec.precision,
         "preprocess": spec.preprocess,
+        "weights": plan.weights,
         "prompts": prompts.name if prompts.sha256 is None else f"file:{prompts.sha256}",
+        "prompts_sha256": plan.digests["prompts", cell.target],
+        "images_sha256": images_digest(plan, cell),
         "sampler": config.data.sampler,
         "val_kind": config.data.val_kind,
         **config.extraction.recorded(),
@@ -194,10 +205,65 @@ def cell_setup(plan: Plan, cell: Cell) -> dict[str, Any]:
         "preset": preset,
         **({"protocol_defaults": defaults} if defaults else {}),
         "overrides": params,
+        "params": plan.digests["params", cell.method],
         "selection": config.methods.selection,
         "shots": cell.shots,
         "seed": cell.seed,
     }
+
+
+def images_digest(plan: Plan, cell: Cell) -> str:
+    """SHA-256 over the sorted (role, path, content SHA-256) of every image ``cell`` reads: its episode's support
+    and validation images and its target's test images. An image replaced in place changes it."""
+    return _digest(f"{plan.digests['episode', cell.shots, cell.seed]}|{plan.digests['test', cell.target]}")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _listing_digest(table: Mapping[str, str | None], roles: Mapping[str, Any]) -> str:
+    lines = [
+        f"{role}\t{path}\t{table.get(path) or 'unreadable'}\n"
+        for role, items in roles.items()
+        for path in sorted({item.path for item in items})
+    ]
+    return _digest("".join(lines))
+
+
+def hash_images(plan: Plan) -> None:
+    """Fill ``plan.hashes``, ``plan.weights`` and ``plan.digests``: the content SHA-256 of every image the cells
+    read (through the cache folder's file-hash memo, so unchanged files are only stat'ed; the extraction stage reuses
+    these hashes) and of the weights, before any result is judged current."""
+    memo = FeatureStore(plan.config.cache_dir).memo
+    wanted: dict[Path, dict[str, None]] = {}
+    for episode in plan.episodes.values():
+        for item in (*episode.train, *episode.val):
+            wanted.setdefault(plan.splits.root, {})[item.path] = None
+    for target in plan.targets.values():
+        for item in target.items:
+            wanted.setdefault(target.splits.root, {})[item.path] = None
+    for root, paths in wanted.items():
+        plan.hashes[str(root)] = content_hashes(root, list(paths), memo=memo)
+    own = plan.hashes.get(str(plan.splits.root), {})
+    for (k, seed), episode in plan.episodes.items():
+        plan.digests["episode", k, seed] = _listing_digest(own, {"support": episode.train, "val": episode.val})
+    for name, target in plan.targets.items():
+        plan.digests["test", name] = _listing_digest(plan.hashes[str(target.splits.root)], {"test": target.items})
+        sentences = plan.prompts.sentences(plan.splits.classnames)
+        if target.prompts is not None:
+            sentences = [*sentences, *target.prompts.sentences(target.splits.classnames)]
+        plan.digests["prompts", name] = _digest(json.dumps(sentences, ensure_ascii=False))
+    for name, (preset, params) in plan.methods.items():
+        values = create_method(plan.config, plan.protocol, name, preset, params).get_params()
+        plan.digests["params", name] = jsonable(values)
+    plan.weights = plan.config.backbone.weights_identity()
+
+
+def known_hashes(plan: Plan, root: str | Path) -> dict[str, str]:
+    """The content hashes :func:`hash_images` found under ``root`` (unreadable files left out: extraction reports
+    them with their error)."""
+    return {p: h for p, h in plan.hashes.get(str(root), {}).items() if h is not None}
 
 
 def plan(config: RunConfig, out_dir: str | Path) -> Plan:
@@ -226,6 +292,10 @@ def plan(config: RunConfig, out_dir: str | Path) -> Plan:
         shots=shots,
         seeds=seeds,
     )
+    for k in shots:
+        for seed in seeds:
+            result.episodes[k, seed] = protocol.episode(splits, k, seed, sampler=data.sampler, val_kind=data.val_kind)
+    hash_images(result)
     for k in shots:
         for seed in seeds:
             for target in targets:
@@ -284,7 +354,9 @@ def draw_episodes(plan: Plan, cells: list[Cell]) -> dict[tuple[int, int], tuple[
     folder = episodes_dir(plan.out_dir, plan.splits.name, plan.protocol.name)
     out = {}
     for k, seed in dict.fromkeys((c.shots, c.seed) for c in cells):
-        episode = plan.protocol.episode(plan.splits, k, seed, sampler=data.sampler, val_kind=data.val_kind)
+        episode = plan.episodes.get((k, seed)) or plan.protocol.episode(
+            plan.splits, k, seed, sampler=data.sampler, val_kind=data.val_kind
+        )
         path = folder / episode_filename(episode)
         with writing(path):
             out[k, seed] = episode, save_episode(episode, path)
@@ -326,7 +398,13 @@ def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
     backbone = plan.config.backbone.load()
     own_test = [item for t in plan.targets.values() if t.name is None for item in t.items]
     pool = encode_images_once(
-        backbone, plan.splits, [e for e, _ in episodes.values()], test=own_test, store=store, options=options
+        backbone,
+        plan.splits,
+        [e for e, _ in episodes.values()],
+        test=own_test,
+        store=store,
+        options=options,
+        hashes=known_hashes(plan, plan.splits.root),
     )
     text, text_info = encode_text_classifier(backbone, plan.splits.classnames, plan.prompts, store=store)
     target_pools, target_text = {}, {}
@@ -334,7 +412,13 @@ def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
         if target.name is None:
             continue
         target_pools[target.name] = encode_images_once(
-            backbone, target.splits, [], test=target.items, store=store, options=options
+            backbone,
+            target.splits,
+            [],
+            test=target.items,
+            store=store,
+            options=options,
+            hashes=known_hashes(plan, target.splits.root),
         )
         if target.prompts is not None:
             target_text[target.name], _ = encode_text_classifier(
@@ -498,8 +582,7 @@ def encode_test_images(
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         skip_bad_images=options.skip_bad_images,
-        dataset=target.splits.name,
-        split_hash=target.splits.split_sha256,
+        hashes=known_hashes(plan, target.splits.root),
         progress=options.progress,
         desc=f"{target.splits.name}: test images through the fine-tuned encoder",
     )
