@@ -111,8 +111,9 @@ def test_a_second_run_into_a_held_folder_refuses_naming_the_folder_and_the_holde
         line = one_error_line(capsys.readouterr().err)
         assert f"{folder} is in use by another fewclip run (pid {os.getpid()} on {socket.gethostname()}, " in line
         assert f"started {holder['started']})" in line and "--wait" in line
-        # refused before the skip-or-run decision: no episode drawn, nothing encoded, no result
-        assert not (out / "oxford_pets" / "episodes").exists() and not cache.exists()
+        # refused before the skip-or-run decision: no episode drawn, nothing encoded, no result (the plan stage
+        # has only hashed the images into the cache's file-hash memo)
+        assert not (out / "oxford_pets" / "episodes").exists() and not (cache / "features").exists()
         assert not list(folder.rglob("*.json"))
     assert (folder / LOCK_NAME).read_text() == ""  # the holder's text goes with the lock
     assert main(run_argv(env, out, "--method", "zero-shot", cache=cache)) == 0  # released: the run goes ahead

@@ -508,24 +508,25 @@ def test_a_backbone_sweep_into_one_folder_keeps_each_backbone_apart(env, tmp_pat
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(env, tmp_path, capsys):
     out, cache = tmp_path / "results", tmp_path / "cache"
-    # channels > D fails inside APE's fit (it depends on the features' dimension, 16 for the tiny model)
-    argv = run_argv(env, out, cache, "--method", "zero-shot", "ape", "--shots", "1", "2", "--seeds", "1",
-                    "--set", "ape:channels=1000")  # fmt: skip
+    # a learning rate of 1e30 is a valid value whose training loss becomes NaN inside the fit
+    argv = run_argv(env, out, cache, "--method", "zero-shot", "tip-adapter-f", "--shots", "1", "2", "--seeds", "1",
+                    "--set", "tip-adapter-f:epochs=2", "--set", "tip-adapter-f:lr=1e30")  # fmt: skip
     assert main(argv) == 1  # some cells failed
     captured = capsys.readouterr()
     assert "2 result(s) written, 0 reused, 2 failed" in captured.out and "2 cell(s) failed" in captured.err
     folder = out / "oxford_pets" / BB / "fewshot"
-    failed = json.loads((folder / "ape/shots_2-seed_1.json").read_text())
+    failed = json.loads((folder / "tip-adapter-f/shots_2-seed_1.json").read_text())
     assert failed["status"] == "failed" and failed["error"]["type"] == "MethodError"
-    assert "channels=1000" in failed["error"]["message"] and failed["setup"]["overrides"] == {"channels": 1000}
-    assert not list(folder.glob("ape/shots_2-seed_1.*predictions.safetensors"))
+    assert "lower lr (now 1e+30)" in failed["error"]["message"]
+    assert failed["setup"]["overrides"] == {"epochs": 2, "lr": 1e30}
+    assert not list(folder.glob("tip-adapter-f/shots_2-seed_1.*predictions.safetensors"))
     summary = json.loads((folder / "summary.json").read_text())
     assert [r["method"] for r in summary["summary"]] == ["zero-shot", "zero-shot"] and len(summary["failed"]) == 2
     # the next run skips what finished and tries the failed cells again (here, with a valid value)
-    fixed = [*argv[: argv.index("--set")], "--set", "ape:channels=8"]
+    fixed = [*argv[: argv.index("--set")], "--set", "tip-adapter-f:epochs=2", "--set", "tip-adapter-f:lr=1e-3"]
     assert main(fixed) == 0
     assert "2 result(s) written, 2 reused, 0 failed" in capsys.readouterr().out
-    assert json.loads((folder / "ape/shots_2-seed_1.json").read_text())["status"] == "ok"
+    assert json.loads((folder / "tip-adapter-f/shots_2-seed_1.json").read_text())["status"] == "ok"
 
 
 def test_transfer_results_have_the_schema_of_every_other_protocol(env, tmp_path):

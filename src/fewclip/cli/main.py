@@ -7,22 +7,30 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..errors import FewclipError
+from ..errors import CLIError, FewclipError
 from .common import EXIT_USAGE, fit_and_evaluate, fmt, parse_set
 
 # --------------------------------------------------------------------------- fit
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from .. import methods
     from ..features import bundle as bundle_io
 
+    overrides = parse_set(args.set)
+    if "selection" in overrides:
+        raise CLIError(
+            f"--set selection={overrides['selection']}: give it as --selection {overrides['selection']}, not --set."
+        )
+    # the method, its preset and every value checked before the bundle is read
+    methods.create(args.method, preset=args.preset, selection=args.selection, **overrides).validate_params()
     bundle = bundle_io.load(args.bundle)
-    model, result = fit_and_evaluate(bundle, args.method, args.preset, parse_set(args.set), args.selection)
+    model, result = fit_and_evaluate(bundle, args.method, args.preset, overrides, args.selection)
     if args.save_model:
         model.save(args.save_model)
         result["model_path"] = str(args.save_model)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
         return 0
     val = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.2f}%"
     hp = ", ".join(f"{k}={fmt(v)}" for k, v in result["hyperparameters"].items())
@@ -46,7 +54,7 @@ def cmd_bundle_info(args: argparse.Namespace) -> int:
 
     info = bundle_io.info(bundle_io.load(args.file))
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(info, allow_nan=False))
         return 0
     print(f"file      {args.file}")
     print(f"format    {info['format']}")

@@ -78,7 +78,9 @@ class Bundle:
 
     @property
     def has_val(self) -> bool:
-        return self.val_features is not None
+        """True when the bundle has validation rows: an empty validation split counts as none (selection refuses it,
+        or a method that falls back without validation records that it did)."""
+        return self.val_features is not None and self.val_features.shape[0] > 0
 
     @property
     def has_test(self) -> bool:
@@ -230,6 +232,11 @@ def make_bundle(
         return feats, labels
 
     test_features, test_labels = pair("test", test_features, test_labels, True)
+    if test_labels.shape[0] == 0:
+        raise BundleError(
+            f"{where}: the test split is empty ('test_features' has shape {list(test_features.shape)}); a bundle "
+            "needs at least one test row to be scored. Extract the test images again (are they all unreadable?)."
+        )
     val_features, val_labels = pair("val", val_features, val_labels, False)
 
     if support_clean_features is not None:
@@ -329,7 +336,7 @@ def info(bundle: Bundle) -> dict:
         "shots_min": int(counts.min()),
         "shots_max": int(counts.max()),
         "classes_without_support": [int(i) for i in (counts == 0).nonzero().flatten()],
-        "val": int(bundle.val_labels.shape[0]) if bundle.has_val else None,
+        "val": int(bundle.val_labels.shape[0]) if bundle.val_labels is not None else None,
         "test": int(bundle.test_labels.shape[0]) if bundle.has_test else None,
         "classnames": list(bundle.classnames),
         "metadata": dict(bundle.metadata),

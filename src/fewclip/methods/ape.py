@@ -59,8 +59,8 @@ class RefinedChannels(CacheMethod):
             merged["channels_reference_dim"] = None
         return merged
 
-    def _check(self, bundle: Bundle) -> None:
-        self._channels(bundle)
+    def check_dim(self, dim: int) -> None:
+        resolve_channels(self.channels, self.channels_reference_dim, dim, self.name)
 
     def _channels(self, bundle: Bundle) -> int:
         """Q for the bundle's dimension (see :func:`resolve_channels`)."""

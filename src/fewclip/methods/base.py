@@ -140,6 +140,9 @@ class Method:
         try:
             self.validate_params()
             self._check_data(data)
+            dim = getattr(data, "dim", None)
+            if dim is not None:
+                self.check_dim(int(dim))
             self._check(data)
             train = data.without_test()
             selected = self._fit(train)
@@ -148,7 +151,6 @@ class Method:
             val_used = self.selection == "val" and self.selects_on_validation and data.has_val
             self.selection_used_ = "val" if val_used else "none"
             self.num_classes_ = data.num_classes
-            dim = getattr(data, "dim", None)
             self.dim_ = int(dim) if dim is not None else self._fitted_dim()
             self.val_accuracy_ = self._validation_accuracy(train)
         except BaseException:
@@ -157,18 +159,31 @@ class Method:
         return self
 
     def validate_params(self, names: Iterable[str] | None = None) -> None:
-        """Check the hyperparameters (or those in ``names``) against their constraints."""
+        """Check the hyperparameters (or those in ``names``) against their constraints; all of them also against
+        each other (the ``_check_params`` hook). Needs no data: ``fewclip run`` calls it before any image is
+        encoded."""
         values = self.get_params() if names is None else {key: getattr(self, key) for key in names}
         validate(self.name, {f.name: f for f in self.param_fields()}, values)
+        if names is None:
+            self._check_params()
+
+    def _check_params(self) -> None:
+        """Checks of hyperparameters together, or of what they would allocate, that need no data (raise
+        :class:`MethodError`). Nothing by default."""
+
+    def check_dim(self, dim: int) -> None:
+        """Checks that need only the feature dimension D (a channel count, attention heads): run by ``fit``, and by
+        ``fewclip run`` as soon as the backbone is loaded, before any image is encoded (raise
+        :class:`MethodError`). Nothing by default."""
 
     def _check_data(self, data: FitData) -> None:
         """What every method requires of the data: validation data for ``selection="val"``, support per class."""
         needs_val = self.selects_on_validation and not self.falls_back_without_validation
         if needs_val and self.selection == "val" and not data.has_val:
             raise MethodError(
-                f"{self.name}: selection='val' needs validation data, but the bundle has no val_features/val_labels. "
-                "Either add a validation split to the bundle, or use selection='none' (--selection none) to keep the "
-                "method's initial hyperparameter values."
+                f"{self.name}: selection='val' needs validation data, but the data has no val_features/val_labels "
+                "(missing, or 0 rows). Either add a validation split, or use selection='none' (--selection none) to "
+                "keep the method's initial hyperparameter values."
             )
         if self.needs_support_for_every_class:
             missing = (data.shots_per_class() == 0).nonzero().flatten().tolist()

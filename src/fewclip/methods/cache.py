@@ -14,10 +14,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import MethodError
 from ..features.bundle import Bundle
 from .base import Method
 from .params import Integral, Interval, Real, SequenceOf
-from .search import ClassLayout, cache_search, first_argmax, phi, search_row_chunk, tip_grid
+from .search import (
+    ClassLayout,
+    cache_search,
+    first_argmax,
+    human_bytes,
+    memory_limit,
+    phi,
+    search_memory,
+    search_row_chunk,
+    tip_grid,
+)
 
 #: α, β and γ of the cache logits (γ ≥ 0: APE's code sign, r = exp(+γ·d))
 CACHE_WEIGHT = Interval(Real, 0, None, closed="left")
@@ -49,6 +60,29 @@ class CacheMethod(Method):
     channels_: torch.Tensor | None = None
     search_scale: Sequence[float]
     search_step: Sequence[int]
+
+    def _check_params(self) -> None:
+        self._check_search_memory()
+
+    def _check(self, bundle: Bundle) -> None:
+        if bundle.has_val:
+            rows = int(bundle.val_labels.numel())
+            self._check_search_memory(val_rows=rows, entries=bundle.num_support, classes=bundle.num_classes)
+
+    def _check_search_memory(self, **sizes: int) -> None:
+        """Refuse a ``search_step`` whose search would not fit in this machine's memory (``sizes``: the data's, see
+        :func:`~fewclip.methods.search.search_memory`; without them the grids' part alone)."""
+        if self.selection != "val":
+            return
+        step = [int(s) for s in self.search_step]
+        need, limit = search_memory(step, **sizes), memory_limit()
+        if need > limit:
+            default = list(type(self).default_params()["search_step"])
+            raise MethodError(
+                f"{self.name}: search_step={list(self.search_step)} is a grid of {math.prod(step):,} points whose "
+                f"search would allocate about {human_bytes(need)}, more than this machine's {human_bytes(limit)} of "
+                f"memory; use a coarser step (fewer points per grid, e.g. the default search_step={default})."
+            )
 
     def _layout(self) -> ClassLayout:
         """The class layout of the cache keys (a private fitted cache, ``_layout_``)."""

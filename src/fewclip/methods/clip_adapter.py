@@ -77,12 +77,13 @@ class CLIPAdapter(Method):
         """The ratios trained: every candidate under selection 'val', else ``init_ratio``."""
         return [float(r) for r in self.ratios] if self.selection == "val" else [float(self.init_ratio)]
 
-    def _check(self, bundle: Bundle) -> None:
-        if self.reduction > bundle.dim:
+    def check_dim(self, dim: int) -> None:
+        if self.reduction > dim:
             raise MethodError(
-                f"{self.name}: reduction={self.reduction!r} is not valid; expected a positive integer "
-                f"≤ D = {bundle.dim}."
+                f"{self.name}: reduction={self.reduction!r} is not valid; expected a positive integer ≤ D = {dim}."
             )
+
+    def _check_params(self) -> None:
         if self.selection == "val" and not self.ratios:
             raise MethodError(
                 f"{self.name}: ratios={self.ratios!r} is not valid under selection='val'; expected a non-empty list "

@@ -11,6 +11,8 @@ with Z₀ = 100 · f Wᵀ. The search computes Z₀ and A once, exp(−β(1−A)
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # --------------------------------------------------------------------------- grids
@@ -323,3 +325,45 @@ def cache_search(
             if progress is not None:
                 progress.update(1)
     return counts
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def search_memory(
+    steps: list[int] | tuple[int, ...], val_rows: int = 1, entries: int = 1, classes: int = 1, segment: int = 5
+) -> int:
+    """Bytes that :func:`cache_search` holds at its peak for grids of ``steps`` points (β, α[, γ]) on ``val_rows``
+    validation rows, ``entries`` cache keys and ``classes`` classes (the defaults give the part that depends on the
+    grids alone, a lower bound):
+
+    - the counts grid, int64 [β, α, Γ] (Γ = the third grid's points, else 1);
+    - per chunk of evaluation rows (``search_row_chunk``): the shifted affinity and its exp, float32 [rows, N] each,
+      and the class sums float32 [Γ, rows, C];
+    - in :func:`count_correct_along_alpha`: the anchor logits float32 [P, Γ, m, C] with P anchors (every
+      ``segment``-th α and the last) and at least one row m, and its counts int64 [Γ, α].
+    """
+    num_b, num_a = int(steps[0]), int(steps[1])
+    num_g = int(steps[2]) if len(steps) > 2 else 1
+    rows = min(val_rows, search_row_chunk(entries))
+    anchors = len(range(0, max(num_a - 1, 0), segment)) + 1
+    anchor_rows = min(rows, max(1, (1 << 23) // (anchors * num_g * classes)))
+    counts = 8 * num_b * num_a * num_g + 8 * num_g * num_a
+    chunk = 4 * (2 * rows * entries + num_g * rows * classes + num_g * entries)
+    return counts + chunk + 4 * anchors * num_g * anchor_rows * classes
+
+
+def memory_limit() -> int:
+    """The machine's physical memory in bytes (the search runs on the CPU); 16 GiB when it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 16 << 30
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover

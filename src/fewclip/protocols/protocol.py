@@ -40,6 +40,14 @@ class Target:
     prompts: Prompts | None = None
 
 
+def short_classes(train: Sequence[Item], classnames: Sequence[str], k: int) -> dict[str, int]:
+    """The classes with fewer than ``k`` of the ``train`` items, and how many they have (class name → count)."""
+    counts = [0] * len(classnames)
+    for item in train:
+        counts[item.label] += 1
+    return {name: n for name, n in zip(classnames, counts) if n < k}
+
+
 class Protocol:
     """The all-class few-shot protocol: K shots per class, every class scored over all columns."""
 
@@ -65,7 +73,11 @@ class Protocol:
         """Look at the loaded dataset once, before any episode is drawn (``load`` reads other datasets)."""
 
     def episode(self, splits: DatasetSplits, k: int, seed: int, *, sampler: str | None, val_kind: str) -> Episode:
-        return sample_episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
+        """The K-shot episode; a class with fewer than K training images gives all it has, and is recorded in
+        ``extra["short_classes"]`` (class name → support images)."""
+        episode = sample_episode(splits, k, seed, sampler=sampler, val_kind=val_kind)
+        short = short_classes(episode.train, episode.classnames, k)
+        return replace(episode, extra={**episode.extra, "short_classes": short}) if short else episode
 
     def test_items(self, splits: DatasetSplits) -> Sequence[Item]:
         return splits.test
@@ -187,6 +199,9 @@ class BaseToNew(Protocol):
             train = make_imbalanced(train, self.imbalance_ratio, seed)
         val = [i for i in episode.val if i.label < limit]
         extra = {**episode.extra, "base_classes": base, "new_classes": new}
+        short = {name: n for name, n in extra.pop("short_classes", {}).items() if name in episode.classnames[:limit]}
+        if short:
+            extra["short_classes"] = short
         return replace(episode, train=train, val=val, subsample="base-support", extra=extra,
                        imbalance_ratio=self.imbalance_ratio)  # fmt: skip
 

@@ -29,6 +29,8 @@ import hashlib
 import json
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,16 +40,17 @@ import torch
 from tqdm import tqdm
 
 from ..data import DatasetSplits, Episode, Item, Prompts, episode_filename, load_dataset, load_prompts, save_episode
-from ..errors import ResultsError
+from ..errors import DataWarning, MethodError, ResultsError
 from ..features.bundle import Bundle
 from ..features.extract import content_hashes, extract
 from ..features.pipeline import FeaturePool, encode_images_once, episode_bundle
 from ..features.store import FeatureStore
 from ..features.text import encode_text_classifier
-from ..methods import ImageEpisode, Method, create, get_class, list_presets
+from ..methods import ImageEpisode, Method, create, get_class, list_methods, list_presets
+from ..methods.registry import preset_key
 from ..models import Backbone
 from .config import PROTOCOLS, RunConfig
-from .protocol import BaseToNew, LongTail, Protocol, Target
+from .protocol import BaseToNew, LongTail, Protocol, Target, short_classes
 from .results import (
     RESULT_FORMAT,
     SUMMARY_FORMAT,
@@ -139,12 +142,20 @@ def make_protocol(config: RunConfig) -> Protocol:
 
 def method_preset(method: str, preset: str | None, dataset: str) -> str | None:
     """The preset ``method`` runs with: ``paper`` -> the dataset's published one if the method has it; a name ->
-    that preset for methods that ship presets; methods without presets run their defaults (None)."""
+    that preset (or dataset alias, ``flowers102``) for methods that ship presets, an unknown one an error listing the
+    valid presets; methods without presets run their defaults (None)."""
     available = list_presets(method)
     if preset is None or not available:
         return None
-    name = dataset if preset == PAPER_PRESET else preset
-    return name if name in available else None
+    if preset == PAPER_PRESET:
+        return dataset if dataset in available else None
+    try:
+        return preset_key(method, preset)
+    except MethodError as exc:
+        raise MethodError(
+            f"--preset {preset!r}: {exc} Or use --preset {PAPER_PRESET} (each method's published "
+            "configuration for the dataset where it has one)."
+        ) from None
 
 
 def method_overrides(overrides: Mapping[str, Mapping[str, Any]], method: str) -> dict[str, Any]:
@@ -165,15 +176,63 @@ def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[s
     unknown = [k for k in config.methods.overrides if k != "*" and k not in names]
     if unknown:
         raise ResultsError(f"overrides for {unknown}, which are not among the methods run ({names}).")
+    for method, values in config.methods.overrides.items():
+        if "selection" in values:
+            prefix = "" if method == "*" else f"{method}:"
+            raise ResultsError(
+                f"--set {prefix}selection={values['selection']}: selection is one value for the whole run; give it as "
+                f"--selection {values['selection']} (or [methods] selection in a TOML file), not --set."
+            )
+    preset = config.methods.preset
+    if preset is not None and preset != PAPER_PRESET and not any(list_presets(get_class(n).name) for n in names):
+        with_presets = ", ".join(m for m in list_methods() if list_presets(m))
+        raise ResultsError(
+            f"--preset {preset!r}: none of the methods run ({', '.join(names)}) ships presets, so it would change "
+            f"nothing; leave --preset out (methods with presets: {with_presets})."
+        )
     plan = {}
     for name in names:
         get_class(name)
         protocol.check_method(name)
-        preset = method_preset(name, config.methods.preset, dataset)
+        chosen = method_preset(name, preset, dataset)
         params = method_overrides(config.methods.overrides, name)
-        create_method(config, protocol, name, preset, params).validate_params()
-        plan[name] = (preset, params)
+        create_method(config, protocol, name, chosen, params).validate_params()
+        plan[name] = (chosen, params)
     return plan
+
+
+def check_feature_dim(plan: Plan, dim: int) -> None:
+    """The checks of every method that need only the feature dimension D (a channel count, attention heads), run as
+    soon as the backbone is loaded, before any image is encoded."""
+    for name, (preset, params) in plan.methods.items():
+        create_method(plan.config, plan.protocol, name, preset, params).check_dim(dim)
+
+
+def check_shots(splits: DatasetSplits, protocol: Protocol, shots: list[int]) -> None:
+    """Refuse a shot count no class has that many training images for (a "K-shot" row that is not); warn, once per
+    shot count, about the classes that have fewer (their episodes take every image they have, as Dassl's sampler
+    does; each result records them under ``episode.short_classes``). Long-tail shot counts are caps: not checked."""
+    if protocol.name == "longtail" or not splits.train:
+        return
+    counts = Counter(i.label for i in splits.train)
+    largest, smallest = max(counts.values()), min(counts[y] for y in range(len(splits.classnames)))
+    too_many = [k for k in shots if k > largest]
+    if too_many:
+        raise ResultsError(
+            f"--shots {' '.join(map(str, too_many))}: no class of {splits.name} has that many training images (the "
+            f"largest has {largest}, the smallest {smallest}); give --shots at most {largest}."
+        )
+    for k in shots:
+        short = short_classes(splits.train, splits.classnames, k) if k > smallest else {}
+        if short:
+            listed = ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10])
+            more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+            warnings.warn(
+                f"{splits.name}: {len(short)} class(es) have fewer than {k} training images, so the {k}-shot episodes "
+                f"use all they have: {listed}{more}. Each result records them (episode.short_classes).",
+                DataWarning,
+                stacklevel=2,
+            )
 
 
 def cell_setup(plan: Plan, cell: Cell) -> dict[str, Any]:
@@ -272,7 +331,12 @@ def plan(config: RunConfig, out_dir: str | Path) -> Plan:
     shots = list(dict.fromkeys(_integers("shots", config.protocol.shots)))
     seeds = list(dict.fromkeys(_integers("seeds", config.protocol.seeds)))
     if any(k < (0 if config.protocol.name == "longtail" else 1) for k in shots):
-        raise ResultsError(f"shots must be positive (0 = the whole training list, longtail only), got {shots}.")
+        raise ResultsError(
+            f"--shots {' '.join(map(str, shots))}: shot counts must be positive (0 = the whole training list, "
+            "longtail only); e.g. --shots 1 2 4 8 16."
+        )
+    if any(s < 0 for s in seeds):
+        raise ResultsError(f"--seeds {' '.join(map(str, seeds))}: seeds must be integers ≥ 0; e.g. --seeds 1 2 3.")
     if not config.methods.names or not shots or not seeds:
         raise ResultsError("a run needs at least one method, one shot count and one seed.")
     splits = load_dataset(data.dataset, data.data_root, path=data.path, **dict(data.kind_options))
@@ -292,6 +356,7 @@ def plan(config: RunConfig, out_dir: str | Path) -> Plan:
         shots=shots,
         seeds=seeds,
     )
+    check_shots(splits, protocol, shots)
     for k in shots:
         for seed in seeds:
             result.episodes[k, seed] = protocol.episode(splits, k, seed, sampler=data.sampler, val_kind=data.val_kind)
@@ -396,6 +461,7 @@ def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
     options = plan.config.extraction
     t0 = time.perf_counter()
     backbone = plan.config.backbone.load()
+    check_feature_dim(plan, backbone.embed_dim)
     own_test = [item for t in plan.targets.values() if t.name is None for item in t.items]
     pool = encode_images_once(
         backbone,
@@ -539,6 +605,7 @@ def fit_and_score(
             "val": 0 if bundle.val_labels is None else bundle.val_labels.numel(),
             "test": labels.numel(),
             "dropped_bad_images": dict(data.dropped),
+            "short_classes": data.episode.extra.get("short_classes", {}),
         },
         "hyperparameters": model.hyperparameters(),
         "selected": getattr(model, "selected_", {}),

@@ -228,19 +228,22 @@ class Candle(Method):
     seed: int = param(1, SEED, doc="seed of the initialisation, view draws, batches and dropout")
 
     # ----------------------------------------------------------------- checks that need the data
-    def _check(self, bundle: Bundle) -> None:
-        dim = bundle.dim
+    def check_dim(self, dim: int) -> None:
         if dim % self.heads:
             divisors = [k for k in range(1, min(dim, 16) + 1) if dim % k == 0]
             raise MethodError(
                 f"candle: D = {dim} is not divisible by heads = {self.heads}; set heads to a divisor of D "
                 f"(e.g. {divisors})."
             )
+
+    def _check_params(self) -> None:
         if self.tie_virtual_text and self.vir_init != "text":
             raise MethodError(
                 "candle: tie_virtual_text=True reproduces the released aliasing of the virtual prototypes with the "
                 f"new classes' text rows, which only exists with vir_init='text' (got vir_init={self.vir_init!r})."
             )
+
+    def _check(self, bundle: Bundle) -> None:
         counts = bundle.shots_per_class()
         if int(counts.sum()) == 0:
             raise MethodError(
