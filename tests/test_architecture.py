@@ -19,6 +19,7 @@ FLOORS = {
     "errors": 0,
     "io": 1,
     "metrics": 1,
+    "progress": 1,
     "data": 2,
     "models": 2,
     "features": 3,
