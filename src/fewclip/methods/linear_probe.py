@@ -1,7 +1,7 @@
 """Linear probe (CoOp's lpclip protocol): multinomial logistic regression on normalised support features.
 
 Objective per C: ½‖W‖² + C·Σ_n CE(W x_n + b, y_n) (bias unpenalised), minimised as mean CE + ‖W‖²/(2·C·N) by
-full-batch L-BFGS until the loss changes by less than ``tol`` (relative) from one iteration to the next.
+full-batch L-BFGS until the loss changes by less than ``tol`` (relative, floored at 1) from one iteration to the next.
 C is chosen on validation: 13 values 10⁻⁶ … 10⁶, then 17 log-uniform points over [10^(e−1), 10^(e+1)] around the
 best 10^e (fewclip's refinement; lpclip used a binary search). Validation ties go to the smaller C.
 
@@ -71,8 +71,9 @@ def lbfgs(
 ) -> Minimum:
     """Minimise a smooth function ``fun(θ) -> (f, ∇f)`` from ``theta`` with L-BFGS and a backtracking (Armijo) search.
 
-    Stops after ``max_iter`` iterations, or when an iteration lowers f by at most ``tol``·|f| (the relative change of
-    the loss), or when no step along the search direction lowers f (the minimum to working precision).
+    Stops after ``max_iter`` iterations, or when an iteration lowers f by at most ``tol``·max(|f_k|, |f_k+1|, 1) (the
+    relative change of the loss, floored at 1 as in scipy's L-BFGS-B, so that a loss falling towards 0 on separable
+    data stops too), or when no step along the search direction lowers f (the minimum to working precision).
     """
     f, g = fun(theta)
     evaluations = 1
@@ -104,9 +105,9 @@ def lbfgs(
             if len(steps) > history:
                 steps.pop(0)
                 changes.pop(0)
-        decrease = float(f) - float(f_new)
+        converged = float(f) - float(f_new) <= tol * max(abs(float(f)), abs(float(f_new)), 1.0)
         theta, f, g = candidate, f_new, g_new
-        if decrease <= tol * max(abs(float(f)), torch.finfo(theta.dtype).tiny):
+        if converged:
             return Minimum(theta, float(f), iteration, evaluations)
     return Minimum(theta, float(f), max_iter, evaluations)
 
