@@ -14,10 +14,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..data import DatasetSplits
+if TYPE_CHECKING:  # `fewclip --help` imports no torch
+    import torch
 from .common import CLIError, fit_and_evaluate, fmt, format_table
 
 HYPERPARAMETER_COLUMNS = ["method", "hyperparameters chosen", "val acc", "test acc", "seconds"]
@@ -31,8 +31,6 @@ DEMO_GRIDS = {
     "candle": {"epochs": 10},  # 50 published; the demo's 8-way task settles within 10
     "clip-adapter": {"epochs": 20},  # 50 published
 }
-# the prompt of a ``folder`` dataset (the kind the demo writes), which zero-shot will use
-FOLDER_TEMPLATE = {f.name: f.default for f in dataclasses.fields(DatasetSplits)}["template"]
 PRETRAIN_PER_CLASS = 32
 PRETRAIN_STEPS = 30
 PRETRAIN_LR = 1e-3  # generated pretraining images per class, apart from the dataset's own images
@@ -58,6 +56,13 @@ def _hyperparameter_rows(results: list[dict]) -> list[dict[str, str]]:
     return rows
 
 
+def folder_template() -> str:
+    """The prompt of a ``folder`` dataset (the kind the demo writes), which zero-shot uses."""
+    from ..data import DatasetSplits
+
+    return {f.name: f.default for f in dataclasses.fields(DatasetSplits)}["template"]
+
+
 def pretrainer(
     classnames: Sequence[str], template: str, seed: int, steps: int = PRETRAIN_STEPS
 ) -> Callable[[torch.nn.Module], None]:
@@ -69,6 +74,7 @@ def pretrainer(
     something to add."""
     import numpy as np
     import open_clip
+    import torch
     from PIL import Image
 
     from ..data.generate import class_image
@@ -114,7 +120,7 @@ def run_image_demo(args: argparse.Namespace) -> int:
         names = DEMO_CLASSES[:classes]
         tiny = save_tiny_openclip(
             work / "model", "vit", name="fewclip-demo-vit", seed=args.seed, embed_dim=64, width=64, layers=2,
-            pretrain=pretrainer(names, FOLDER_TEMPLATE, args.seed),
+            pretrain=pretrainer(names, folder_template(), args.seed),
         )  # fmt: skip
         print(
             f"fewclip demo: {classes} classes of generated images in {images} (train/val/test folders), "
