@@ -20,6 +20,7 @@ FLOORS = {
     "io": 1,
     "hashing": 1,
     "metrics": 1,
+    "progress": 1,
     "data": 2,
     "models": 2,
     "features": 3,

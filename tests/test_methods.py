@@ -103,7 +103,7 @@ def test_linear_probe_solution_satisfies_optimality():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.arange(40) % 3
     c = 0.5
-    w, b = fit_logistic(x, y, 3, c, tol=1e-10, max_iter=500)
+    w, b = fit_logistic(x, y, 3, c, tol=1e-14, max_iter=500)  # tol: relative change of the loss
     w.requires_grad_(True)
     b.requires_grad_(True)
     objective = 0.5 * (w * w).sum() + c * torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum")

@@ -40,6 +40,10 @@ class ExtractionError(FewclipError, ValueError):
     """Extraction options that cannot be used (views, batch size, loader workers, ...)."""
 
 
+class ProgressError(FewclipError, ValueError):
+    """A progress setting that cannot be used (FEWCLIP_PROGRESS_SECONDS)."""
+
+
 class _Bad(Protocol):
     path: str
     error: str

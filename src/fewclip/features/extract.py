@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import BadImagesError, ExtractionError
 from ..hashing import HashMemo
 from ..models import Backbone
+from ..progress import progress as progress_bar
 from .store import FLUSH_ROWS, FLUSH_SECONDS, FeatureGroup, FeatureStore
 
 View = str | int  # "clean" or an augmentation index 0..V-1
@@ -301,9 +301,7 @@ def _extract_views(
         with contextlib.ExitStack() as stack:
             writers = {v: stack.enter_context(g.writer(flush_rows=flush_rows)) for v, g in groups.items()}
             last_flush = time.monotonic()
-            bar = stack.enter_context(
-                tqdm(total=len(todo), desc=desc or "encoding images", unit="img", disable=None if progress else True)
-            )
+            bar = stack.enter_context(progress_bar(len(todo), desc or "encoding images", "img", enabled=progress))
             for local_idx, images, bad_items in loader:
                 for i, err in bad_items:
                     bad_keys[keys[todo[i]]] = err

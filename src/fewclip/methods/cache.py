@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import MethodError
 from ..features.bundle import Bundle
+from ..progress import progress
 from .base import Method
 from .params import Integral, Interval, Real, SequenceOf
 from .search import (
@@ -123,7 +123,7 @@ class CacheMethod(Method):
         betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
         z0, affinity = self._query(bundle.val_features)
         chunks = math.ceil(affinity.shape[0] / search_row_chunk(affinity.shape[1]))
-        with tqdm(total=betas.numel() * chunks, desc=f"{self.name} search", unit="β", leave=False, disable=None) as bar:
+        with progress(betas.numel() * chunks, f"{self.name} search", "β", leave=False) as bar:
             counts = cache_search(
                 z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar
             )

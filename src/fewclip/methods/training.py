@@ -21,10 +21,10 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import MethodError
 from ..features.bundle import Bundle
+from ..progress import progress
 from .params import Integral, Interval, Real
 
 #: constraints of the optimiser hyperparameters every trained method declares
@@ -134,7 +134,7 @@ def fit_epochs(
     by_step = steps_per_epoch is not None
     total_units = epochs * int(steps_per_epoch) if by_step else epochs
     unit = "step" if by_step else "epoch"
-    with tqdm(total=total_units, desc=f"{name} train", unit=unit, leave=False, disable=None) as bar:
+    with progress(total_units, f"{name} train", unit, leave=False) as bar:
         for epoch in range(1, epochs + 1):
             record: dict[str, Any] = {"epoch": epoch}
             if epoch_lr is not None:

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,18 @@ class TinyOpenClip:
 
 
 def save_tiny_openclip(
-    folder: str | os.PathLike, arch: str = "vit", *, name: str | None = None, seed: int = 0, **cfg_kwargs
+    folder: str | os.PathLike,
+    arch: str = "vit",
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    pretrain: Callable[[torch.nn.Module], None] | None = None,
+    **cfg_kwargs,
 ) -> TinyOpenClip:
-    """Build a random tiny open_clip model, save it to ``folder`` and register its config under ``name``."""
+    """Build a random tiny open_clip model, save it to ``folder`` and register its config under ``name``.
+
+    ``pretrain(model)``, when given, trains the model in place before it is saved (the demo's few seconds of
+    contrastive training, :func:`contrastive_pretrain`)."""
     import open_clip
 
     folder = Path(folder)
@@ -63,6 +73,8 @@ def save_tiny_openclip(
     model_cfg = tiny_openclip_config(arch, **cfg_kwargs)
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
+    if pretrain is not None:
+        pretrain(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     weights = folder / "open_clip_model.safetensors"
     save_file(state, str(weights))
@@ -225,3 +237,36 @@ def save_tiny_hf_clip(folder: str | os.PathLike, tiny: TinyOpenClip) -> Path:
         str(folder)
     )
     return folder
+
+
+def contrastive_pretrain(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    captions: torch.Tensor,
+    *,
+    steps: int = 150,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """A few seconds of CLIP-style training: each image against the captions of every class (image → text CE).
+
+    images [M, 3, S, S] (preprocessed), labels [M], captions [K, 77] (token ids, one caption per class). The
+    logit scale is trained with the rest, as in CLIP. Deterministic for a seed (on the CPU); returns the losses.
+    """
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        img = torch.nn.functional.normalize(model.encode_image(images[idx]), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(captions), dim=-1)
+        loss = torch.nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses

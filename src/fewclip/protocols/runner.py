@@ -49,6 +49,7 @@ from ..features.text import encode_text_classifier
 from ..methods import ImageEpisode, Method, create, get_class, list_methods, list_presets
 from ..methods.registry import preset_key
 from ..models import Backbone
+from ..progress import progress
 from .config import PROTOCOLS, RunConfig
 from .protocol import BaseToNew, LongTail, Protocol, Target, short_classes
 from .results import (
@@ -823,12 +824,7 @@ def _fit_all(
     by_episode: dict[tuple[int, int], list[Cell]] = {}
     for cell in todo:
         by_episode.setdefault((cell.shots, cell.seed), []).append(cell)
-    bar = tqdm(
-        total=len(todo),
-        desc=f"{plan.splits.name}: fitting",
-        unit="fit",
-        disable=None if plan.config.extraction.progress else True,
-    )
+    bar = progress(len(todo), f"{plan.splits.name}: fitting", "fit", enabled=plan.config.extraction.progress)
     with bar:
         for (k, seed), cells in by_episode.items():
             fitted: dict[Any, tuple[Method, float]] = {}
