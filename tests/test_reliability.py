@@ -73,7 +73,6 @@ from fewclip.protocols.runner import Cell, partition, plan, run, summary_cells
 
 # ====================================================================================================
 # §1–2 A feature cache keyed by content; results that know their weights, images and prompts
-# (from test_reliability_cache.py)
 # ====================================================================================================
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = ("amber", "azure", "cobalt")
@@ -395,7 +394,6 @@ def test_a_killed_run_resumes_with_only_what_was_missing(cache_env, tmp_path):
 
 # ====================================================================================================
 # §2 One run per results folder; a result published with its own predictions; summaries of one setup; output folders
-# (from test_reliability_results.py)
 # ====================================================================================================
 SRC = Path(__file__).resolve().parents[1] / "src"
 NAMES = ["abyssinian", "beagle", "chihuahua"]
@@ -839,7 +837,6 @@ def test_results_confusion_refuses_foreign_predictions_and_a_full_disk_in_one_li
 
 # ====================================================================================================
 # §3 Option values, hyperparameters and bundles refused before any work
-# (from test_reliability_inputs.py)
 # ====================================================================================================
 NAMES = ["abyssinian", "beagle", "chihuahua"]
 
@@ -1145,7 +1142,6 @@ def test_fit_checks_its_options_before_reading_the_bundle(tmp_path, capsys):
 
 # ====================================================================================================
 # §3 Datasets and images: refused with the file and the value, or decoded correctly
-# (from test_reliability_data.py)
 # ====================================================================================================
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symbolic links")
 
