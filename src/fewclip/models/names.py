@@ -66,8 +66,6 @@ def resolve_model(model: str, pretrained: str | None = None, backend: str = "ope
         raise BackboneError("model name is empty; give e.g. --model RN50 --pretrained openai.")
     if backend == "hf":
         return _resolve_hf(model, pretrained)
-    import open_clip
-
     if model.startswith(("local-dir:", "hf-hub:")):
         schema, ident = model.split(":", 1)
         if not ident:
@@ -86,6 +84,8 @@ def resolve_model(model: str, pretrained: str | None = None, backend: str = "ope
                 )
             return ModelSpec("open_clip", model, f"local-dir:{folder}", None, "local-dir")
         return ModelSpec("open_clip", model, model, None, "hf-hub")
+
+    import open_clip  # only names that open_clip's registry resolves need it (2-3 s to import)
 
     paper = _paper_name(model)
     name = OPENAI_MODELS[paper] if paper else model.replace("/", "-")
