@@ -231,7 +231,16 @@ def count_correct_along_alpha(
     return counts
 
 
-def _count_on_grid(z0, g, labels, grid, sure_lo, sure_hi, maybe_lo, maybe_hi) -> torch.Tensor:
+def _count_on_grid(
+    z0: torch.Tensor,
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    grid: torch.Tensor,
+    sure_lo: torch.Tensor,
+    sure_hi: torch.Tensor,
+    maybe_lo: torch.Tensor,
+    maybe_hi: torch.Tensor,
+) -> torch.Tensor:
     """counts[b, j] over the ascending ``grid`` [A] from each row's intervals [B, M] (see :func:`alpha_intervals`):
     the grid points inside (sure_lo, sure_hi) count as correct; those inside [maybe_lo, maybe_hi] but not surely
     correct are evaluated exactly."""
