@@ -8,7 +8,7 @@ from conftest import FAST
 from fewclip.features.bundle import make_bundle
 from fewclip.methods.ape import resolve_channels
 from fewclip.methods.base import MethodError
-from fewclip.methods.gda import gda_classifier, gda_precision, synthesised_means
+from fewclip.methods.gda import gda_classifier, gda_precision, symmetric_gram, synthesised_means
 
 TEXT = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 KEYS = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]])
@@ -81,6 +81,12 @@ def test_gda_precision_equals_naive_ks_estimator():
     cov = sum(torch.outer(x[i] - mu[y[i]], x[i] - mu[y[i]]) for i in range(60)) / 59
     naive = 8 * torch.linalg.pinv(59 * cov + torch.trace(cov) * torch.eye(8, dtype=torch.float64))
     assert torch.allclose(precision, naive, rtol=1e-8)
+
+
+@pytest.mark.parametrize(("dim", "blocks"), [(7, 4), (3, 4), (8, 1), (9, 2)])
+def test_symmetric_gram_equals_the_full_product(dim, blocks):
+    x = torch.randn(20, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64)
+    assert torch.allclose(symmetric_gram(x, blocks), x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 def test_gda_alone_is_nearest_mean_on_isotropic_classes():

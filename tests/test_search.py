@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import unit
+from fewclip.features.synthetic import make_synthetic_bundle
 from fewclip.methods import ape_refine as R
 from fewclip.methods import search as S
 
@@ -146,7 +147,7 @@ def test_alpha_scan_with_nonnegative_terms_equals_nested_loop(seed, classes):
     alphas = S.tip_grid(7, 23)
     expected = naive_counts(z0, gg, labels, alphas)
     assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas), expected)
-    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, budget=5000, segment=3), expected)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, budget=500), expected)
 
 
 def test_alpha_scan_respects_lowest_index_tie_rule():
@@ -222,3 +223,69 @@ def test_cache_search_constructed_ties_pick_smallest_beta_then_alpha_then_gamma(
     assert S.first_argmax(counts) == (4, 2, 1)
     choice, best = nested_loop_search(z0, affinity, labels_cache, weights, labels, betas.tolist(), alphas.tolist(), 2)
     assert (choice, best) == ((4, 2, 1), 2)
+
+
+def hard_rows(seed, signed):
+    """z0 [M, C] with small margins and g [B, M, C] large enough that most rows change their arg-max along α
+    = 0.25 … 5.0 (exact in binary), plus rows built to tie exactly at a grid point (the crossing of 1 + 0·α and
+    0 + α/α*) and rows with a twin of the label (identical z and g: the lower class index wins everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    m, c, b = 400, 30, 3
+    z0 = torch.randn(m, c, generator=g) * 2
+    gg = torch.randn(b, m, c, generator=g) if signed else torch.rand(b, m, c, generator=g) * 3
+    labels = torch.randint(0, c, (m,), generator=g)
+    alphas = torch.arange(1, 21) * 0.25
+    for r in range(40):  # a crossing exactly at α* ∈ {0.25, 0.5, 1, 2, 4}, competitor below or above the label
+        y, other, star = int(labels[r]), (int(labels[r]) + (1 if r % 2 else -1)) % c, 0.25 * 2 ** (r % 5)
+        z0[r], gg[:, r] = -10.0, 0.0
+        z0[r, y], z0[r, other], gg[:, r, other] = 1.0, 0.0, 1.0 / star
+    for r in range(40, 60):  # twins of the label, one below and one above it
+        y = int(labels[r])
+        z0[r, (y + 1) % c], gg[:, r, (y + 1) % c] = z0[r, y], gg[:, r, y]
+        z0[r, y - 1], gg[:, r, y - 1] = z0[r, y], gg[:, r, y]
+    return z0, gg, labels, alphas
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("signed", [False, True])
+def test_alpha_scan_on_hard_rows_equals_nested_loop(seed, signed):
+    z0, gg, labels, alphas = hard_rows(seed, signed)
+    predictions = torch.stack([(z0 + a * gg).argmax(-1) for a in alphas.tolist()])  # [A, B, M]
+    changed = float((predictions != predictions[0]).any(0).float().mean())
+    assert changed > 0.6  # most rows change arg-max along α
+    expected = naive_counts(z0, gg, labels, alphas)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas), expected)
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, alphas, budget=700), expected)
+    # exact ties at grid points decide some rows: the counts differ from a rule that let the label win ties
+    mixed = torch.cat([-alphas[:6], alphas])[torch.randperm(26, generator=torch.Generator().manual_seed(seed))]
+    assert torch.equal(S.count_correct_along_alpha(z0, gg, labels, mixed), naive_counts(z0, gg, labels, mixed))
+
+
+def test_alpha_scan_tie_at_a_grid_point_goes_to_the_lower_class():
+    # label 1 at 1 + 0·α, class 0 at 0 + α: tied at α = 1 (class 0 wins); label 0 against class 1: tie, label wins
+    z0 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    g = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    alphas = torch.tensor([0.5, 1.0, 2.0])
+    counts = S.count_correct_along_alpha(z0, g, torch.tensor([1, 0]), alphas)
+    assert counts.tolist() == naive_counts(z0, g, torch.tensor([1, 0]), alphas).tolist() == [[2, 1, 0]]
+
+
+def test_cache_search_on_a_hard_bundle_equals_nested_loop_counts():
+    # wide modality gap: zero-shot margins are small next to the cache term, most rows change arg-max along α
+    b = make_synthetic_bundle(classes=12, shots=4, dim=48, views=2, val_per_class=12, test_per_class=1, gap=8.0)
+    keys = unit(b.support_features.mean(0))
+    f = unit(b.val_features)
+    z0, affinity = 100 * f @ b.text_weights.T, f @ keys.T
+    layout = S.ClassLayout(b.support_labels, 12)
+    weights = torch.exp(torch.tensor([0.0, 0.5, 1.0])[:, None] * torch.rand(keys.shape[0])[None])
+    betas, alphas = S.tip_grid(7, 6), S.tip_grid(50, 15)
+    counts = S.cache_search(z0, affinity, layout, weights, b.val_labels, betas, alphas)
+    expected = torch.zeros_like(counts)
+    changed = []
+    for i, beta in enumerate(betas.tolist()):
+        grouped = layout.class_sum(layout.arrange(S.phi(affinity, beta)), layout.arrange_weights(weights))
+        expected[i] = naive_counts(z0, grouped, b.val_labels, alphas).T
+        predictions = torch.stack([(z0 + a * grouped).argmax(-1) for a in alphas.tolist()])
+        changed.append(float((predictions != predictions[0]).any(0).float().mean()))
+    assert max(changed) > 0.5
+    assert torch.equal(counts, expected)

@@ -32,6 +32,21 @@ ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 ALPHA = Interval(Real, 0, None, closed="left")
 
 
+def symmetric_gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """xᵀx [D, D] for x [N, D], computing only the blocks on and above the diagonal (of ``blocks`` × ``blocks``) and
+    mirroring the rest: (blocks + 1)/(2·blocks) of the multiply-adds of one product (5/8 for 4 blocks)."""
+    dim = x.shape[1]
+    edges = [i * dim // blocks for i in range(blocks + 1)]
+    out = x.new_empty(dim, dim)
+    for lo, hi in zip(edges, edges[1:]):
+        if hi == lo:
+            continue
+        row = x[:, lo:hi].T @ x[:, lo:]  # [hi − lo, D − lo]: the block row from the diagonal on
+        out[lo:hi, lo:] = row
+        out[hi:, lo:hi] = row[:, hi - lo :].T
+    return out
+
+
 def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class means [C, D] (zero rows for classes without features) and the KS-regularised shared precision
     P [D, D] (float64)."""
@@ -41,7 +56,7 @@ def gda_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     sums = torch.zeros(num_classes, dim, dtype=torch.float64).index_add_(0, labels, x)
     means = sums / counts.clamp(min=1)[:, None]
     centred = x - means[labels]
-    scatter = centred.T @ centred  # (N − 1)·Σ̂
+    scatter = symmetric_gram(centred)  # (N − 1)·Σ̂
     trace_cov = torch.trace(scatter) / (n - 1)  # tr(Σ̂)
     system = scatter + trace_cov * torch.eye(dim, dtype=torch.float64)
     chol, info = torch.linalg.cholesky_ex(system)

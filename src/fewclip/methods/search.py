@@ -5,13 +5,16 @@ cache keys F [N, D] with labels y [N]. Logits of every cache method have the for
 
     Z(α, β, γ) = Z₀ + α · G(β, γ),   G(β, γ)[m, c] = Σ_{k : y_k = c} exp(−β(1 − A[m, k])) · r_γ[k]
 
-with Z₀ = 100 · f Wᵀ. The search computes Z₀ and A once, exp(−β(1−A)) once per β, the class-wise sum once per
-(β, γ), and scans every α at once (:func:`count_correct_along_alpha`).
+with Z₀ = 100 · f Wᵀ. The search computes Z₀ and A once, exp(−β(1−A)) once per β, the class-wise sums of every γ
+in one batched product per β, and the whole α axis of each (β, γ) from one interval per row
+(:func:`count_correct_along_alpha`): a cost of O(B·M·(N·Γ + C·Γ)), that of the dense computation of G, whatever the
+data.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -103,57 +106,82 @@ def phi(affinity: torch.Tensor, beta: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- α scan
 
+#: Half-width of the band around each crossing of two logits inside which a grid point is evaluated exactly,
+#: relative to the magnitude of the row's logits: the reference logits fl(z + fl(α·g)) and the bounds computed here
+#: each carry a few units of 2⁻²⁴ of it; 32 units leave a wide margin and still flag almost no grid point.
+BAND = 32 * 2.0**-24
+#: Added to the band so that it is never zero (and stands in for a margin of exactly zero).
+_FLOOR = 1e-30
+
 
 def correct_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """argmax(logits, -1) == labels with ties to the lowest class index, for logits [..., C] and labels that
-    broadcast to logits.shape[:-1]."""
-    own, other = _own_and_best_other(logits.clone(), labels)
-    return _resolve(logits, labels, own, other)
+    """argmax(logits, -1) == labels with ties to the lowest class index (torch.argmax's rule), for logits [..., C]
+    and labels that broadcast to logits.shape[:-1]."""
+    return logits.argmax(dim=-1) == labels
 
 
-def _own_and_best_other(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label's logit and the best other logit; ``logits`` is overwritten (label column set to −inf).
+class AlphaScanRows(NamedTuple):
+    """What the α scan needs of Z₀ [M, C] and the labels, computed once for many g (:func:`alpha_scan_rows`).
 
-    ``amax`` is an order of magnitude faster than ``argmax`` on CPU, which is why the arg-max is avoided.
+    For the margins a − α·h of row m against class c, a = z_y − z_c shrunk ("sure") or grown ("maybe") by the
+    row's band: ``upper`` 1/a where a > 0 (else 0), ``lower`` 1/|a| where a < 0 (else 0), ``cap`` 0 where a < 0
+    (else +inf); class-first [C, M, 1], with a = +inf for the label's own column (no constraint).
     """
-    index = labels.expand(*logits.shape[:-1]).unsqueeze(-1)
-    own = logits.gather(-1, index).squeeze(-1)
-    logits.scatter_(-1, index, float("-inf"))
-    return own, logits.amax(dim=-1)
+
+    z0: torch.Tensor
+    labels: torch.Tensor
+    sure: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    maybe: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _resolve(logits_or_fn, labels: torch.Tensor, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """own > other is correct, own < other wrong; an exact tie is settled by the arg-max (lowest index wins).
-    ``logits_or_fn`` gives the unmodified logits (or a function computing them, called only on a tie)."""
-    ok = own > other
-    tied = own == other
-    if bool(tied.any()):
-        logits = logits_or_fn() if callable(logits_or_fn) else logits_or_fn
-        ok[tied] = logits[tied].argmax(dim=-1) == labels.expand(*own.shape)[tied]
-    return ok
+def alpha_scan_rows(z0: torch.Tensor, labels: torch.Tensor) -> AlphaScanRows:
+    """:class:`AlphaScanRows` of z0 [M, C] and labels [M]."""
+    own = z0.gather(1, labels[:, None])
+    band = (own.abs() + z0.abs().amax(dim=1, keepdim=True)) * BAND + _FLOOR  # [M, 1]
+    diff = own - z0
+
+    def split(a: torch.Tensor, zero: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = a.masked_fill(a == 0, zero).scatter_(1, labels[:, None], float("inf"))  # never exactly 0
+        positive = a > 0
+        upper = torch.where(positive, a.reciprocal(), 0.0)
+        lower = torch.where(positive, 0.0, -a.reciprocal())
+        cap = torch.where(positive, float("inf"), 0.0)
+        return tuple(t.T.contiguous()[:, :, None] for t in (upper, lower, cap))
+
+    # a zero margin is moved to the side that keeps "sure" an under- and "maybe" an over-approximation
+    return AlphaScanRows(z0, labels, split(diff - band, -_FLOOR), split(diff + band, _FLOOR))
 
 
-def _count_rows(z, g, y, cols, alpha_rows, valid, target, counts_flat, budget: int = 1 << 22) -> None:
-    """For each row r and each of its α (alpha_rows [R, O], ``valid`` [R, O]), add 1 to
-    counts_flat[target[r, o]] when the row is correct at that α.
+def alpha_intervals(rows: AlphaScanRows, g: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, ...]:
+    """For g class-first [C, M, B]: per (m, b) the open interval (lo, hi) of α ≥ 0 on which row m is surely
+    classified correctly and the closed interval [lo′, hi′] outside which it is surely wrong, four [M, B] tensors.
 
-    Rows are evaluated on ``cols`` (per-row class indices in ascending order, label included, which keeps
-    the lowest-index tie rule) or on every class (``cols`` None).
+    Row m (label y) is correct at α when z_y + α·g_y beats z_c + α·g_c for every other class c: margins
+    a_c − α·h_c (a_c = z_y − z_c, h_c = g_c − g_y), one linear constraint per class, so the set of α is an
+    interval: α < a_c/h_c for a_c > 0 < h_c, α > a_c/h_c for a_c < 0 and h_c < 0, and no α for a_c < 0 ≤ h_c.
+    Shrinking every margin by the row's band e + α·f (BAND times the magnitudes of z and g) gives the α at which no
+    rounding of the logits can change a comparison ("sure"); growing them, the α outside which no rounding can
+    make the row correct ("maybe"). With reciprocals of a precomputed, each is two products and two reductions
+    over the classes: O(C·M·B) whatever the data. NaN (from non-finite g) leaves "sure" empty and "maybe" whole.
     """
-    if cols is not None:
-        z, g = z.gather(1, cols), g.gather(1, cols)
-        pos = (cols == y[:, None]).int().argmax(1)
-    else:
-        pos = y
-    step = max(1, budget // max(1, alpha_rows.shape[1] * z.shape[1]))
-    for s in range(0, z.shape[0], step):
-        zs, gs, al = z[s : s + step, None, :], g[s : s + step, None, :], alpha_rows[s : s + step, :, None]
-        logits = torch.addcmul(zs, al, gs)  # [rows, O, k] = z + α·g
-        ps = pos[s : s + step, None]
-        own, other = _own_and_best_other(logits, ps)
-        ok = _resolve(lambda zs=zs, al=al, gs=gs: torch.addcmul(zs, al, gs), ps, own, other)
-        hits = target[s : s + step][ok & valid[s : s + step]]
-        counts_flat += torch.bincount(hits, minlength=counts_flat.numel())
+    own = g.gather(0, rows.labels[None, :, None].expand(1, *g.shape[1:]))  # [1, M, B]
+    magnitude = g.amax(dim=0, keepdim=True) if nonnegative else g.abs().amax(dim=0, keepdim=True)
+    band = (own.abs() + magnitude) * BAND + _FLOOR
+    bounds = []
+    for (upper, lower, cap), shift, closed in ((rows.sure, own - band, False), (rows.maybe, own + band, True)):
+        h = g - shift  # g_c − g_y ± f
+        steepest = (h * upper).amax(dim=0)  # max h/a over a > 0: α < 1/that
+        flattest = torch.addcmul(cap, h, lower, value=-1.0).amin(dim=0)  # min −h/|a| over a < 0: α > 1/that
+        hi = torch.where(steepest > 0, steepest.reciprocal(), float("inf"))
+        lo = torch.where(flattest > 0, flattest.reciprocal(), float("inf"))  # ≤ 0: no α
+        lo = lo.masked_fill_(flattest == float("inf"), float("-inf"))  # no lower bound
+        # NaN compares false above: both bounds are +inf; "maybe" then has no lower bound, "sure" no upper
+        if closed:
+            lo.masked_fill_(flattest.isnan(), float("-inf"))
+        else:
+            hi.masked_fill_(steepest.isnan(), float("-inf"))
+        bounds += [lo, hi]
+    return tuple(bounds)
 
 
 def count_correct_along_alpha(
@@ -161,127 +189,98 @@ def count_correct_along_alpha(
     g: torch.Tensor,
     labels: torch.Tensor,
     alphas: torch.Tensor,
-    segment: int = 5,
-    candidate_tiers: tuple[int, ...] = (8, 32),
-    budget: int = 1 << 23,
+    budget: int = 1 << 19,
     nonnegative: bool | None = None,
-    workspace: dict[str, torch.Tensor] | None = None,
+    rows: AlphaScanRows | None = None,
 ) -> torch.Tensor:
     """counts[b, j] = #{m : argmax_c(z0[m] + alphas[j]·g[b, m]) = labels[m]}, int64, for g [B, M, C].
 
-    The logits are those of a nested loop (z0 + α·g in float32, arg-max with ties to the lowest class), but
-    little is computed at every α. Every logit is linear in α, so on an ascending grid, between two evaluated
-    grid points ("anchors", every ``segment`` points):
-
-    1. the set of α at which a row is classified correctly is an interval: a row correct at both anchors is
-       correct at every α in between, and a row in which some class beats the label at both anchors is
-       wrong throughout. Only the remaining ("open") rows need the points between;
-    2. another class c can win somewhere in the segment only if the larger of its two anchor logits reaches
-       L = max over the other classes of the smaller anchor logit (the class attaining L stays at or above
-       L). When g ≥ 0 (every cache term) the logits grow with α, the smaller anchor is the left one and the
-       larger the right one, which saves two passes. Open rows are evaluated on the label and those few
-       candidates, gathered in ascending class order so that ties still go to the lowest class index (tiers
-       of at most 8, then 32 columns, else every class).
-
-    Every segment is handled in the same tensor operations; memory is bounded by ``budget`` elements.
-    ``nonnegative`` states that g ≥ 0 (None: checked); ``workspace`` keeps the anchor-logit buffer between
-    calls (fresh large buffers cost page faults on every call).
+    Exactly the counts of a nested loop over the grid (logits z0 + α·g in float32, arg-max with ties to the lowest
+    class), at a cost of O(B·M·C) plus O(B·M·log A), not O(B·M·C·A): each row's correct α form an interval
+    (:func:`alpha_intervals`), counted on the grid with a difference array; the rare grid points within rounding
+    of an interval's end are evaluated as the nested loop does. Negative α are scanned as −α on −g (the same float
+    products); the grid may be in any order. Work goes in chunks of about ``budget`` elements of g (small enough
+    to stay in cache). ``nonnegative`` states that g ≥ 0 (None: checked); ``rows`` is :func:`alpha_scan_rows` of
+    (z0, labels), when the caller reuses it over many g. g [B, M, C] is fastest as a view of a class-first
+    [C, M, B] tensor (as :func:`cache_search` makes it).
     """
     num_b, num_m, num_c = g.shape
-    a = alphas.tolist()
-    num_a = len(a)
-    counts = torch.zeros(num_b, num_a, dtype=torch.long)
-    if any(x >= y for x, y in zip(a, a[1:])):  # not ascending: plain evaluation at every α
-        for j, alpha in enumerate(a):
-            counts[:, j] = correct_mask(torch.add(z0, g, alpha=alpha), labels).sum(1)
+    counts = torch.zeros(num_b, alphas.numel(), dtype=torch.long)
+    rows = alpha_scan_rows(z0, labels) if rows is None else rows
+    negative = alphas < 0
+    if bool(negative.any()):
+        counts[:, negative] = count_correct_along_alpha(z0, -g, labels, -alphas[negative], budget, False, rows)
+        keep = ~negative
+        counts[:, keep] = count_correct_along_alpha(z0, g, labels, alphas[keep], budget, nonnegative, rows)
         return counts
-    anchors = torch.tensor(sorted({*range(0, num_a - 1, segment), num_a - 1}))
-    widest = int((anchors[1:] - anchors[:-1]).max()) if anchors.numel() > 1 else 1  # one α: no segment at all
-    inner = anchors[:-1, None] + 1 + torch.arange(widest - 1)  # [S, O]
-    valid = inner < anchors[1:, None]
-    inner = torch.minimum(inner, anchors[1:, None])
-    anchor_alpha = alphas[anchors].to(g.dtype)[:, None, None, None]
-    anchor_list = [a[p] for p in anchors.tolist()]
-    g_rows = g.reshape(-1, num_c)  # [B·M, C], one copy at most
-    step = max(1, budget // (anchors.numel() * num_b * num_c))
-    flat = counts.view(-1)
+    if nonnegative is None:
+        nonnegative = bool((g >= 0).all())
+    grid, order = torch.sort(alphas.to(g.dtype), stable=True)
+    by_class = g.permute(2, 1, 0)  # [C, M, B]
+    if not by_class.is_contiguous():
+        by_class = by_class.contiguous()
+    bounds = [torch.empty(num_m, num_b) for _ in range(4)]
+    step = max(1, budget // max(1, num_b * num_c))
     for start in range(0, num_m, step):
-        zc, gc, yc = z0[start : start + step], g[:, start : start + step], labels[start : start + step]
-        monotone = bool((gc >= 0).all()) if nonnegative is None else nonnegative
-        logits = _buffer(workspace, (len(anchor_list), *gc.shape), gc.dtype)  # [P, B, m, C]
-        for p, alpha in enumerate(anchor_list):  # scalar-α adds are far faster than one broadcast addcmul
-            torch.add(zc, gc, alpha=alpha, out=logits[p])
-        own, best_other = _own_and_best_other(logits, yc)  # label column of ``logits`` now −inf
-        ok = _resolve(lambda zc=zc, gc=gc: torch.addcmul(zc, anchor_alpha, gc), yc, own, best_other)
-        counts[:, anchors] += ok.sum(2).T
-        if inner.shape[1] == 0:
-            continue
-        sure = ok[:-1] & ok[1:]  # [S, B, m]
-        per_segment = sure.sum(2).T  # [B, S]
-        counts.index_add_(1, inner[valid], per_segment[:, valid.nonzero()[:, 0]])
-        if monotone:  # g ≥ 0: every logit grows with α, so a segment's smallest logits are at its left anchor
-            floor = best_other[:-1]  # L over the other classes, [S, B, m]
-            open_rows = ~sure & (own[1:] >= floor)
-        else:
-            floor = torch.minimum(logits[:-1], logits[1:]).amax(dim=-1)
-            open_rows = ~sure & (torch.maximum(own[:-1], own[1:]) >= floor)
-        open_flat = open_rows.view(-1).nonzero().squeeze(1)  # index into [S, B, m]
-        if open_flat.numel() == 0:
-            continue
-        rows_m = zc.shape[0]
-        s_idx, b_idx, m_idx = open_flat // (num_b * rows_m), open_flat // rows_m % num_b, open_flat % rows_m
-        per_anchor = logits.view(-1, num_c)  # row (s, b, m) of [P, B, m] is row open_flat; anchor s + 1 follows
-        reach = per_anchor.index_select(0, open_flat + num_b * rows_m)  # largest logits: right anchor
-        if not monotone:
-            reach = torch.maximum(per_anchor.index_select(0, open_flat), reach)
-        candidate = reach >= floor.view(-1).index_select(0, open_flat).unsqueeze(1)
-        # tier of each open row (0: ≤ 8 candidates, 1: ≤ 32, last: every class); rows sorted by tier so that
-        # every per-row tensor is gathered once and each tier is a contiguous slice
-        tiers = [t for t in candidate_tiers if t + 1 < num_c]
-        tier_of = torch.bucketize(candidate.sum(1), torch.tensor(tiers, dtype=torch.long))
-        order = torch.argsort(tier_of, stable=True)
-        bounds = torch.bincount(tier_of, minlength=len(tiers) + 1).cumsum(0).tolist()
-        reach, candidate = reach.index_select(0, order), candidate.index_select(0, order)
-        b_idx, m_idx, s_idx = b_idx.index_select(0, order), m_idx.index_select(0, order), s_idx.index_select(0, order)
-        z_open = zc.index_select(0, m_idx)
-        g_open = g_rows.index_select(0, b_idx * num_m + start + m_idx)
-        y_open = yc.index_select(0, m_idx)
-        inner_rows = inner.index_select(0, s_idx)
-        alpha_rows, valid_rows = alphas.to(g.dtype)[inner_rows], valid.index_select(0, s_idx)
-        target = b_idx[:, None] * num_a + inner_rows
-        lo = 0
-        for t, hi in enumerate(bounds):
-            if hi > lo:
-                cols = None
-                if t < len(tiers):
-                    masked = torch.where(candidate[lo:hi], reach[lo:hi], float("-inf"))
-                    cols = torch.cat([masked.topk(tiers[t], dim=1).indices, y_open[lo:hi, None]], dim=1)
-                    cols = cols.sort(dim=1).values
-                _count_rows(
-                    z_open[lo:hi],
-                    g_open[lo:hi],
-                    y_open[lo:hi],
-                    cols,
-                    alpha_rows[lo:hi],
-                    valid_rows[lo:hi],
-                    target[lo:hi],
-                    flat,
-                )
-            lo = hi
+        part = slice(start, start + step)
+        chunk = AlphaScanRows(
+            rows.z0, rows.labels[part], *(tuple(t[:, part] for t in side) for side in (rows.sure, rows.maybe))
+        )
+        for out, bound in zip(bounds, alpha_intervals(chunk, by_class[:, part], nonnegative)):
+            out[part] = bound
+    counts[:, order] = _count_on_grid(z0, g, labels, grid, *(b.T for b in bounds))
     return counts
 
 
-def _buffer(workspace: dict[str, torch.Tensor] | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor of ``shape``, carved from ``workspace`` (grown when too small) if one is given."""
-    if workspace is None:
-        return torch.empty(shape, dtype=dtype)
-    size = 1
-    for n in shape:
-        size *= n
-    held = workspace.get("logits")
-    if held is None or held.numel() < size or held.dtype != dtype:
-        held = workspace["logits"] = torch.empty(size, dtype=dtype)
-    return held[:size].view(shape)
+def _count_on_grid(
+    z0: torch.Tensor,
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    grid: torch.Tensor,
+    sure_lo: torch.Tensor,
+    sure_hi: torch.Tensor,
+    maybe_lo: torch.Tensor,
+    maybe_hi: torch.Tensor,
+) -> torch.Tensor:
+    """counts[b, j] over the ascending ``grid`` [A] from each row's intervals [B, M] (see :func:`alpha_intervals`):
+    the grid points inside (sure_lo, sure_hi) count as correct; those inside [maybe_lo, maybe_hi] but not surely
+    correct are evaluated exactly."""
+    num_b, num_a = g.shape[0], grid.numel()
+    first = torch.searchsorted(grid, sure_lo.contiguous(), right=True)  # α > lo
+    stop = torch.searchsorted(grid, sure_hi.contiguous())  # α < hi
+    maybe_first = torch.searchsorted(grid, maybe_lo.contiguous())  # α ≥ lo′
+    maybe_stop = torch.searchsorted(grid, maybe_hi.contiguous(), right=True)  # α ≤ hi′
+    empty = stop <= first
+    first = torch.where(empty, maybe_first, first)
+    stop = torch.where(empty, first, stop)
+    maybe_first = torch.minimum(maybe_first, first)
+    maybe_stop = torch.maximum(maybe_stop, stop)
+    # the surely correct points [first, stop) of each row: +1 at first, −1 at stop, summed along the grid
+    offset = torch.arange(num_b)[:, None] * (num_a + 1)
+    size = num_b * (num_a + 1)
+    delta = torch.bincount((offset + first).view(-1), minlength=size) - torch.bincount(
+        (offset + stop).view(-1), minlength=size
+    )
+    counts = delta.view(num_b, num_a + 1).cumsum(1)[:, :num_a].contiguous()
+    # the undecided points [maybe_first, first) and [stop, maybe_stop), evaluated as the reference does
+    for lo, hi in ((maybe_first, first), (stop, maybe_stop)):
+        length = (hi - lo).view(-1)
+        cells = length.nonzero().squeeze(1)
+        if cells.numel() == 0:
+            continue
+        repeats = length[cells]
+        cell = cells.repeat_interleave(repeats)  # flat (b, m) of every undecided point
+        within = torch.arange(cell.numel()) - (repeats.cumsum(0) - repeats).repeat_interleave(repeats)
+        point = lo.view(-1)[cell] + within
+        b, m = cell // g.shape[1], cell % g.shape[1]
+        flat = counts.view(-1)
+        step = max(1, (1 << 20) // g.shape[2])
+        for s in range(0, cell.numel(), step):
+            bs, ms, ps = b[s : s + step], m[s : s + step], point[s : s + step]
+            logits = z0[ms] + grid[ps, None] * g[bs, ms]
+            hit = correct_mask(logits, labels[ms])
+            flat += torch.bincount((bs * num_a + ps)[hit], minlength=flat.numel())
+    return counts
 
 
 def search_row_chunk(num_entries: int, budget: int = 1 << 24) -> int:
@@ -302,26 +301,36 @@ def cache_search(
     """counts[i, j, l] of correct predictions at (β_i, α_j, weights_l) for Z₀ + α·G(β, weights).
 
     ``affinity`` [M, N] is f·Fᵀ (or the refined A′), ``entry_weights`` [Γ, N] the per-entry value weights
-    (APE: exp(γ_l·d); Tip-Adapter: ones [1, N]). Evaluation rows are processed in chunks, so memory is
-    bounded whatever M is; ``progress`` (a tqdm bar) advances once per (chunk, β).
+    (APE: exp(γ_l·d); Tip-Adapter: ones [1, N]). Per chunk of evaluation rows and per β: one exponential of the
+    arranged affinity and one batched product against the weights of every candidate at once (G for every γ),
+    then the α axis of every γ by intervals (:func:`count_correct_along_alpha`). The cost is that of the dense
+    computation of G, whatever the data. Evaluation rows are processed in chunks, so memory is bounded whatever M
+    is; ``progress`` (a tqdm bar) advances once per (chunk, β).
     """
     weights = layout.arrange_weights(entry_weights)
     nonnegative = bool((entry_weights >= 0).all())  # then every cache term G ≥ 0, since φ > 0
-    workspace: dict[str, torch.Tensor] = {}
+    if layout.padded:
+        by_class = weights.permute(1, 2, 0).contiguous()  # [C, K, Γ]
     counts = torch.zeros(betas.numel(), alphas.numel(), entry_weights.shape[0], dtype=torch.long)
     step = search_row_chunk(affinity.shape[1])
     for start in range(0, affinity.shape[0], step):
         # φ_β(A) = exp(β·(A − 1)) (bit-identical to exp(−β(1 − A))): A − 1 once per chunk, then one multiply
-        # and one exp per β into a reused buffer (fresh 64 MB temporaries cost more than the arithmetic)
+        # and one exp per β into a reused buffer (fresh large temporaries cost more than the arithmetic)
         shifted = layout.arrange(affinity[start : start + step]) - 1.0
+        if layout.padded:
+            shifted = shifted.transpose(0, 1).contiguous()  # [C, rows, K]: G is one batched product per class
+            grouped = shifted.new_empty(layout.num_classes, shifted.shape[1], weights.shape[0])
         buffer = torch.empty_like(shifted)
         z_rows, y_rows = z0[start : start + step], labels[start : start + step]
+        scan_rows = alpha_scan_rows(z_rows, y_rows)
         for i, beta in enumerate(betas.tolist()):
             torch.mul(shifted, beta, out=buffer)
-            grouped = layout.class_sum(buffer.exp_(), weights)  # [Γ, rows, C]
-            counts[i] += count_correct_along_alpha(
-                z_rows, grouped, y_rows, alphas, nonnegative=nonnegative, workspace=workspace
-            ).T
+            buffer.exp_()
+            if layout.padded:
+                g = torch.bmm(buffer, by_class, out=grouped).permute(2, 1, 0)  # [Γ, rows, C] view of [C, rows, Γ]
+            else:
+                g = layout.class_sum(buffer, weights)
+            counts[i] += count_correct_along_alpha(z_rows, g, y_rows, alphas, nonnegative=nonnegative, rows=scan_rows).T
             if progress is not None:
                 progress.update(1)
     return counts
@@ -330,27 +339,30 @@ def cache_search(
 # --------------------------------------------------------------------------- memory
 
 
-def search_memory(
-    steps: list[int] | tuple[int, ...], val_rows: int = 1, entries: int = 1, classes: int = 1, segment: int = 5
-) -> int:
+def search_memory(steps: list[int] | tuple[int, ...], val_rows: int = 1, entries: int = 1, classes: int = 1) -> int:
     """Bytes that :func:`cache_search` holds at its peak for grids of ``steps`` points (β, α[, γ]) on ``val_rows``
     validation rows, ``entries`` cache keys and ``classes`` classes (the defaults give the part that depends on the
-    grids alone, a lower bound):
+    grids alone, a lower bound). With B, A, Γ points (Γ = 1 without a third grid), rows m of one chunk
+    (:func:`search_row_chunk`), N entries and C classes:
 
-    - the counts grid, int64 [β, α, Γ] (Γ = the third grid's points, else 1);
-    - per chunk of evaluation rows (``search_row_chunk``): the shifted affinity and its exp, float32 [rows, N] each,
-      and the class sums float32 [Γ, rows, C];
-    - in :func:`count_correct_along_alpha`: the anchor logits float32 [P, Γ, m, C] with P anchors (every
-      ``segment``-th α and the last) and at least one row m, and its counts int64 [Γ, α].
+    - the counts grid, int64 [B, A, Γ];
+    - per chunk: the shifted affinity and its exp, float32 [m, N] each; G, float32 [C, m, Γ]; the rows' interval
+      constants (:func:`alpha_scan_rows`), six float32 [C, m];
+    - per β (:func:`count_correct_along_alpha`): the counts, the difference array and its sum, int64 [Γ, A + 1]
+      each; the interval ends, four float32 [m, Γ], and their grid positions, four int64 [m, Γ]; the temporaries of
+      :func:`alpha_intervals`, three float32 [C, m′, Γ] on its sub-chunks of m′ rows (about 2¹⁹ elements); the logits
+      of the grid points evaluated exactly, float32 [≤ m·A·Γ, C], in chunks of about 2²⁰ elements.
     """
     num_b, num_a = int(steps[0]), int(steps[1])
     num_g = int(steps[2]) if len(steps) > 2 else 1
     rows = min(val_rows, search_row_chunk(entries))
-    anchors = len(range(0, max(num_a - 1, 0), segment)) + 1
-    anchor_rows = min(rows, max(1, (1 << 23) // (anchors * num_g * classes)))
-    counts = 8 * num_b * num_a * num_g + 8 * num_g * num_a
-    chunk = 4 * (2 * rows * entries + num_g * rows * classes + num_g * entries)
-    return counts + chunk + 4 * anchors * num_g * anchor_rows * classes
+    counts = 8 * num_b * num_a * num_g
+    chunk = 4 * (2 * rows * entries + num_g * rows * classes + 6 * rows * classes)
+    scan = 3 * 8 * num_g * (num_a + 1) + (4 * 4 + 4 * 8) * rows * num_g
+    part = min(rows, max(1, (1 << 19) // (num_g * classes)))
+    intervals = 3 * 4 * classes * part * num_g
+    exact = 4 * min(rows * num_a * num_g, max(1, (1 << 20) // classes)) * classes
+    return counts + chunk + scan + intervals + exact
 
 
 def memory_limit() -> int:
