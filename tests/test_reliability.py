@@ -198,6 +198,39 @@ def test_hash_memo_reads_a_file_once_and_again_when_it_changes(tmp_path, monkeyp
     assert again[-1] is None and "No such file" in errors[str(folder / "gone.bin")]
 
 
+def test_hashing_reports_progress_for_the_files_it_reads_only(tmp_path):
+    """A cold pass over a large dataset reads every byte (minutes): it reports progress, one update per file read;
+    a warm pass reads nothing and opens no report."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.bin").write_bytes(bytes([i]) * 50)
+    opened: list[int] = []
+    updates: list[int] = []
+
+    class Report:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def update(self, n):
+            updates.append(n)
+
+    def report(total):
+        opened.append(total)
+        return Report()
+
+    memo = HashMemo(tmp_path / MEMO_NAME)
+    memo.sha256_many([folder / f"{i}.bin" for i in range(8)], progress=report)
+    assert opened == [8] and updates == [1] * 8
+    memo.sha256_many([folder / f"{i}.bin" for i in range(12)], progress=report)  # 8 remembered, 4 read
+    assert opened == [8, 4] and len(updates) == 12
+    memo.sha256_many([folder / f"{i}.bin" for i in range(12)], progress=report)  # all remembered
+    assert opened == [8, 4]
+
+
 def test_a_corrupt_or_unwritable_memo_never_stops_hashing(tmp_path, caplog):
     f = tmp_path / "a.bin"
     f.write_bytes(b"abc")

@@ -13,16 +13,19 @@ warning says so and files are hashed without it; a corrupt memo file is set asid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from stat import S_ISREG
+from typing import Any
 
 from .errors import FewclipError
 
@@ -191,10 +194,15 @@ class HashMemo:
         return digest
 
     def sha256_many(
-        self, paths: Sequence[str | os.PathLike], *, errors: dict[str, str] | None = None
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        errors: dict[str, str] | None = None,
+        progress: Callable[[int], AbstractContextManager[Any]] | None = None,
     ) -> list[str | None]:
         """Hex SHA-256 of each file, in order; None for a file that cannot be read, with its message in
-        ``errors[str(path)]``. Remembered files are only stat'ed; the others are read in a few threads."""
+        ``errors[str(path)]``. Remembered files are only stat'ed; the others are read in a few threads.
+        ``progress(n)``, when given, opens a progress reporter (``update(1)`` per file) for the n files to read."""
         keys = [_absolute(p) for p in paths]
         sigs: list[tuple[int, int, int, int] | None] = []
         problems: dict[int, str] = {}
@@ -222,13 +230,14 @@ class HashMemo:
             else:
                 todo.setdefault(key, []).append(i)
         if todo:
-            self._hash(todo, keys, sigs, out, problems)
+            with progress(len(todo)) if progress is not None else contextlib.nullcontext() as bar:
+                self._hash(todo, keys, sigs, out, problems, bar)
         if errors is not None:
             for i, message in problems.items():
                 errors[str(paths[i])] = message
         return out
 
-    def _hash(self, todo, keys, sigs, out, problems) -> None:
+    def _hash(self, todo, keys, sigs, out, problems, bar=None) -> None:
         def one(key: str) -> tuple[str, str | None, str | None]:
             try:
                 return key, sha256_file(key), None
@@ -240,6 +249,8 @@ class HashMemo:
         with ThreadPoolExecutor(max_workers=self.threads) if len(names) > 8 else _Inline() as pool:
             for key, digest, problem in pool.map(one, names):
                 self.hashed += 1
+                if bar is not None:
+                    bar.update(1)
                 for i in todo[key]:
                     if digest is None:
                         problems[i] = problem or "unreadable"

@@ -197,14 +197,19 @@ def content_hashes(
     *,
     memo: HashMemo | None = None,
     errors: dict[str, str] | None = None,
+    progress: bool = True,
+    desc: str = "hashing images",
 ) -> dict[str, str | None]:
     """{path: hex SHA-256 of ``root / path``} through ``memo`` (a fresh in-process memo if None); an unreadable
-    file maps to None, with its message in ``errors[path]``."""
+    file maps to None, with its message in ``errors[path]``. Files the memo does not know are read with a progress
+    report (``desc``; a log line every 30 s off a terminal), as reading a large dataset cold takes minutes."""
     base = os.path.abspath(root)
     memo = memo if memo is not None else HashMemo(None)
     found: dict[str, str] = {}
     full = [os.path.join(base, p) for p in paths]
-    digests = memo.sha256_many(full, errors=found)
+    digests = memo.sha256_many(
+        full, errors=found, progress=lambda n: progress_bar(n, desc, "file", enabled=progress, leave=False)
+    )
     if errors is not None and found:
         for p, f in zip(paths, full):
             if f in found:
@@ -251,7 +256,8 @@ def _extract_views(
     unreadable: dict[str, str] = {}
     rest = [p for p in unique if p not in digest]
     if rest:
-        digest.update(content_hashes(root, rest, memo=store.memo if store is not None else None, errors=unreadable))
+        memo = store.memo if store is not None else None
+        digest.update(content_hashes(root, rest, memo=memo, errors=unreadable, progress=progress))
     bad_by_path: dict[str, str] = {
         p: unreadable.get(p, "the file could not be read to hash it") for p in unique if digest[p] is None
     }

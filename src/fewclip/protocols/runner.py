@@ -304,7 +304,9 @@ def hash_images(plan: Plan) -> None:
         for item in target.items:
             wanted.setdefault(target.splits.root, {})[item.path] = None
     for root, paths in wanted.items():
-        plan.hashes[str(root)] = content_hashes(root, list(paths), memo=memo)
+        desc = f"{Path(root).name}: hashing images"
+        shown = plan.config.extraction.progress
+        plan.hashes[str(root)] = content_hashes(root, list(paths), memo=memo, progress=shown, desc=desc)
     own = plan.hashes.get(str(plan.splits.root), {})
     for (k, seed), episode in plan.episodes.items():
         plan.digests["episode", k, seed] = _listing_digest(own, {"support": episode.train, "val": episode.val})
