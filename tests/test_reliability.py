@@ -327,6 +327,42 @@ def test_the_flush_budget_is_shared_by_the_views_of_a_pass(cache_env, tmp_path, 
     assert sum(flushed) == 11 * len(paths) and max(flushed) <= 2
 
 
+def test_a_full_cache_disk_is_one_error_naming_the_shard_and_nothing_half_written(cache_env, tmp_path, monkeypatch):
+    import errno
+
+    from fewclip.errors import FeatureStoreError
+    from fewclip.features import store as store_module
+
+    real = store_module.atomic_write
+    writes = []
+
+    def full_after_one(path, writer):
+        writes.append(path)
+        if len(writes) <= 2:  # group.json and the first shard fit, then the disk is full
+            return real(path, writer)
+
+        def fills_the_disk(tmp):
+            writer(tmp)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real(path, fills_the_disk)
+
+    monkeypatch.setattr(store_module, "atomic_write", full_after_one)
+    cache = tmp_path / "cache"
+    paths = listed_files(cache_env.a)
+    with pytest.raises(FeatureStoreError) as info:
+        extract(cache_env.backbone, cache_env.a, paths, store=FeatureStore(cache), batch_size=4, flush_rows=4,
+                progress=False)  # fmt: skip
+    message = str(info.value)
+    assert str(writes[-1]) in message and "No space left" in message and "--cache-dir" in message
+    assert not [p for p in cache.rglob("*.tmp")]  # nothing half-written
+    kept = [s for s in cache.rglob("*.safetensors")]
+    assert len(kept) == 1 and len(read_shard_header(kept[0])[0]) == 4  # the shard written before stays usable
+    monkeypatch.undo()
+    again = extract(cache_env.backbone, cache_env.a, paths, store=FeatureStore(cache), progress=False)
+    assert again.cached == 4 and again.encoded == len(paths) - 4
+
+
 def test_cache_files_follow_the_umask(cache_env, tmp_path):
     old = os.umask(0o002)
     try:

@@ -257,7 +257,7 @@ class FeatureGroup:
         name = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}.safetensors"
         meta = {"format": FORMAT, "keys": json.dumps(keys, ensure_ascii=False), "group": self.id}
         path = self.path / name
-        atomic_write(path, lambda tmp: save_file({"features": tensor}, str(tmp), metadata=meta))
+        self._write(path, lambda tmp: save_file({"features": tensor}, str(tmp), metadata=meta))
         self._seen.add(name)
         self._dim = int(tensor.shape[1])
         for row, key in enumerate(keys):
@@ -273,7 +273,18 @@ class FeatureGroup:
         spec_file = self.path / "group.json"
         if not spec_file.is_file():
             text = json.dumps({"format": FORMAT, "id": self.id, "spec": self.spec}, indent=1, ensure_ascii=False)
-            atomic_write(spec_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self._write(spec_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def _write(self, path: Path, writer) -> None:
+        """:func:`~fewclip.io.atomic_write`, a failure (full disk, no permission, read-only file system) one
+        :class:`FeatureStoreError` naming the file and the fix; nothing half-written stays."""
+        try:
+            atomic_write(path, writer)
+        except OSError as exc:
+            raise FeatureStoreError(
+                f"{path}: cannot write to the feature cache ({exc.strerror or exc}); free space on that disk, make "
+                f"{self.store.root} writable, or pass another --cache-dir. The features written so far are kept."
+            ) from exc
 
 
 class GroupWriter:
