@@ -135,7 +135,7 @@ def test_failed_writes_leave_no_partial_files(backbone, dataset, tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr("fewclip.features.store.save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FeatureStoreError, match="cannot write to the feature cache .*disk full"):
         extract(backbone, root, paths, store=store, progress=False)
     monkeypatch.undo()
     kept = ("group.json", "file-hashes.sqlite3")  # the spec and the hash memo, both complete
