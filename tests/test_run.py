@@ -257,7 +257,12 @@ def test_base_new_scores_restrict_columns_by_hand():
 
 def test_base2new_summary_takes_hm_of_the_seed_means():
     results = [
-        {"method": "gda", "shots": 16, "seed": s, "accuracy": {"base": b, "new": n}}
+        {
+            "method": "gda",
+            "shots": 16,
+            "seed": s,
+            "accuracy": {"base": b, "new": n, "base_all_classes": b / 2, "new_all_classes": n / 2},
+        }
         for s, b, n in [(1, 80.0, 40.0), (2, 60.0, 80.0)]
     ]
     (row,) = BaseToNew().summarize(results)
@@ -289,8 +294,17 @@ def test_run_base2new_end_to_end(env, tmp_path, capsys):
     r = json.loads((out / "oxford_pets" / BB / "base2new" / "gda" / "shots_2-seed_1.json").read_text())
     assert r["protocol"] == "base2new" and r["base_classes"] == [0, 1] and r["new_classes"] == [2]
     assert r["episode"]["support"] == 4 and r["episode"]["test"] == 15  # base support only; every test image
-    assert set(r["accuracy"]) >= {"base", "new", "harmonic_mean", "base_all_classes", "val_accuracy"}
-    assert any(line.split() == ["method", "shots", "base", "new", "HM"] for line in printed.splitlines())
+    assert set(r["accuracy"]) >= {"base", "new", "harmonic_mean", "base_all_classes", "new_all_classes",
+                                  "all_classes_harmonic_mean", "val_accuracy"}  # fmt: skip
+    acc = r["accuracy"]
+    assert acc["all_classes_harmonic_mean"] == pytest.approx(
+        harmonic_mean(acc["base_all_classes"], acc["new_all_classes"])
+    )
+    header = ["method", "shots", "base", "new", "HM", "base-all", "new-all", "HM-all"]
+    assert any(line.split() == header for line in printed.splitlines())
+    assert "gda: base " in printed and "all_classes_harmonic_mean " in printed  # the per-cell log line
+    summary = json.loads((out / "oxford_pets" / BB / "base2new" / "summary.json").read_text())["summary"]
+    assert {"base_all_classes", "new_all_classes", "all_classes_harmonic_mean"} <= set(summary[0])
     imbalanced = run_argv(env, out, tmp_path / "cache", "--protocol", "base2new-imbalanced", "--imbalance-ratio",
                           "0.5", "--method", "gda", "--shots", "4", "--seeds", "1")  # fmt: skip
     assert main(imbalanced) == 0

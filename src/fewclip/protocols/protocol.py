@@ -135,8 +135,18 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 def base_new_scores(logits: torch.Tensor, labels: torch.Tensor, num_base: int) -> dict[str, float]:
-    """Base accuracy within the base columns, new accuracy within the new columns (CoCoOp), and the released
-    Candle variant that scores base rows over all columns. Labels < ``num_base`` are base."""
+    """Scores of one base-to-new test set; ``logits`` ``[N, C]``, labels < ``num_base`` are base.
+
+    - ``base``, ``new``, ``harmonic_mean``: CoCoOp's setting. A base row is right when the arg-max over the base
+      columns ``[0, num_base)`` is its label, a new row when the arg-max over the new columns ``[num_base, C)`` is;
+      the HM of the two.
+    - ``base_all_classes``, ``new_all_classes``, ``all_classes_harmonic_mean``: the generalised setting. A row is
+      right when the arg-max over all C columns (base and new) is its label, scored separately over the base rows
+      and the new rows, and the HM of the two. Calling a base image a new class (or a new image a base class)
+      counts against it here, so the gap to the within-group scores is the cost of the bias between the groups.
+      ``base_all_classes`` is also Candle's released base scoring.
+
+    A group without rows scores NaN (and so does any HM with it)."""
     base = labels < num_base
     within_base = logits[base, :num_base].argmax(1)
     within_new = logits[~base, num_base:].argmax(1) + num_base
@@ -147,23 +157,29 @@ def base_new_scores(logits: torch.Tensor, labels: torch.Tensor, num_base: int) -
 
     b = pct(within_base == labels[base])
     n = pct(within_new == labels[~base])
+    b_all = pct(all_columns[base] == labels[base])
+    n_all = pct(all_columns[~base] == labels[~base])
     return {
         "base": b,
         "new": n,
         "harmonic_mean": harmonic_mean(b, n),
-        "base_all_classes": pct(all_columns[base] == labels[base]),
-        "new_all_classes": pct(all_columns[~base] == labels[~base]),
+        "base_all_classes": b_all,
+        "new_all_classes": n_all,
+        "all_classes_harmonic_mean": harmonic_mean(b_all, n_all),
     }
 
 
 BASE_EVALS = ("within_base", "all_classes")
+#: the accuracy fields a base-to-new summary averages over seeds (the HMs are taken of the averages)
+BASE_NEW_KEYS = ("base", "new", "base_all_classes", "new_all_classes")
 
 
 class BaseToNew(Protocol):
     """CoCoOp's base-to-new protocol: fit on the base classes' support (the first ceil(C/2) labels), with every
     class's text row in the bundle; score base test rows within the base columns and new test rows within the new
-    columns; HM from the seed-averaged base and new accuracies. With ``imbalance_ratio`` (Candle), the base classes'
-    support (K = the shot cap) follows the exponential profile."""
+    columns; HM from the seed-averaged base and new accuracies. Every result also has the generalised setting: base
+    and new test rows scored over all columns, and their HM (:func:`base_new_scores`). With ``imbalance_ratio``
+    (Candle), the base classes' support (K = the shot cap) follows the exponential profile."""
 
     def __init__(self, imbalance_ratio: float | None = None, base_eval: str = "within_base"):
         if imbalance_ratio is not None and not 0 < imbalance_ratio <= 1:
@@ -235,35 +251,34 @@ class BaseToNew(Protocol):
         return scores, extra
 
     def summarize(self, results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        base = {(r["method"], r["shots"]): r for r in summarize(results, "base")}
-        new = {(r["method"], r["shots"]): r for r in summarize(results, "new")}
+        """Per (method, shots): mean ± std over seeds of base, new and their all-class counterparts; each HM is
+        taken of the seed-averaged pair (CoCoOp's way), not averaged over seeds."""
+        parts = {key: {(r["method"], r["shots"]): r for r in summarize(results, key)} for key in BASE_NEW_KEYS}
         rows = []
-        for key, b in base.items():
-            n = new[key]
-            rows.append(
-                {
-                    "method": key[0],
-                    "shots": key[1],
-                    "base": b["mean"],
-                    "base_std": b["std"],
-                    "new": n["mean"],
-                    "new_std": n["std"],
-                    "harmonic_mean": harmonic_mean(b["mean"], n["mean"]),  # from the seed-averaged B and N
-                    "seeds": b["seeds"],
-                    "n": b["n"],
-                }
-            )
+        for (method, shots), first in parts["base"].items():
+            row: dict[str, Any] = {"method": method, "shots": shots}
+            for key in BASE_NEW_KEYS:
+                row[key], row[f"{key}_std"] = parts[key][method, shots]["mean"], parts[key][method, shots]["std"]
+            row["harmonic_mean"] = harmonic_mean(row["base"], row["new"])
+            row["all_classes_harmonic_mean"] = harmonic_mean(row["base_all_classes"], row["new_all_classes"])
+            row["seeds"], row["n"] = first["seeds"], first["n"]
+            rows.append(row)
         return rows
 
     def format(self, rows: Sequence[Mapping[str, Any]], seeds_expected: int | None) -> str:
-        header = ["method", "shots", "base", "new", "HM"]
+        """base, new, HM, then the same over all classes (``-all``), one row per method and shots."""
+        header = ["method", "shots", "base", "new", "HM", "base-all", "new-all", "HM-all"]
         body = [
             [
                 r["method"],
                 str(r["shots"]),
                 f"{r['base']:.2f} ± {r['base_std']:.2f}",
                 f"{r['new']:.2f} ± {r['new_std']:.2f}",
-                f"{r['harmonic_mean']:.2f}" + ("" if seeds_expected in (None, r["n"]) else f" ({r['n']} seeds)"),
+                f"{r['harmonic_mean']:.2f}",
+                f"{r['base_all_classes']:.2f} ± {r['base_all_classes_std']:.2f}",
+                f"{r['new_all_classes']:.2f} ± {r['new_all_classes_std']:.2f}",
+                f"{r['all_classes_harmonic_mean']:.2f}"
+                + ("" if seeds_expected in (None, r["n"]) else f" ({r['n']} seeds)"),
             ]
             for r in rows
         ]
@@ -271,7 +286,10 @@ class BaseToNew(Protocol):
 
     def describe(self) -> str:
         base = "within base classes" if self.base_eval == "within_base" else "all-class argmax, as released"
-        return f"base ({base}), new (within new classes), HM of the seed means (%)"
+        return (
+            f"base ({base}), new (within new classes), HM of the seed means; -all: the same images scored over all "
+            "classes, base and new (the generalised setting) (%)"
+        )
 
 
 MANY_SHOT, FEW_SHOT = 100, 20  # many: > 100 training images; few: < 20; medium: 20 ... 100 (OLTR's shot_acc)

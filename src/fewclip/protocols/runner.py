@@ -856,9 +856,10 @@ def _fit_all(
                 out[cell] = result
                 report.written.append(path)
                 val = result["accuracy"]["val_accuracy"]
+                # base-to-new: the all-class HM stands for the generalised setting; its two parts are in the file
                 shown = "  ".join(
                     f"{key} {value:.2f}" for key, value in result["accuracy"].items()
-                    if key != "val_accuracy" and "all_classes" not in key and isinstance(value, float)
+                    if key != "val_accuracy" and not key.endswith("_all_classes") and isinstance(value, float)
                 )  # fmt: skip
                 val_text = "n/a" if val is None else f"{val:.2f}"
                 log(f"{_describe(cell)}: {shown}  val {val_text}  ({result['seconds']['fit']:.2f} s)")
