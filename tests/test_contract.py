@@ -137,7 +137,7 @@ def test_every_hyperparameter_has_a_constraint_and_a_doc(any_method):
     cls = M.get_class(name)
     fields = cls.param_fields()
     assert [f.name for f in fields] == cls.param_names() == list(cls.default_params())
-    assert cls.param_names()[-1] == "selection"
+    assert cls.param_names()[-2:] == ["selection", "calibrate"]
     for f in fields:
         assert isinstance(constraint_of(f), Constraint), f"{name}: {f.name} has no constraint"
         assert f.metadata["doc"], f"{name}: {f.name} has no doc"

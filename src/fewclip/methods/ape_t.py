@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from ..features.bundle import Bundle
-from ..metrics import accuracy
 from .ape import CHANNELS, CRITERION_WEIGHT, RefinedChannels
 from .ape_refine import ape_criterion, select_channels
 from .cache import CACHE_WEIGHT, search_scale, search_step, support_cache
@@ -143,7 +142,7 @@ class APET(RefinedChannels):
             def evaluate() -> float:
                 values = arranged_values()
                 logits = [factored_logits(*part, residual, values, layout, alpha, beta) for part in val_parts]
-                return accuracy(torch.cat(logits), val_labels)
+                return self._selection_accuracy(torch.cat(logits), val_labels)
 
         result = train_adapter(self, {"residual": residual, "value_weights": value_weights}, loss_fn, bundle, evaluate)
         self.channels_train_ = channels

@@ -31,12 +31,14 @@ from .. import __version__
 from ..errors import MethodError, NotFittedError
 from ..io import atomic_write
 from ..metrics import accuracy
+from .calibration import apply_offset, best_offset
 from .params import Constraint, Options, constraint_of, param, validate
 
 MODEL_FORMAT = "fewclip-model/1"
 #: joins a fitted dict-of-tensors attribute and an entry's name in a model file ("encoder_state_/visual.proj")
 STATE_SEPARATOR = "/"
 SELECTIONS = ("val", "none")
+CALIBRATIONS = ("auto", "val", "none")
 #: what ``fit`` takes, by the value of :attr:`Method.inputs`
 INPUTS = ("features", "images")
 
@@ -96,6 +98,15 @@ class Method:
         "values",
         hint="There is no selection on test.",
     )
+    calibrate: str = param(
+        "auto",
+        Options(CALIBRATIONS),
+        doc="offset δ subtracted from the logits of the classes with support (calibrated stacking), chosen on "
+        "validation with the method's own selection. 'auto': when the data has classes without support, a "
+        "validation split and selection='val'; 'val': also for a method that selects nothing (zero-shot); 'none': "
+        "off (δ = 0, the logits as the method computes them)",
+        hint="There is no calibration on test.",
+    )
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -145,9 +156,16 @@ class Method:
                 self.check_dim(int(dim))
             self._check(data)
             train = data.without_test()
+            self.seen_classes_ = (data.shots_per_class() > 0).cpu()
+            self._calibrating_ = self._calibration_applies(data)
             selected = self._fit(train)
             self._move_fitted_to_cpu()
-            self.selected_ = dict(selected)
+            self._calibrate(train)
+            self.selected_ = {
+                **selected,
+                "calibration": "val" if self._calibrating_ else "none",
+                "calibration_offset": self.calibration_offset_,
+            }
             val_used = self.selection == "val" and self.selects_on_validation and data.has_val
             self.selection_used_ = "val" if val_used else "none"
             self.num_classes_ = data.num_classes
@@ -193,6 +211,39 @@ class Method:
                     f"{self.name} needs at least one support image per class, but {len(missing)} class(es) have none "
                     f"(e.g. {names}). Use a method that handles classes without support (zero-shot, tip-adapter, ape)."
                 )
+
+    def _calibration_applies(self, data: FitData) -> bool:
+        """Whether ``fit`` chooses a calibration offset (see the ``calibrate`` hyperparameter): features with classes
+        with and without support, a validation split, and a selection on it."""
+        if self.calibrate == "none" or self.inputs != "features" or not data.has_val:
+            return False
+        if self.selection != "val" or (self.calibrate == "auto" and not self.selects_on_validation):
+            return False
+        return bool(self.seen_classes_.any()) and not bool(self.seen_classes_.all())
+
+    def _selection_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """The validation accuracy a method's own selection (an epoch, a ratio) maximises: that of ``logits`` as they
+        are, or, while calibrating, at their best offset (so the selection and the offset are chosen jointly)."""
+        if getattr(self, "_calibrating_", False):
+            offset, _, _ = best_offset(logits.float().cpu(), labels.cpu(), self.seen_classes_)
+            return accuracy(apply_offset(logits.float().cpu(), self.seen_classes_, offset), labels.cpu())
+        return accuracy(logits, labels)
+
+    def _calibrate(self, data: Any) -> None:
+        """Set ``calibration_offset_``: 0.0 when not calibrating; the value a joint search in ``_fit`` chose (a cache
+        method's grid, GDA's α); otherwise the best offset for the selected model's validation logits."""
+        if not self._calibrating_:
+            self.calibration_offset_ = 0.0
+            return
+        if hasattr(self, "calibration_offset_"):
+            return
+        self.calibration_offset_ = 0.0
+        self.num_classes_ = data.num_classes  # predict_logits needs the fitted markers; fit sets them again
+        self.dim_ = int(data.dim)
+        logits = self.predict_logits(data.val_features.cpu())
+        offset, correct, grid = best_offset(logits, data.val_labels.cpu(), self.seen_classes_)
+        self.calibration_offset_ = offset
+        self.calibration_search_ = {"points": int(grid.numel()), "best_correct": correct}
 
     def _check(self, data: Any) -> None:
         """Checks that depend on the data or on two hyperparameters at once (run before any work; raise
@@ -244,7 +295,9 @@ class Method:
             raise MethodError(f"{self.name}: features hold NaN or infinite values.")
         with torch.no_grad():
             parts = [self._logits(features[i : i + batch_size]) for i in range(0, features.shape[0], batch_size)]
-        return torch.cat(parts) if parts else torch.zeros(0, self.num_classes_)
+        logits = torch.cat(parts) if parts else torch.zeros(0, self.num_classes_)
+        offset = getattr(self, "calibration_offset_", 0.0)
+        return apply_offset(logits, self.seen_classes_.to(logits.device), offset) if offset else logits
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

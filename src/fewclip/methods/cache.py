@@ -17,6 +17,7 @@ from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..progress import progress
 from .base import Method
+from .calibration import offset_grid, top_gaps
 from .params import Integral, Interval, Real, SequenceOf
 from .search import (
     ClassLayout,
@@ -116,18 +117,34 @@ class CacheMethod(Method):
     ) -> tuple[int, int, int, torch.Tensor]:
         """Run the (β, α, candidate) grid on the validation split; return the first maximiser and the counts.
 
-        The search runs on the CPU: the fitted tensors are moved there first (a trained method trains on the
-        bundle's device)."""
+        While calibrating (classes without support, see :meth:`Method._calibration_applies`) the grid has a fourth,
+        innermost axis, the offset δ subtracted from the seen classes' logits: α and δ are chosen together, since the
+        best α without an offset is the one that barely touches the unseen classes' share. The δ candidates are the
+        quantiles of the seen-minus-unseen gaps of Z₀ + α·G(β₀) over the whole α grid (β₀ the first β, the
+        broadest kernel: the largest G), so they span the shifts of every α. Ties: the first in (β, α, candidate, δ)
+        order, δ by increasing |δ|. The search runs on the CPU: the fitted tensors are moved there first (a trained
+        method trains on the bundle's device)."""
         self._move_fitted_to_cpu()
         bundle, weight_candidates = bundle.to("cpu"), weight_candidates.cpu()
         betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
         z0, affinity = self._query(bundle.val_features)
         chunks = math.ceil(affinity.shape[0] / search_row_chunk(affinity.shape[1]))
+        offsets = None
+        if getattr(self, "_calibrating_", False):
+            g0 = self._cache_term(affinity, float(betas[0]), weight_candidates[0])
+            offsets = offset_grid(top_gaps(z0[None] + alphas[:, None, None] * g0[None], self.seen_classes_))
         with progress(betas.numel() * chunks, f"{self.name} search", "β", leave=False) as bar:
             counts = cache_search(
-                z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar
-            )
-        i, j, l = first_argmax(counts)
+                z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar,
+                offsets=offsets, seen=self.seen_classes_,
+            )  # fmt: skip
+        if offsets is None:
+            i, j, l = first_argmax(counts)
+        else:
+            i, j, l, t = first_argmax(counts)
+            counts = counts[..., t]
+            self.calibration_offset_ = float(offsets[t])
+            self.calibration_search_ = {"points": int(offsets.numel())}
         self.beta_, self.alpha_ = float(betas[i]), float(alphas[j])
         self.search_ = {
             "evaluations": int(counts.numel()),

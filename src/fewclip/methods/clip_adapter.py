@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..errors import MethodError
 from ..features.bundle import Bundle
-from ..metrics import accuracy
 from .base import Method
 from .params import Integral, Interval, Real, SequenceOf, param
 from .registry import register
@@ -116,7 +115,7 @@ class CLIPAdapter(Method):
 
             def evaluate() -> torch.Tensor:
                 logits = chunked(lambda rows: adapter_logits(rows, text, w1, w2, ratios), val, dim=1)  # [R, M, C]
-                return torch.tensor([accuracy(logits[r], val_labels) for r in range(num)])
+                return torch.tensor([self._selection_accuracy(logits[r], val_labels) for r in range(num)])
 
         result = train_adapter(self, {"w1": w1, "w2": w2}, loss_fn, bundle, evaluate)
         best = 0

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import MethodError
 from ..features.bundle import Bundle
 from .base import Method
+from .calibration import apply_offset, offset_grid, top_gaps
 from .params import Integral, Interval, Real, SequenceOf, param
 from .registry import register
 from .search import count_correct_along_alpha, first_argmax
@@ -126,12 +127,21 @@ class GDA(Method):
         if self.selection == "val":
             grid = torch.tensor([float(a) for a in self.alpha_grid])
             f = F.normalize(bundle.val_features, dim=-1)
-            counts = count_correct_along_alpha(
-                100.0 * f @ self.text_.T, self._gda_logits(f)[None], bundle.val_labels, grid
-            )
-            (_, j) = first_argmax(counts)
+            z0, g = 100.0 * f @ self.text_.T, self._gda_logits(f)
+            if self._calibrating_:  # α and the offset δ together: the α axis scanned for every δ (δ innermost)
+                offsets = offset_grid(top_gaps(z0[None] + grid[:, None, None] * g[None], self.seen_classes_))
+                shifted = [apply_offset(z0, self.seen_classes_, float(d)) for d in offsets.tolist()]
+                counts = torch.stack(
+                    [count_correct_along_alpha(z, g[None], bundle.val_labels, grid)[0] for z in shifted]
+                )
+                j, t = first_argmax(counts.T.contiguous())
+                self.calibration_offset_ = float(offsets[t])
+                evaluations, counts = int(counts.numel()), counts[t][None]
+            else:
+                counts = count_correct_along_alpha(z0, g[None], bundle.val_labels, grid)
+                evaluations, (_, j) = int(counts.numel()), first_argmax(counts)
             self.alpha_ = float(grid[j])
-            self.search_ = {"evaluations": int(grid.numel()), "best_correct": int(counts[0, j])}
+            self.search_ = {"evaluations": evaluations, "best_correct": int(counts[0, j])}
         return {"alpha": self.alpha_}
 
     def _gda_logits(self, f: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from .calibration import apply_offset
+
 # --------------------------------------------------------------------------- grids
 
 
@@ -297,8 +299,13 @@ def cache_search(
     betas: torch.Tensor,
     alphas: torch.Tensor,
     progress=None,
+    offsets: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """counts[i, j, l] of correct predictions at (β_i, α_j, weights_l) for Z₀ + α·G(β, weights).
+
+    With ``offsets`` [T] and ``seen`` [C] (bool), counts[i, j, l, t] for Z₀ − δ_t·seen + α·G (calibrated stacking,
+    :mod:`~fewclip.methods.calibration`): G is computed once per (chunk, β) and the α axis scanned for every δ.
 
     ``affinity`` [M, N] is f·Fᵀ (or the refined A′), ``entry_weights`` [Γ, N] the per-entry value weights
     (APE: exp(γ_l·d); Tip-Adapter: ones [1, N]). Per chunk of evaluation rows and per β: one exponential of the
@@ -311,7 +318,9 @@ def cache_search(
     nonnegative = bool((entry_weights >= 0).all())  # then every cache term G ≥ 0, since φ > 0
     if layout.padded:
         by_class = weights.permute(1, 2, 0).contiguous()  # [C, K, Γ]
-    counts = torch.zeros(betas.numel(), alphas.numel(), entry_weights.shape[0], dtype=torch.long)
+    shifts = torch.zeros(1) if offsets is None else offsets.float()
+    mask = torch.zeros(z0.shape[1]) if seen is None else seen.to(z0.dtype)
+    counts = torch.zeros(betas.numel(), alphas.numel(), entry_weights.shape[0], shifts.numel(), dtype=torch.long)
     step = search_row_chunk(affinity.shape[1])
     for start in range(0, affinity.shape[0], step):
         # φ_β(A) = exp(β·(A − 1)) (bit-identical to exp(−β(1 − A))): A − 1 once per chunk, then one multiply
@@ -321,8 +330,9 @@ def cache_search(
             shifted = shifted.transpose(0, 1).contiguous()  # [C, rows, K]: G is one batched product per class
             grouped = shifted.new_empty(layout.num_classes, shifted.shape[1], weights.shape[0])
         buffer = torch.empty_like(shifted)
-        z_rows, y_rows = z0[start : start + step], labels[start : start + step]
-        scan_rows = alpha_scan_rows(z_rows, y_rows)
+        y_rows = labels[start : start + step]
+        z_shifted = [apply_offset(z0[start : start + step], mask.bool(), float(d)) for d in shifts.tolist()]
+        scan_rows = [alpha_scan_rows(z, y_rows) for z in z_shifted]
         for i, beta in enumerate(betas.tolist()):
             torch.mul(shifted, beta, out=buffer)
             buffer.exp_()
@@ -330,10 +340,13 @@ def cache_search(
                 g = torch.bmm(buffer, by_class, out=grouped).permute(2, 1, 0)  # [Γ, rows, C] view of [C, rows, Γ]
             else:
                 g = layout.class_sum(buffer, weights)
-            counts[i] += count_correct_along_alpha(z_rows, g, y_rows, alphas, nonnegative=nonnegative, rows=scan_rows).T
+            for t, (z_rows, rows) in enumerate(zip(z_shifted, scan_rows)):
+                counts[i, :, :, t] += count_correct_along_alpha(
+                    z_rows, g, y_rows, alphas, nonnegative=nonnegative, rows=rows
+                ).T
             if progress is not None:
                 progress.update(1)
-    return counts
+    return counts if offsets is not None else counts[..., 0]
 
 
 # --------------------------------------------------------------------------- memory

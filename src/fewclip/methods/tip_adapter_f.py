@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..features.bundle import Bundle
-from ..metrics import accuracy
 from .cache import CACHE_WEIGHT, CacheMethod, search_scale, search_step, support_cache
 from .params import param
 from .registry import register
@@ -78,7 +77,7 @@ class TipAdapterF(CacheMethod):
 
             def evaluate() -> float:
                 logits = chunked(lambda rows: cache_logits(rows, text, keys, layout, alpha, beta), val)
-                return accuracy(logits, val_labels)
+                return self._selection_accuracy(logits, val_labels)
 
         result = train_adapter(self, {"keys": keys}, loss_fn, bundle, evaluate)
         self.text_ = text.clone()

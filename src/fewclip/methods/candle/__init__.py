@@ -64,7 +64,6 @@ import torch.nn.functional as F
 
 from ...errors import MethodError
 from ...features.bundle import Bundle
-from ...metrics import accuracy
 from ..base import Method
 from ..params import Boolean, Integral, Interval, Optional, Options, Real, param
 from ..registry import register
@@ -288,7 +287,7 @@ class Candle(Method):
             val_labels = bundle.val_labels.to(device)
 
             def evaluate() -> float:
-                return accuracy(head.per_image_scores(val), val_labels)
+                return self._selection_accuracy(head.per_image_scores(val), val_labels)
 
         result = self._train(head, support, labels, counts, generator, evaluate)
         with torch.no_grad():
