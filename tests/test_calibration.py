@@ -14,6 +14,7 @@ from fewclip.methods.calibration import (
     best_offset,
     count_correct_per_offset,
     first_best,
+    gaps_along_alpha,
     offset_grid,
     top_gaps,
 )
@@ -150,3 +151,13 @@ def test_default_changes_nothing_when_every_class_has_support(name, bundle):
     auto, off = make(name).fit(bundle), make(name, calibrate="none").fit(bundle)
     assert auto.selected_ == off.selected_
     assert torch.equal(auto.predict_logits(bundle.test_features), off.predict_logits(bundle.test_features))
+
+
+def test_gaps_along_alpha_equal_the_dense_computation_in_any_chunking():
+    torch.manual_seed(0)
+    z0, g = torch.randn(7, 5), torch.rand(7, 5)
+    alphas = torch.linspace(0.0, 3.0, 11)
+    seen = torch.tensor([True, False, True, False, False])
+    dense = top_gaps(z0[None] + alphas[:, None, None] * g[None], seen)
+    for budget in (1, 35, 36, 1 << 24):  # one α per chunk, one, two, all at once
+        torch.testing.assert_close(gaps_along_alpha(z0, g, alphas, seen, budget=budget), dense, rtol=0, atol=0)

@@ -1101,11 +1101,13 @@ def test_no_grid_or_candidate_list_may_be_empty_when_it_is_searched(method, key)
 
 
 def test_search_memory_is_estimated_by_hand():
-    # steps [2, 3], one val row, one cache entry, one class (Γ = 1): counts 8·2·3; per chunk 4·(2·1·1 + 1 + 6);
-    # per β 3·8·1·4 + 48·1·1; interval temporaries 12·1·1·1; exactly evaluated logits 4·min(1·3·1, 2²⁰)·1
-    assert search_memory([2, 3]) == 48 + 36 + (96 + 48) + 12 + 12
+    # steps [2, 3], one val row, one cache entry, one class (Γ = 1, T = 1 offset): counts 8·2·3; per chunk
+    # 4·(2·1·1 + 1 + 7); per β 3·8·1·4 + 48·1·1; interval temporaries 12·1·1·1; exactly evaluated logits 4·3·1
+    assert search_memory([2, 3]) == 48 + 40 + (96 + 48) + 12 + 12
     # APE's third grid (γ, Γ = 4) multiplies the counts grid and the per-β terms
-    assert search_memory([2, 3, 4]) == 8 * 24 + 4 * (2 + 4 + 6) + (24 * 4 * 4 + 48 * 4) + 12 * 4 + 4 * 12
+    assert search_memory([2, 3, 4]) == 8 * 24 + 4 * (2 + 4 + 7) + (24 * 4 * 4 + 48 * 4) + 12 * 4 + 4 * 12
+    # calibration's offsets (T = 5) multiply the counts grid and the per-offset logits and interval constants
+    assert search_memory([2, 3], offsets=5) == 48 * 5 + 4 * (2 + 1 + 35) + (96 + 48) + 12 + 12
     # a large bundle: the [m, N] slabs of one chunk of rows dominate the grid's own part
     assert search_memory([200, 20], val_rows=1600, entries=16000, classes=100) > 2 * 4 * 1048 * 16000
 

@@ -219,7 +219,8 @@ class Method:
             return False
         if self.selection != "val" or (self.calibrate == "auto" and not self.selects_on_validation):
             return False
-        return bool(self.seen_classes_.any()) and not bool(self.seen_classes_.all())
+        seen = data.shots_per_class() > 0
+        return bool(seen.any()) and not bool(seen.all())
 
     def _selection_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         """The validation accuracy a method's own selection (an epoch, a ratio) maximises: that of ``logits`` as they

@@ -17,7 +17,7 @@ from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..progress import progress
 from .base import Method
-from .calibration import offset_grid, top_gaps
+from .calibration import OFFSET_POINTS, gaps_along_alpha, offset_grid
 from .params import Integral, Interval, Real, SequenceOf
 from .search import (
     ClassLayout,
@@ -68,7 +68,10 @@ class CacheMethod(Method):
     def _check(self, bundle: Bundle) -> None:
         if bundle.has_val:
             rows = int(bundle.val_labels.numel())
-            self._check_search_memory(val_rows=rows, entries=bundle.num_support, classes=bundle.num_classes)
+            offsets = OFFSET_POINTS + 1 if self._calibration_applies(bundle) else 1  # the δ axis of the joint search
+            self._check_search_memory(
+                val_rows=rows, entries=bundle.num_support, classes=bundle.num_classes, offsets=offsets
+            )
 
     def _check_search_memory(self, **sizes: int) -> None:
         """Refuse a ``search_step`` whose search would not fit in this machine's memory (``sizes``: the data's, see
@@ -132,7 +135,7 @@ class CacheMethod(Method):
         offsets = None
         if getattr(self, "_calibrating_", False):
             g0 = self._cache_term(affinity, float(betas[0]), weight_candidates[0])
-            offsets = offset_grid(top_gaps(z0[None] + alphas[:, None, None] * g0[None], self.seen_classes_))
+            offsets = offset_grid(gaps_along_alpha(z0, g0, alphas, self.seen_classes_))
         with progress(betas.numel() * chunks, f"{self.name} search", "β", leave=False) as bar:
             counts = cache_search(
                 z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar,

@@ -44,6 +44,18 @@ def top_gaps(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return flat[:, seen].amax(dim=1) - flat[:, ~seen].amax(dim=1)
 
 
+def gaps_along_alpha(
+    z0: torch.Tensor, g: torch.Tensor, alphas: torch.Tensor, seen: torch.Tensor, budget: int = 1 << 24
+) -> torch.Tensor:
+    """:func:`top_gaps` of z0 + α·g [M, C] for every α in ``alphas`` (flattened, [A·M]), in chunks of α of about
+    ``budget`` elements, so memory stays bounded at any class count (an [A, M, C] tensor at ImageNet's shape would
+    take gigabytes)."""
+    step = max(1, budget // max(1, z0.numel()))
+    chunks = [alphas[s : s + step] for s in range(0, alphas.numel(), step)]
+    parts = [top_gaps(z0[None] + a[:, None, None] * g[None], seen) for a in chunks]
+    return torch.cat(parts) if parts else z0.new_zeros(0)
+
+
 def offset_grid(gaps: torch.Tensor, points: int = OFFSET_POINTS) -> torch.Tensor:
     """Candidate offsets [T]: 0, then the ``points`` quantiles (q = 0, 1/(points − 1), …, 1) of ``gaps``, deduplicated
     and ordered by |δ| (ties: negative first). Shifting by a gap moves that row's winner to the other group, so

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import MethodError
 from ..features.bundle import Bundle
 from .base import Method
-from .calibration import apply_offset, offset_grid, top_gaps
+from .calibration import apply_offset, gaps_along_alpha, offset_grid
 from .params import Integral, Interval, Real, SequenceOf, param
 from .registry import register
 from .search import count_correct_along_alpha, first_argmax
@@ -129,7 +129,7 @@ class GDA(Method):
             f = F.normalize(bundle.val_features, dim=-1)
             z0, g = 100.0 * f @ self.text_.T, self._gda_logits(f)
             if self._calibrating_:  # α and the offset δ together: the α axis scanned for every δ (δ innermost)
-                offsets = offset_grid(top_gaps(z0[None] + grid[:, None, None] * g[None], self.seen_classes_))
+                offsets = offset_grid(gaps_along_alpha(z0, g, grid, self.seen_classes_))
                 shifted = [apply_offset(z0, self.seen_classes_, float(d)) for d in offsets.tolist()]
                 counts = torch.stack(
                     [count_correct_along_alpha(z, g[None], bundle.val_labels, grid)[0] for z in shifted]

@@ -352,15 +352,17 @@ def cache_search(
 # --------------------------------------------------------------------------- memory
 
 
-def search_memory(steps: list[int] | tuple[int, ...], val_rows: int = 1, entries: int = 1, classes: int = 1) -> int:
+def search_memory(
+    steps: list[int] | tuple[int, ...], val_rows: int = 1, entries: int = 1, classes: int = 1, offsets: int = 1
+) -> int:
     """Bytes that :func:`cache_search` holds at its peak for grids of ``steps`` points (β, α[, γ]) on ``val_rows``
     validation rows, ``entries`` cache keys and ``classes`` classes (the defaults give the part that depends on the
     grids alone, a lower bound). With B, A, Γ points (Γ = 1 without a third grid), rows m of one chunk
-    (:func:`search_row_chunk`), N entries and C classes:
+    (:func:`search_row_chunk`), N entries, C classes and T calibration ``offsets`` (1 without calibration):
 
-    - the counts grid, int64 [B, A, Γ];
-    - per chunk: the shifted affinity and its exp, float32 [m, N] each; G, float32 [C, m, Γ]; the rows' interval
-      constants (:func:`alpha_scan_rows`), six float32 [C, m];
+    - the counts grid, int64 [B, A, Γ, T];
+    - per chunk: the shifted affinity and its exp, float32 [m, N] each; G, float32 [C, m, Γ]; per offset the shifted
+      logits, float32 [m, C], and the rows' interval constants (:func:`alpha_scan_rows`), six float32 [C, m];
     - per β (:func:`count_correct_along_alpha`): the counts, the difference array and its sum, int64 [Γ, A + 1]
       each; the interval ends, four float32 [m, Γ], and their grid positions, four int64 [m, Γ]; the temporaries of
       :func:`alpha_intervals`, three float32 [C, m′, Γ] on its sub-chunks of m′ rows (about 2¹⁹ elements); the logits
@@ -369,8 +371,8 @@ def search_memory(steps: list[int] | tuple[int, ...], val_rows: int = 1, entries
     num_b, num_a = int(steps[0]), int(steps[1])
     num_g = int(steps[2]) if len(steps) > 2 else 1
     rows = min(val_rows, search_row_chunk(entries))
-    counts = 8 * num_b * num_a * num_g
-    chunk = 4 * (2 * rows * entries + num_g * rows * classes + 6 * rows * classes)
+    counts = 8 * num_b * num_a * num_g * offsets
+    chunk = 4 * (2 * rows * entries + num_g * rows * classes + 7 * offsets * rows * classes)
     scan = 3 * 8 * num_g * (num_a + 1) + (4 * 4 + 4 * 8) * rows * num_g
     part = min(rows, max(1, (1 << 19) // (num_g * classes)))
     intervals = 3 * 4 * classes * part * num_g
