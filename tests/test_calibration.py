@@ -16,6 +16,7 @@ from fewclip.methods.calibration import (
     first_best,
     gaps_along_alpha,
     offset_grid,
+    refine_offset,
     top_gaps,
 )
 
@@ -161,3 +162,23 @@ def test_gaps_along_alpha_equal_the_dense_computation_in_any_chunking():
     dense = top_gaps(z0[None] + alphas[:, None, None] * g[None], seen)
     for budget in (1, 35, 36, 1 << 24):  # one α per chunk, one, two, all at once
         torch.testing.assert_close(gaps_along_alpha(z0, g, alphas, seen, budget=budget), dense, rtol=0, atol=0)
+
+
+def test_refine_offset_never_falls_below_the_joint_choice_and_finds_a_finer_shift():
+    seen = torch.tensor([True, True, False, False])
+    # every row's own class is unseen; the seen classes lead by 1.0 to 3.0: any δ above a row's lead fixes it
+    leads = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0])
+    logits = torch.zeros(5, 4)
+    logits[:, 0] = leads
+    labels = torch.full((5,), 2)
+    start = 2.2  # a coarse choice that fixes the first three rows
+    assert count_correct_per_offset(logits, labels, seen, torch.tensor([start])).item() == 3
+    offset, correct, points = refine_offset(logits, labels, seen, start)
+    # the full grid's candidates are quantiles of the gaps, the largest the largest gap itself: the row whose lead is
+    # exactly 3.0 would tie with its own class there and go to the lowest index, a seen class; so 4 rows, at the
+    # smallest δ past 2.5
+    assert correct == 4 and 2.5 < offset <= 3.0 and points > 1
+    assert count_correct_per_offset(logits, labels, seen, torch.tensor([offset])).item() == correct
+    # where the joint choice is already the best, its count is kept
+    offset, correct, _ = refine_offset(logits[:3], labels[:3], seen, 2.2)
+    assert correct == 3 and count_correct_per_offset(logits[:3], labels[:3], seen, torch.tensor([offset])) == 3

@@ -17,7 +17,7 @@ from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..progress import progress
 from .base import Method
-from .calibration import OFFSET_POINTS, gaps_along_alpha, offset_grid
+from .calibration import JOINT_OFFSET_POINTS, gaps_along_alpha, offset_grid, refine_offset
 from .params import Integral, Interval, Real, SequenceOf
 from .search import (
     ClassLayout,
@@ -68,7 +68,9 @@ class CacheMethod(Method):
     def _check(self, bundle: Bundle) -> None:
         if bundle.has_val:
             rows = int(bundle.val_labels.numel())
-            offsets = OFFSET_POINTS + 1 if self._calibration_applies(bundle) else 1  # the δ axis of the joint search
+            offsets = (
+                JOINT_OFFSET_POINTS + 1 if self._calibration_applies(bundle) else 1
+            )  # the δ axis of the joint search
             self._check_search_memory(
                 val_rows=rows, entries=bundle.num_support, classes=bundle.num_classes, offsets=offsets
             )
@@ -122,11 +124,13 @@ class CacheMethod(Method):
 
         While calibrating (classes without support, see :meth:`Method._calibration_applies`) the grid has a fourth,
         innermost axis, the offset δ subtracted from the seen classes' logits: α and δ are chosen together, since the
-        best α without an offset is the one that barely touches the unseen classes' share. The δ candidates are the
-        quantiles of the seen-minus-unseen gaps of Z₀ + α·G(β₀) over the whole α grid (β₀ the first β, the
-        broadest kernel: the largest G), so they span the shifts of every α. Ties: the first in (β, α, candidate, δ)
-        order, δ by increasing |δ|. The search runs on the CPU: the fitted tensors are moved there first (a trained
-        method trains on the bundle's device)."""
+        best α without an offset is the one that barely touches the unseen classes' share. The δ candidates are
+        ``JOINT_OFFSET_POINTS`` quantiles of the seen-minus-unseen gaps of Z₀ + α·G(β₀) over the whole α grid (β₀
+        the first β, the broadest kernel: the largest G), so they span the shifts of every α; each candidate costs
+        one more α scan of the grid. Ties: the first in (β, α, candidate, δ) order, δ by increasing |δ|. The chosen
+        model's δ is then refined on the full ``OFFSET_POINTS`` grid of its own validation logits (never below the
+        joint choice's count: :func:`~fewclip.methods.calibration.refine_offset`). The search runs on the CPU: the
+        fitted tensors are moved there first (a trained method trains on the bundle's device)."""
         self._move_fitted_to_cpu()
         bundle, weight_candidates = bundle.to("cpu"), weight_candidates.cpu()
         betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
@@ -135,7 +139,7 @@ class CacheMethod(Method):
         offsets = None
         if getattr(self, "_calibrating_", False):
             g0 = self._cache_term(affinity, float(betas[0]), weight_candidates[0])
-            offsets = offset_grid(gaps_along_alpha(z0, g0, alphas, self.seen_classes_))
+            offsets = offset_grid(gaps_along_alpha(z0, g0, alphas, self.seen_classes_), JOINT_OFFSET_POINTS)
         with progress(betas.numel() * chunks, f"{self.name} search", "β", leave=False) as bar:
             counts = cache_search(
                 z0, affinity, self._layout(), weight_candidates, bundle.val_labels, betas, alphas, progress=bar,
@@ -146,8 +150,15 @@ class CacheMethod(Method):
         else:
             i, j, l, t = first_argmax(counts)
             counts = counts[..., t]
-            self.calibration_offset_ = float(offsets[t])
-            self.calibration_search_ = {"points": int(offsets.numel())}
+            chosen = z0 + alphas[j] * self._cache_term(affinity, float(betas[i]), weight_candidates[l])
+            offset, correct, points = refine_offset(chosen, bundle.val_labels, self.seen_classes_, float(offsets[t]))
+            self.calibration_offset_ = offset
+            self.calibration_search_ = {
+                "joint_points": int(offsets.numel()),
+                "joint_offset": float(offsets[t]),
+                "points": points,
+                "best_correct": correct,
+            }
         self.beta_, self.alpha_ = float(betas[i]), float(alphas[j])
         self.search_ = {
             "evaluations": int(counts.numel()),
