@@ -103,7 +103,7 @@ def test_a_method_without_cv_refuses_it(bundle):
 
 
 @pytest.mark.slow
-def test_folder_of_class_subfolders_runs_with_cv(tmp_path):
+def test_a_folder_of_class_subfolders_runs_with_selection_cv(tmp_path):
     root = tmp_path / "shop"
     names = ["mug", "plate", "spoon"]
     items = [(f"{n}/{i}.png", y) for y, n in enumerate(names) for i in range(10)]
@@ -113,7 +113,7 @@ def test_folder_of_class_subfolders_runs_with_cv(tmp_path):
     argv = [
         "run", "--dataset", "folder", "--path", str(root), "--model", f"local-dir:{tiny.folder}", "--views", "2",
         "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--shots", "2", "--seeds", "1",
-        "--method", "zero-shot", "tip-adapter", "gda",
+        "--method", "zero-shot", "tip-adapter", "gda", "--selection", "cv",
     ]  # fmt: skip
     assert main(argv) == 0
     results = [json.loads(p.read_text()) for p in Path(out).rglob("shots_2-seed_1.json")]

@@ -264,7 +264,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--selection",
         choices=["val", "cv", "none"],
-        help="val (default), cv (k-fold over the support; the default for a folder of class sub-folders) or none",
+        help="val (default), cv (k-fold cross-validation over the support images; no validation split needed) or none",
     )
     run.add_argument("--sampler", choices=["dassl", "portable"], help="default: dassl for registered datasets")
     run.add_argument("--val-kind", choices=["fewshot", "full"], help="fewshot (default) or full")

@@ -64,9 +64,7 @@ class MethodsConfig:
     names: Sequence[str] = ("zero-shot", "tip-adapter", "ape")
     preset: str | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    #: None: "val", or "cv" for a ``folder`` dataset whose splits were generated from class sub-folders alone (the
-    #: run resolves it once the dataset is loaded); an explicit value always wins
-    selection: str | None = None
+    selection: str = "val"
 
 
 @dataclass(frozen=True)

@@ -170,12 +170,6 @@ def create_method(config: RunConfig, protocol: Protocol, name: str, preset: str 
     )
 
 
-def default_selection(splits: DatasetSplits) -> str:
-    """The selection when the user gives none: cross-validation over the support images for a ``folder`` dataset
-    with only class sub-folders (its splits generated, no validation split of its own), else validation."""
-    return "cv" if splits.split_source.startswith("generated") else "val"
-
-
 def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[str, tuple[str | None, dict[str, Any]]]:
     """Create every method and check its hyperparameters once before any image is encoded, so a bad name, value or
     override fails fast (what depends on the data is checked when each cell is fitted)."""
@@ -207,8 +201,8 @@ def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[s
         method.validate_params()
         if config.methods.selection == "cv" and method.selects_on_validation and not method.cross_validates:
             raise ResultsError(
-                f"{name}: selection 'cv' is not implemented for this method; run it with --selection val (this "
-                "dataset's generated val split) or --selection none."
+                f"{name}: selection 'cv' is not implemented for this method (Tip-Adapter, APE, GDA and the linear "
+                "probe have it); run it with --selection val or --selection none."
             )
         plan[name] = (chosen, params)
     return plan
@@ -355,8 +349,6 @@ def plan(config: RunConfig, out_dir: str | Path) -> Plan:
     if not config.methods.names or not shots or not seeds:
         raise ResultsError("a run needs at least one method, one shot count and one seed.")
     splits = load_dataset(data.dataset, data.data_root, path=data.path, **dict(data.kind_options))
-    if config.methods.selection is None:
-        config = replace(config, methods=replace(config.methods, selection=default_selection(splits)))
     prompts = load_prompts(data.prompts, splits.name)
     protocol = make_protocol(config)
     protocol.prepare(splits, lambda name: load_dataset(name, data.data_root))
