@@ -147,7 +147,7 @@ def test_review_bugs_are_refused_with_one_message(bundle, name, params, message)
 def test_selection_on_test_names_the_valid_choices(bundle):
     with pytest.raises(
         M.MethodError,
-        match=r"^tip-adapter: selection='test' is not valid; expected one of \['val', 'none'\]\. There is no",
+        match=r"^tip-adapter: selection='test' is not valid; expected one of \['val', 'cv', 'none'\]\. There is no",
     ):
         M.create("tip-adapter", selection="test").fit(bundle)
 

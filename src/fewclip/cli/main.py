@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     fit.add_argument(
         "--selection",
-        choices=["val", "none"],
+        choices=["val", "cv", "none"],
         default="val",
-        help="choose hyperparameters on the bundle's validation split (default) or keep initial values",
+        help="choose hyperparameters on the bundle's validation split (default), by k-fold cross-validation over the "
+        "support images (cv), or keep initial values (none)",
     )
     fit.add_argument("--save-model", metavar="PATH", help="write the fitted model (safetensors)")
     fit.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

@@ -261,7 +261,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         metavar="[METHOD:]KEY=VALUE",
         help="override a hyperparameter of every method, or of METHOD only",
     )
-    run.add_argument("--selection", choices=["val", "none"], help="val (default) or none")
+    run.add_argument(
+        "--selection",
+        choices=["val", "cv", "none"],
+        help="val (default), cv (k-fold cross-validation over the support images; no validation split needed) or none",
+    )
     run.add_argument("--sampler", choices=["dassl", "portable"], help="default: dassl for registered datasets")
     run.add_argument("--val-kind", choices=["fewshot", "full"], help="fewshot (default) or full")
     add_extraction_arguments(run, defaults=False)

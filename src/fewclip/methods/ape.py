@@ -70,6 +70,8 @@ class RefinedChannels(CacheMethod):
 @register("ape")
 @dataclass(kw_only=True, repr=False, eq=False)
 class APE(RefinedChannels):
+    cross_validates = True
+
     channels: int | None = param(None, CHANNELS, doc="Q, refined channels kept (None: 70% of D)")
     channels_reference_dim: int | None = param(
         None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q keeps its fraction of D"
@@ -81,6 +83,10 @@ class APE(RefinedChannels):
     init_gamma: float = param(0.1, CACHE_WEIGHT, doc="γ without search")
     search_scale: Sequence[float] = param((7.0, 7.0, 1.0), search_scale(3), doc="upper ends of the β, α, γ grids")
     search_step: Sequence[int] = param((200, 20, 20), search_step(3), doc="points of the β, α, γ grids")
+
+    def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:
+        scale, step = self._grid()
+        return {**super()._cv_values(index), "init_gamma": float(gamma_grid(scale[2], step[2])[index[2]])}
 
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         scale, step = self._grid()

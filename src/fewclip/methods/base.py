@@ -32,12 +32,13 @@ from ..errors import MethodError, NotFittedError
 from ..io import atomic_write
 from ..metrics import accuracy
 from .calibration import apply_offset, best_offset
+from .cv import CV_SEED, cv_fold_count, cv_fold_ids, fold_bundle
 from .params import Constraint, Options, constraint_of, param, validate
 
 MODEL_FORMAT = "fewclip-model/1"
 #: joins a fitted dict-of-tensors attribute and an entry's name in a model file ("encoder_state_/visual.proj")
 STATE_SEPARATOR = "/"
-SELECTIONS = ("val", "none")
+SELECTIONS = ("val", "cv", "none")
 CALIBRATIONS = ("auto", "val", "none")
 #: what ``fit`` takes, by the value of :attr:`Method.inputs`
 INPUTS = ("features", "images")
@@ -87,6 +88,10 @@ class Method:
     falls_back_without_validation: ClassVar[bool] = False
     #: True when every class needs at least one support image.
     needs_support_for_every_class: ClassVar[bool] = False
+    #: True when ``selection="cv"`` is implemented: a fit with ``selection="val"`` leaves ``_cv_counts_`` (the
+    #: validation counts over a grid that does not depend on the data) and ``_cv_values(index)`` maps a grid index to
+    #: the constructor values that fix that choice; or the method overrides :meth:`_cv_select`.
+    cross_validates: ClassVar[bool] = False
 
     #: Provenance, not a hyperparameter: the preset :func:`~fewclip.methods.create` loaded (its canonical key), or None.
     preset = None
@@ -94,8 +99,9 @@ class Method:
     selection: str = param(
         "val",
         Options(SELECTIONS),
-        doc="'val': choose the hyperparameters (epochs, α, β, ...) on the validation split; 'none': keep the initial "
-        "values",
+        doc="'val': choose the hyperparameters (epochs, α, β, ...) on the validation split; 'cv': choose them by "
+        "stratified k-fold cross-validation over the support images (k = min(K, 4)), then fit on all of them; 'none': "
+        "keep the initial values",
         hint="There is no selection on test.",
     )
     calibrate: str = param(
@@ -158,7 +164,8 @@ class Method:
             train = data.without_test()
             self.seen_classes_ = (data.shots_per_class() > 0).cpu()
             self._calibrating_ = self._calibration_applies(data)
-            selected = self._fit(train)
+            cv = self.selection == "cv" and self.selects_on_validation
+            selected = self._fit_cv(train) if cv else self._fit(train)
             self._move_fitted_to_cpu()
             self._calibrate(train)
             self.selected_ = {
@@ -167,7 +174,7 @@ class Method:
                 "calibration_offset": self.calibration_offset_,
             }
             val_used = self.selection == "val" and self.selects_on_validation and data.has_val
-            self.selection_used_ = "val" if val_used else "none"
+            self.selection_used_ = "val" if val_used else "cv" if cv else "none"
             self.num_classes_ = data.num_classes
             self.dim_ = int(dim) if dim is not None else self._fitted_dim()
             self.val_accuracy_ = self._validation_accuracy(train)
@@ -203,6 +210,8 @@ class Method:
                 "(missing, or 0 rows). Either add a validation split, or use selection='none' (--selection none) to "
                 "keep the method's initial hyperparameter values."
             )
+        if self.selection == "cv" and self.selects_on_validation:
+            self._check_cv(data)
         if self.needs_support_for_every_class:
             missing = (data.shots_per_class() == 0).nonzero().flatten().tolist()
             if missing:
@@ -211,6 +220,77 @@ class Method:
                     f"{self.name} needs at least one support image per class, but {len(missing)} class(es) have none "
                     f"(e.g. {names}). Use a method that handles classes without support (zero-shot, tip-adapter, ape)."
                 )
+
+    def _check_cv(self, data: FitData) -> None:
+        """``selection="cv"``: a method that implements it, features, and support that can be split (K ≥ 2 where every
+        class needs support in every fold's training part)."""
+        fallback = "use selection='none' (--selection none) to keep the initial values, or add a validation split"
+        if not self.cross_validates or self.inputs != "features":
+            raise MethodError(f"{self.name}: selection='cv' is not implemented for this method; {fallback}.")
+        shots = data.shots_per_class()
+        smallest = int(shots[shots > 0].min()) if bool((shots > 0).any()) else 0
+        if smallest < 2 and self.needs_support_for_every_class:
+            raise MethodError(
+                f"{self.name}: selection='cv' holds out support images, but a class has {smallest} support image(s) "
+                f"and {self.name} needs support for every class in every fold (K ≥ 2); {fallback}."
+            )
+        if int(data.num_support) < 2:
+            raise MethodError(f"{self.name}: selection='cv' needs at least 2 support images; {fallback}.")
+
+    def _cv_seed(self) -> int:
+        """The folds' seed: the method's ``seed`` hyperparameter where it has one, else :data:`CV_SEED`."""
+        return int(getattr(self, "seed", CV_SEED))
+
+    def _fit_cv(self, data: Any) -> dict[str, Any]:
+        """``selection="cv"``: choose on stratified folds of the support images (:meth:`_cv_select`), then fit on all
+        of them with the chosen values fixed (``selection="none"``); the constructor values are restored afterwards,
+        what was chosen is in ``selected_``."""
+        k = cv_fold_count(data.shots_per_class())
+        seed = self._cv_seed()
+        ids = cv_fold_ids(data.support_labels, data.num_classes, k, seed)
+        folds = [fold_bundle(data, ids == f) for f in range(k)]
+        chosen, best_correct = self._cv_select(folds)
+        saved = self.get_params()
+        try:
+            for key, value in {**chosen, "selection": "none"}.items():
+                setattr(self, key, value)
+            selected = self._fit(data)
+        finally:
+            for key, value in saved.items():
+                setattr(self, key, value)
+        self.cv_ = {
+            "folds": k,
+            "seed": seed,
+            "fold_sizes": [int((ids == f).sum()) for f in range(k)],
+            "rows": int(data.num_support),
+            "best_correct": best_correct,
+            "chosen": chosen,
+        }
+        return {**selected, "cv_folds": k, "cv_seed": seed}
+
+    def _cv_probe(self) -> Method:
+        """An unfitted copy that selects on a fold's validation split, uncalibrated."""
+        probe = type(self)(**{**self.get_params(), "selection": "val", "calibrate": "none"})
+        probe.preset = self.preset
+        return probe
+
+    def _cv_select(self, folds: Sequence[Any]) -> tuple[dict[str, Any], int]:
+        """The constructor values chosen on ``folds`` and their summed correct count: each fold fitted with
+        ``selection="val"``, its validation counts over the method's grid (``_cv_counts_``) summed over the folds,
+        the first maximum (the grid's own tie order) mapped back by ``_cv_values``."""
+        total, probe = None, None
+        for fold in folds:
+            probe = self._cv_probe().fit(fold)
+            counts = probe._cv_counts_.double()
+            total = counts if total is None else total + counts
+        flat = total.reshape(-1)
+        pos = int((flat == flat.max()).nonzero()[0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), total.shape))
+        return probe._cv_values(index), int(flat[pos])
+
+    def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:  # pragma: no cover - per method
+        """The constructor values that fix the choice at ``index`` of ``_cv_counts_``."""
+        raise NotImplementedError
 
     def _calibration_applies(self, data: FitData) -> bool:
         """Whether ``fit`` chooses a calibration offset (see the ``calibrate`` hyperparameter): features with classes

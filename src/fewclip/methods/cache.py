@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,12 @@ class CacheMethod(Method):
         """``search_scale`` and ``search_step`` as floats and ints."""
         return [float(s) for s in self.search_scale], [int(s) for s in self.search_step]
 
+    def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:
+        """β and α at ``index`` of the (β, α, candidate) counts, as the values a fit without search uses."""
+        scale, step = self._grid()
+        betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
+        return {"init_beta": float(betas[index[0]]), "init_alpha": float(alphas[index[1]])}
+
     def _query(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Z₀ = 100·n(f)Wᵀ [M, C] and the affinity A = n(f_Q)·F_Qᵀ [M, N]."""
         f = F.normalize(features, dim=-1)
@@ -160,6 +167,7 @@ class CacheMethod(Method):
                 "best_correct": correct,
             }
         self.beta_, self.alpha_ = float(betas[i]), float(alphas[j])
+        self._cv_counts_ = counts  # [β, α, candidate]: what selection="cv" sums over its folds
         self.search_ = {
             "evaluations": int(counts.numel()),
             "val_rows": int(bundle.val_labels.numel()),

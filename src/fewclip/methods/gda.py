@@ -90,6 +90,8 @@ def gda_classifier(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.
 @register("gda")
 @dataclass(kw_only=True, repr=False, eq=False)
 class GDA(Method):
+    cross_validates = True
+
     alpha_grid: Sequence[float] = param(
         ALPHA_GRID, SequenceOf(ALPHA, min_length=1), doc="α candidates, searched in order (first maximum wins)"
     )
@@ -139,10 +141,14 @@ class GDA(Method):
                 evaluations, counts = int(counts.numel()), counts[t][None]
             else:
                 counts = count_correct_along_alpha(z0, g[None], bundle.val_labels, grid)
+                self._cv_counts_ = counts[0]  # [A]: what selection="cv" sums over its folds
                 evaluations, (_, j) = int(counts.numel()), first_argmax(counts)
             self.alpha_ = float(grid[j])
             self.search_ = {"evaluations": evaluations, "best_correct": int(counts[0, j])}
         return {"alpha": self.alpha_}
+
+    def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:
+        return {"init_alpha": float(self.alpha_grid[index[0]])}
 
     def _gda_logits(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.weights_.T + self.bias_

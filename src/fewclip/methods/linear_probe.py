@@ -19,7 +19,7 @@ computed in closed form (no autograd).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,6 +215,7 @@ class PathFit:
 @dataclass(kw_only=True, repr=False, eq=False)
 class LinearProbe(Method):
     needs_support_for_every_class = True
+    cross_validates = True
 
     C: float = param(
         1.0, Interval(Real, 0, None, closed="neither"), doc="inverse regularisation strength, without search"
@@ -282,6 +283,31 @@ class LinearProbe(Method):
         self.weight_, self.bias_ = w, b
         self.train_features_ = source
         return {"C": chosen}
+
+    def _cv_select(self, folds: Sequence[Bundle]) -> tuple[dict[str, Any], int]:
+        """C by cross-validation: the coarse grid's counts summed over the folds, then the fine grid around the best
+        coarse C the same way (ties: the smaller C, as on validation). Each fold's path is fitted from the smallest C
+        up, each from the previous solution."""
+        fitted = []
+        for fold in folds:
+            raw, _ = self._train_features(fold)
+            problem = LogisticProblem.build(self._prepare(raw), fold.support_labels, fold.num_classes)
+            fitted.append((problem, self._prepare(fold.val_features), fold.val_labels))
+
+        def summed(cs: Iterable[float]) -> tuple[float, int]:
+            cs = sorted(cs)
+            total = [0] * len(cs)
+            for problem, xv, yv in fitted:
+                theta = problem.zeros()
+                for i, c in enumerate(cs):
+                    theta = lbfgs(problem.objective(c), theta, self.max_iter, self.tol).theta
+                    w, b = problem.from_theta(theta)
+                    total[i] += int((torch.addmm(b, xv, w.T).argmax(1) == yv).sum())
+            return max(zip(cs, total), key=lambda t: (t[1], -t[0]))
+
+        coarse, _ = summed(COARSE_C)
+        chosen, correct = summed(fine_grid(coarse))
+        return {"C": chosen}, correct
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         return self._prepare(features) @ self.weight_.T + self.bias_

@@ -23,6 +23,8 @@ class TipAdapter(CacheMethod):
     per-dataset ranges of the published configs.
     """
 
+    cross_validates = True
+
     init_alpha: float = param(1.0, CACHE_WEIGHT, doc="α without search (selection 'none')")
     init_beta: float = param(1.0, CACHE_WEIGHT, doc="β without search (selection 'none')")
     search_scale: Sequence[float] = param((7.0, 7.0), search_scale(2), doc="upper ends of the β and α grids")

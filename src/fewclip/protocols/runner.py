@@ -197,7 +197,13 @@ def check_methods(config: RunConfig, dataset: str, protocol: Protocol) -> dict[s
         protocol.check_method(name)
         chosen = method_preset(name, preset, dataset)
         params = method_overrides(config.methods.overrides, name)
-        create_method(config, protocol, name, chosen, params).validate_params()
+        method = create_method(config, protocol, name, chosen, params)
+        method.validate_params()
+        if config.methods.selection == "cv" and method.selects_on_validation and not method.cross_validates:
+            raise ResultsError(
+                f"{name}: selection 'cv' is not implemented for this method (Tip-Adapter, APE, GDA and the linear "
+                "probe have it); run it with --selection val or --selection none."
+            )
         plan[name] = (chosen, params)
     return plan
 
