@@ -93,3 +93,7 @@ class ResultsLockedError(ResultsError):
 class OutputError(ResultsError):
     """A results file that cannot be written: a file where the folder should be, no permission, a read-only file
     system or a full disk. The message names the path."""
+
+
+class ClassifierError(FewclipError, ValueError):
+    """A classifier file that cannot be used, or a backbone that is not the one it was fitted on."""

@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose hyperparameters on the bundle's validation split (default), by k-fold cross-validation over the "
         "support images (cv), or keep initial values (none)",
     )
-    fit.add_argument("--save-model", metavar="PATH", help="write the fitted model (safetensors)")
+    fit.add_argument(
+        "--save-model",
+        metavar="PATH",
+        help="write the fitted model (safetensors); a bundle names no backbone, so this is the method's model file, "
+        "not a classifier for fewclip predict (fewclip run --save-models writes those)",
+    )
     fit.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     fit.set_defaults(func=cmd_fit)
 
@@ -169,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cache import add_parsers as add_cache_parsers
     from .datasets import add_parsers as add_dataset_parsers
+    from .predict import add_parser as add_predict_parser
     from .results import add_parsers as add_results_parsers
     from .run import add_parsers as add_run_parsers
 
     add_run_parsers(sub)
+    add_predict_parser(sub)
     add_results_parsers(sub)
     add_dataset_parsers(sub)
     add_cache_parsers(sub)

@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.protocol.name == "transfer" and not config.protocol.targets:
         raise CLIError("--protocol transfer needs --targets (e.g. imagenet_v2 imagenet_sketch caltech101).")
     try:
-        report = run(config, args.out, force=args.force, wait=args.wait)
+        report = run(config, args.out, force=args.force, wait=args.wait, save_models=args.save_models)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished results and encoded features are kept; run the same command again to continue.",
@@ -276,6 +276,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="if another run is writing into the same results folder, wait for it to finish (then reuse what it "
         "finished) instead of stopping with its pid, host and start time",
+    )
+    run.add_argument(
+        "--save-models",
+        action="store_true",
+        help="beside each feature method's result, write a classifier file (<result>.<run id>.classifier.safetensors) "
+        "that fewclip predict labels new images with; results skipped as done get none (--force re-runs them)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -414,8 +414,10 @@ class Method:
                 scalars[key] = value
         return tensors, scalars
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write hyperparameters, preset and fitted state to ``path`` (a safetensors file), atomically."""
+    def state(self) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+        """(metadata, tensors) of the model file :meth:`save` writes: what
+        :func:`~fewclip.methods.registry.model_from_state` rebuilds the fitted estimator from (a deployable
+        classifier file nests the two)."""
         self._check_fitted()
         tensors, scalars = self._fitted_state()
         meta = {
@@ -426,6 +428,11 @@ class Method:
             "fitted": json.dumps(scalars),
             "fewclip_version": __version__,
         }
+        return meta, tensors
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write hyperparameters, preset and fitted state to ``path`` (a safetensors file), atomically."""
+        meta, tensors = self.state()
         path = Path(path)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return path

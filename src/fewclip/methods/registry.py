@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
+
+import torch
 
 from ..data import resolve_name
 from ..errors import DataError, MethodError
@@ -113,6 +116,12 @@ def create(name: str, *, preset: str | None = None, **params: Any) -> Method:
 def load_model(path: str | os.PathLike) -> Method:
     """Load an estimator written by :meth:`Method.save` (also files that kept ``preset`` among the params)."""
     meta, tensors = read_safetensors(path, expected_format=MODEL_FORMAT, what="model", error=MethodError)
+    return model_from_state(meta, tensors, where=str(path))
+
+
+def model_from_state(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str = "model") -> Method:
+    """The fitted estimator :meth:`Method.state` describes (``where`` names its source in errors)."""
+    path = where
     try:
         cls = get_class(meta["method"])
         params = json.loads(meta["params"])
@@ -143,6 +152,7 @@ __all__ = [
     "list_methods",
     "list_presets",
     "load_model",
+    "model_from_state",
     "preset_key",
     "preset_params",
     "register",

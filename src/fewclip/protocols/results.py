@@ -171,8 +171,18 @@ def write_predictions(
 Predictions = tuple[torch.Tensor, torch.Tensor, Sequence[str] | None]
 
 
+def classifier_path(result: Path, run_id: str) -> Path:
+    """``shots_<K>-seed_<S>.<run id>.classifier.safetensors`` beside the result JSON (``fewclip run --save-models``)."""
+    return result.with_name(f"{result.stem}.{run_id}.classifier.safetensors")
+
+
 def publish_result(
-    path: Path, result: Mapping[str, Any], predictions: Predictions | None = None, *, run_id: str | None = None
+    path: Path,
+    result: Mapping[str, Any],
+    predictions: Predictions | None = None,
+    *,
+    run_id: str | None = None,
+    classifier: bytes | None = None,
 ) -> dict[str, Any]:
     """Publish one cell's result and its predictions together; returns the record written.
 
@@ -182,7 +192,9 @@ def publish_result(
     of the cell, which no JSON names any more, are removed. A crash before the rename leaves the earlier result and
     its predictions as they were (an exception also removes the new file; a kill leaves it, unnamed, for the next
     publication to remove); after it, the new pair. A result without predictions (a failed cell) leaves no earlier
-    predictions behind.
+    predictions behind. ``classifier`` (the bytes of a deployable classifier file) is published the same way, as
+    ``shots_<K>-seed_<S>.<run id>.classifier.safetensors``, named with its SHA-256 in ``classifier_file`` and
+    ``classifier_sha256``.
     """
     run_id = run_id or new_run_id()
     record = {**result, "run_id": run_id}
@@ -191,14 +203,27 @@ def publish_result(
         new = predictions_path(path, run_id)
         record["predictions_file"] = new.name
         record["predictions_sha256"] = write_predictions(new, *predictions)
+    new_clf = None
     try:
+        if classifier is not None:
+            new_clf = classifier_path(path, run_id)
+            with writing(new_clf):
+                atomic_write(new_clf, lambda tmp: tmp.write_bytes(classifier))
+            record["classifier_file"] = new_clf.name
+            record["classifier_sha256"] = hashlib.sha256(classifier).hexdigest()
         write_result(path, record)
     except BaseException:
-        if new is not None:
-            new.unlink(missing_ok=True)
+        for written in (new, new_clf):
+            if written is not None:
+                written.unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f"{glob.escape(path.stem)}.*predictions.safetensors"):
-        if stale != new:
+    stem = glob.escape(path.stem)
+    stales = [
+        *path.parent.glob(f"{stem}.*predictions.safetensors"),
+        *path.parent.glob(f"{stem}.*.classifier.safetensors"),
+    ]
+    for stale in stales:
+        if stale not in (new, new_clf):
             try:
                 stale.unlink(missing_ok=True)
             except OSError:  # no JSON names it: an orphan, harmless, removed by the next publication

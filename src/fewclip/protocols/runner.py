@@ -51,6 +51,7 @@ from ..methods.registry import preset_key
 from ..models import Backbone
 from ..progress import progress
 from .config import PROTOCOLS, RunConfig
+from .deploy import classifier_bytes
 from .protocol import BaseToNew, LongTail, Protocol, Target, short_classes
 from .results import (
     RESULT_FORMAT,
@@ -737,7 +738,13 @@ class RunReport:
 
 
 def run(
-    config: RunConfig, out_dir: str | Path, *, force: bool = False, wait: bool = False, log: Log | None = None
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    wait: bool = False,
+    log: Log | None = None,
+    save_models: bool = False,
 ) -> RunReport:
     """Run every stage for ``config``; one result file per cell under ``out_dir`` (see
     :func:`~fewclip.protocols.results.result_path`), a summary per protocol folder.
@@ -745,7 +752,8 @@ def run(
     A results folder that cannot be written is refused before the dataset is read. From the skip-or-run decision to
     the summary the run holds its protocol folder's lock: another run writing there makes this raise
     :class:`~fewclip.errors.ResultsLockedError` naming it, or, with ``wait``, wait for it (and then reuse what it
-    finished).
+    finished). ``save_models`` publishes a deployable classifier file beside each feature method's result
+    (:mod:`~fewclip.protocols.deploy`).
     """
     log = log or console_log
     check_output_folder(out_dir)
@@ -768,7 +776,7 @@ def run(
                 f"cache ({features.seconds:.1f} s)."
             )
             common = common_record(the_plan, features)
-            results.update(_fit_all(the_plan, todo, episodes, features, common, report, log, run_id))
+            results.update(_fit_all(the_plan, todo, episodes, features, common, report, log, run_id, save_models))
         mine = summary_cells(the_plan, results)
         report.results = [results[c] for c in mine]
         report.summary_path = write_summary(the_plan, report, {c: results[c] for c in mine}, run_id, log)
@@ -824,6 +832,7 @@ def _fit_all(
     report: RunReport,
     log: Log,
     run_id: str | None = None,
+    save_models: bool = False,
 ) -> dict[Cell, dict[str, Any]]:
     """Stage 5 and 6 over ``todo``: every cell fitted, scored and published with its predictions; a failing cell is
     recorded and skipped. A write that fails (a full disk) ends the run with
@@ -851,6 +860,9 @@ def _fit_all(
                     result, predicted, truth, names = fit_and_score(
                         plan, cell, cell_data[cell.target], features, record, fitted
                     )
+                    classifier = None
+                    if save_models and get_class(cell.method).inputs == "features":
+                        classifier = cell_classifier(plan, cell, cell_data[cell.target], features, fitted)
                 except Exception as exc:  # one failing cell is recorded, the run goes on
                     # its record replaces an earlier success, whose predictions go with it
                     publish_result(path, failure_record(plan, cell, exc), run_id=run_id)
@@ -858,7 +870,7 @@ def _fit_all(
                     log(f"{_describe(cell)}: FAILED ({type(exc).__name__}: {exc}); recorded in {path}")
                     bar.update(1)
                     continue
-                result = publish_result(path, result, (predicted, truth, names), run_id=run_id)
+                result = publish_result(path, result, (predicted, truth, names), run_id=run_id, classifier=classifier)
                 out[cell] = result
                 report.written.append(path)
                 val = result["accuracy"]["val_accuracy"]
@@ -871,6 +883,31 @@ def _fit_all(
                 log(f"{_describe(cell)}: {shown}  val {val_text}  ({result['seconds']['fit']:.2f} s)")
                 bar.update(1)
     return out
+
+
+def cell_classifier(
+    plan: Plan, cell: Cell, data: CellData, features: Features, fitted: Mapping[Any, tuple[Method, float]]
+) -> bytes:
+    """The deployable classifier file of the cell's fitted feature method: its model, the cell's classes and text
+    classifier, the prompts, and the backbone with its weights' identity."""
+    key = (cell.method, cell.shots, cell.seed, plan.protocol.fit_key(plan.targets[cell.target]))
+    model = fitted[key][0]
+    prompts = plan.prompts
+    identity = features.backbone.identity
+    return classifier_bytes(
+        model,
+        backbone_spec=plan.config.backbone,
+        classnames=list(data.bundle.classnames),
+        prompts_record={
+            "name": prompts.name,
+            "kind": prompts.kind,
+            "sha256": prompts.sha256,
+            "templates": list(prompts.templates),
+        },
+        text_weights=data.bundle.text_weights,
+        weights_identity=identity.get("weights") or {},
+        preprocess=identity.get("preprocess_description"),
+    )
 
 
 def _cell_data(plan: Plan, features: Features, episode: tuple[Episode, Path], target: Target) -> CellData:
