@@ -98,6 +98,7 @@ def test_predict_reproduces_the_runs_test_predictions(env, method):
     assert [r["class"] for r in rows] == expected
 
 
+@pytest.mark.slow  # several fewclip predict subprocesses
 def test_cli_writes_csv_and_jsonl_that_parse(env, tmp_path):
     clf = classifier_of(env, "tip-adapter")
     listing = tmp_path / "list.txt"
