@@ -438,6 +438,7 @@ def test_training_lowers_the_loss_and_selects_the_best_validation_epoch(b2n):
         "epoch": model.best_epoch_,
         "calibration": "val",  # b2n has classes without support: the epoch is chosen with its best offset
         "calibration_offset": model.calibration_offset_,
+        "temperature": model.temperature_,  # fitted on the validation logits after selection
     }
     assert model.selection_used_ == "val"
     assert model.iterations_per_epoch_ == b2n.num_support // 16

@@ -191,7 +191,12 @@ class Episode:
 def test_fit_needs_only_the_documented_data_attributes():
     model = ImageStub(width=5).fit(Episode())
     assert (model.num_classes_, model.dim_, model.val_accuracy_, model.selection_used_) == (3, 5, 50.0, "val")
-    assert model.selected_ == {"width": 5, "calibration": "none", "calibration_offset": 0.0}
+    assert model.selected_ == {
+        "width": 5,
+        "calibration": "none",
+        "calibration_offset": 0.0,
+        "temperature": 1.0,  # a method fitted on images gets no temperature
+    }
     assert model.predict_logits(torch.ones(2, 5)).shape == (2, 3)
     no_val = Episode()
     no_val.has_val = False

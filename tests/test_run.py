@@ -91,6 +91,9 @@ def test_run_end_to_end_skip_reuse_force_and_conflict(env, tmp_path, capsys):
     episode = data.load_episode(out / r["episode"]["file"], splits)
     assert episode == data.sample_episode(splits, 2, 1)  # the subset file is the dassl draw, reloadable
     assert len(r["per_class_accuracy"]) == 3 and "alpha" in r["selected"]
+    cal = r["calibration"]  # temperature fitted on val; test ECE reported only
+    assert cal["source"] == "val" and cal["temperature"] == r["selected"]["temperature"] > 0
+    assert all(math.isfinite(cal[k]) for k in ("val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"))
     assert r["accuracy"]["test_mean_per_class"] == pytest.approx(sum(r["per_class_accuracy"]) / 3)
     # the test rows' predictions are saved beside the result; the confusion matrix comes from them
     result_file = out / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"

@@ -51,3 +51,18 @@ def confusion_matrix(
     if normalize:
         counts = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
     return counts
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error in percent of class probabilities ``probs`` [M, C] (rows summing to 1) against
+    ``labels`` [M]: Σ_b |B_b|/M · |acc(B_b) − conf(B_b)| over ``bins`` equal-width bins of the confidence (the top
+    probability), bin b holding confidences in (b/bins, (b+1)/bins] (Guo et al. 2017). NaN without rows."""
+    if labels.numel() == 0:
+        return float("nan")
+    conf, pred = probs.double().max(dim=1)
+    hit = (pred == labels).double()
+    index = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
+    gap = torch.bincount(index, weights=hit, minlength=bins) - torch.bincount(index, weights=conf, minlength=bins)
+    # Σ_b |B_b|/M · |acc_b − conf_b| = Σ_b |Σ_{i∈B_b} (hit_i − conf_i)| / M
+    return 100.0 * float(gap.abs().sum() / labels.numel()) if bool((count > 0).any()) else float("nan")

@@ -34,6 +34,7 @@ from ..metrics import accuracy
 from .calibration import apply_offset, best_offset
 from .cv import CV_SEED, cv_fold_count, cv_fold_ids, fold_bundle
 from .params import Constraint, Options, constraint_of, param, validate
+from .temperature import calibration_record, fit_temperature
 
 MODEL_FORMAT = "fewclip-model/1"
 #: joins a fitted dict-of-tensors attribute and an entry's name in a model file ("encoder_state_/visual.proj")
@@ -178,6 +179,8 @@ class Method:
             self.num_classes_ = data.num_classes
             self.dim_ = int(dim) if dim is not None else self._fitted_dim()
             self.val_accuracy_ = self._validation_accuracy(train)
+            self._fit_temperature(train)
+            self.selected_["temperature"] = self.temperature_
         except BaseException:
             self._reset()
             raise
@@ -266,7 +269,21 @@ class Method:
             "best_correct": best_correct,
             "chosen": chosen,
         }
+        self._cv_oof_ = self._cv_out_of_fold(folds, saved, chosen)
         return {**selected, "cv_folds": k, "cv_seed": seed}
+
+    def _cv_out_of_fold(
+        self, folds: Sequence[Any], params: Mapping[str, Any], chosen: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Out-of-fold (logits [N, C], labels [N]) of the chosen configuration, for the temperature: on each fold, a
+        copy with the chosen values fixed (``selection="none"``, uncalibrated) fitted on the fold's training part
+        predicts its held-out images."""
+        logits, labels = [], []
+        for fold in folds:
+            probe = type(self)(**{**params, **chosen, "selection": "none", "calibrate": "none"}).fit(fold)
+            logits.append(probe.predict_logits(fold.val_features.cpu()))
+            labels.append(fold.val_labels.cpu())
+        return torch.cat(logits), torch.cat(labels)
 
     def _cv_probe(self) -> Method:
         """An unfitted copy that selects on a fold's validation split, uncalibrated."""
@@ -325,6 +342,32 @@ class Method:
         offset, correct, grid = best_offset(logits, data.val_labels.cpu(), self.seen_classes_)
         self.calibration_offset_ = offset
         self.calibration_search_ = {"points": int(grid.numel()), "best_correct": correct}
+
+    def _fit_temperature(self, data: Any) -> None:
+        """Set ``temperature_`` (temperature scaling of the probabilities, :mod:`~fewclip.methods.temperature`) and
+        ``temperature_fit_`` (where it was fitted, on how many rows, the ECE there before and after). Fitted on the
+        final model's validation logits (calibration offset applied) under ``selection="val"``; on the out-of-fold
+        logits of the chosen configuration under ``selection="cv"``; otherwise (no validation split, ``"none"``, a
+        method fitted on images) T = 1.0. Never changes ``predict_logits``."""
+        rows, source = None, "none"
+        if self.selection == "cv" and hasattr(self, "_cv_oof_"):
+            rows, source = self._cv_oof_, "cv"
+            del self._cv_oof_
+        elif self.selection == "val" and self.inputs == "features" and data.has_val:
+            rows, source = (self.predict_logits(data.val_features.cpu()), data.val_labels.cpu()), "val"
+        if rows is None:
+            self.temperature_ = 1.0
+            self.temperature_fit_ = {"source": "none", "rows": 0, "val_ece_before": None, "val_ece_after": None}
+            return
+        logits, labels = rows
+        self.temperature_ = fit_temperature(logits, labels)
+        ece = calibration_record(logits, labels, self.temperature_)
+        self.temperature_fit_ = {
+            "source": source,
+            "rows": int(labels.numel()),
+            "val_ece_before": ece["before"],
+            "val_ece_after": ece["after"],
+        }
 
     def _check(self, data: Any) -> None:
         """Checks that depend on the data or on two hyperparameters at once (run before any work; raise
@@ -386,6 +429,28 @@ class Method:
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Arg-max class per row; ties go to the lowest class index."""
         return self.predict_logits(features).argmax(dim=1)
+
+    def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
+        """[M, C] float32 class probabilities: softmax(predict_logits / ``temperature_``) (T = 1.0 for a model file
+        written before temperatures were fitted)."""
+        logits = self.predict_logits(features)
+        return torch.softmax(logits / float(getattr(self, "temperature_", 1.0)), dim=1)
+
+    def calibration_report(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The results file's ``calibration`` record: the temperature, where it was fitted, the ECE (percent) on those
+        rows before and after, and on the test ``logits`` [M, C] / ``labels`` [M] before and after (reported only:
+        nothing is chosen on them)."""
+        temperature = float(getattr(self, "temperature_", 1.0))
+        fit = getattr(self, "temperature_fit_", {})
+        test = calibration_record(logits, labels, temperature)
+        return {
+            "temperature": temperature,
+            "source": fit.get("source", "none"),
+            "val_ece_before": fit.get("val_ece_before"),
+            "val_ece_after": fit.get("val_ece_after"),
+            "test_ece_before": test["before"],
+            "test_ece_after": test["after"],
+        }
 
     def score(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 accuracy in percent."""

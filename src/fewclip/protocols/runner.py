@@ -622,6 +622,7 @@ def fit_and_score(
         "best_epoch": getattr(model, "best_epoch_", None),
         "history": getattr(model, "history_", None),
         "accuracy": {**scores, "val_accuracy": model.val_accuracy_},
+        "calibration": model.calibration_report(logits, labels),
         **extra,
         **({"image_encoder": encoder} if encoder is not None else {}),
         "seconds": seconds,
