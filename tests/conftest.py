@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -7,7 +9,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fewclip.data.generate import write_images  # noqa: E402
 from fewclip.features.synthetic import make_synthetic_bundle  # noqa: E402
+
+#: the classes of :func:`make_pets`
+PETS = ["abyssinian", "beagle", "chihuahua"]
+
+
+def make_pets(root: Path, train: int | list[int] = 6, val: int = 4, test: int = 5, *, size: int = 36) -> Path:
+    """``root``/oxford_pets/images/<class>_<split>_<i>.jpg and split_zhou_OxfordPets.json (CoOp's layout), 3 classes
+    (:data:`PETS`) with ``val`` and ``test`` images each and ``train`` training images each (or ``train[y]`` of class
+    y); returns ``root``, the data root."""
+    folder = root / "oxford_pets"
+    per_class = {"train": train if isinstance(train, list) else [train] * len(PETS), "val": [val] * len(PETS)}
+    per_class["test"] = [test] * len(PETS)
+    split = {
+        s: [[f"{PETS[y]}_{s}_{i}.jpg", y, PETS[y]] for y in range(len(PETS)) for i in range(n[y])]
+        for s, n in per_class.items()
+    }
+    write_images(folder / "images", [(p, y) for rows in split.values() for p, y, _ in rows], len(PETS), size=size)
+    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    return root
+
 
 #: Coarse settings under which every method fits the ``bundle`` fixture well under a second: the test suite's one
 #: copy (the demo keeps its own DEMO_GRIDS). Search grids are small, trained methods run a few epochs, and the linear

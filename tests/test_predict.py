@@ -16,29 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import PETS, make_pets
 from fewclip.cli.main import main
-from fewclip.data.generate import write_images
 from fewclip.errors import ClassifierError
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.deploy import load_classifier
 from fewclip.protocols.results import read_predictions, read_result
 
-NAMES = ["abyssinian", "beagle", "chihuahua"]
+NAMES = PETS
 BB = "local-dir-model"  # the results folder of the tiny model saved in <root>/model
 COUNTS = {"train": 6, "val": 4, "test": 5}
-
-
-def make_pets(root: Path) -> Path:
-    """oxford_pets/images/<file>.jpg + split_zhou_OxfordPets.json (CoOp's layout), 3 classes (as test_run.py)."""
-    folder = root / "oxford_pets"
-    split = {
-        s: [[f"{NAMES[y]}_{s}_{i}.jpg", y, NAMES[y]] for y in range(len(NAMES)) for i in range(n)]
-        for s, n in COUNTS.items()
-    }
-    items = [(p, y) for rows in split.values() for p, y, _ in rows]
-    write_images(folder / "images", items, len(NAMES), size=36, seed=0)
-    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    return root
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::fewclip.errors.DataWarning")
@@ -50,7 +37,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     tiny = save_tiny_openclip(root / "model", "vit", name="fewclip-test-predict-vit", seed=0)
-    data_root = make_pets(root / "data")
+    data_root = make_pets(root / "data", **COUNTS)
     out, cache = root / "results", root / "cache"
     argv = [
         "run", "--dataset", "oxford_pets", "--data-root", str(data_root), "--model", f"local-dir:{tiny.folder}",

@@ -40,6 +40,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from conftest import PETS, make_pets
 from fewclip import data, hashing
 from fewclip import methods as M
 from fewclip.cli.main import main
@@ -465,7 +466,7 @@ def test_a_killed_run_resumes_with_only_what_was_missing(cache_env, tmp_path):
 # §2 One run per results folder; a result published with its own predictions; summaries of one setup; output folders
 # ====================================================================================================
 SRC = Path(__file__).resolve().parents[1] / "src"
-NAMES = ["abyssinian", "beagle", "chihuahua"]
+NAMES = PETS
 COUNTS = {"train": 4, "val": 2, "test": 3}
 BB = "local-dir-model"
 
@@ -474,13 +475,7 @@ BB = "local-dir-model"
 def results_env(tmp_path_factory):
     """3 pets classes in CoOp's layout, the tiny model, and one feature cache the module's runs share."""
     root = tmp_path_factory.mktemp("reliability-results")
-    folder = root / "data" / "oxford_pets"
-    split = {
-        s: [[f"{NAMES[y]}_{s}_{i}.jpg", y, NAMES[y]] for y in range(len(NAMES)) for i in range(n)]
-        for s, n in COUNTS.items()
-    }
-    write_images(folder / "images", [(p, y) for rows in split.values() for p, y, _ in rows], len(NAMES), size=32)
-    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    make_pets(root / "data", COUNTS["train"], COUNTS["val"], COUNTS["test"], size=32)
     tiny = save_tiny_openclip(root / "model", "vit", name="fewclip-test-reliability-results", seed=0)
     return SimpleNamespace(root=root, data_root=root / "data", model=f"local-dir:{tiny.folder}", cache=root / "cache")
 
@@ -907,20 +902,6 @@ def test_results_confusion_refuses_foreign_predictions_and_a_full_disk_in_one_li
 # ====================================================================================================
 # §3 Option values, hyperparameters and bundles refused before any work
 # ====================================================================================================
-NAMES = ["abyssinian", "beagle", "chihuahua"]
-
-
-def make_pets_dataset(root: Path, train: list[int]) -> Path:
-    """oxford_pets/images + split_zhou_OxfordPets.json with ``train[y]`` training images of class y, 2 val, 3 test."""
-    folder = root / "oxford_pets"
-    counts = {"train": train, "val": [2] * len(NAMES), "test": [3] * len(NAMES)}
-    split = {
-        s: [[f"{NAMES[y]}_{s}_{i}.jpg", y, NAMES[y]] for y in range(len(NAMES)) for i in range(n[y])]
-        for s, n in counts.items()
-    }
-    write_images(folder / "images", [(p, y) for rows in split.values() for p, y, _ in rows], len(NAMES), size=32)
-    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -929,8 +910,8 @@ def inputs_env(tmp_path_factory):
     tiny = save_tiny_openclip(root / "model", "vit", name="fewclip-test-inputs-vit", seed=0)
     return SimpleNamespace(
         model=f"local-dir:{tiny.folder}",
-        data=make_pets_dataset(root / "data", [6, 6, 6]),
-        uneven=make_pets_dataset(root / "uneven", [6, 2, 6]),
+        data=make_pets(root / "data", [6, 6, 6], 2, 3, size=32),
+        uneven=make_pets(root / "uneven", [6, 2, 6], 2, 3, size=32),
     )
 
 

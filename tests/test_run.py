@@ -14,6 +14,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from conftest import PETS, make_pets
 from fewclip import data
 from fewclip.cli.main import main
 from fewclip.cli.run import parse_method_sets
@@ -40,29 +41,16 @@ from fewclip.protocols.results import RESULT_FORMAT, publish_result, read_predic
 from fewclip.protocols.runner import run
 from fewclip.protocols.transfer import domain_predictions
 
-NAMES = ["abyssinian", "beagle", "chihuahua"]
+NAMES = PETS
 BB = "local-dir-model"  # the results folder of the tiny model saved in <root>/model
 COUNTS = {"train": 6, "val": 4, "test": 5}
-
-
-def make_pets(root: Path) -> Path:
-    """oxford_pets/images/<file>.jpg + split_zhou_OxfordPets.json (CoOp's layout), 3 classes."""
-    folder = root / "oxford_pets"
-    split = {
-        s: [[f"{NAMES[y]}_{s}_{i}.jpg", y, NAMES[y]] for y in range(len(NAMES)) for i in range(n)]
-        for s, n in COUNTS.items()
-    }
-    items = [(p, y) for rows in split.values() for p, y, _ in rows]
-    write_images(folder / "images", items, len(NAMES), size=36, seed=0)
-    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    return root
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     tiny = save_tiny_openclip(root / "model", "vit", name="fewclip-test-run-vit", seed=0)
-    return SimpleNamespace(root=root, data_root=make_pets(root / "data"), model=f"local-dir:{tiny.folder}")
+    return SimpleNamespace(root=root, data_root=make_pets(root / "data", **COUNTS), model=f"local-dir:{tiny.folder}")
 
 
 def run_argv(env, out: Path, cache: Path, *extra: str, data_root: Path | None = None) -> list[str]:
