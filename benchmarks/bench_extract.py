@@ -96,17 +96,9 @@ def build_backbone(name: str, folder: Path, precision: str, device: str):
         tiny = save_tiny_openclip(folder / name, arch, name=f"bench-{name}", seed=0, **cfg)
         return load_backbone(f"local-dir:{tiny.folder}", precision=precision, device=device)
 
-    import open_clip
-    from safetensors.torch import save_file
+    from fewclip.models.tiny import save_random_openclip
 
-    from fewclip.models import OPENAI_MODELS
-
-    arch = OPENAI_MODELS.get(name, name.replace("/", "-"))  # ViT-B/16 -> ViT-B-16-quickgelu, as load_backbone does
-    torch.manual_seed(0)
-    model = open_clip.create_model(arch, pretrained=None)
-    weights = folder / f"{arch}-random.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    del model
+    weights = save_random_openclip(name, folder)  # ViT-B/16 -> ViT-B-16-quickgelu, as load_backbone does
     return load_backbone(name, str(weights), precision=precision, device=device)
 
 

@@ -30,15 +30,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import TINY_CONFIGS, make_jpegs  # noqa: E402
 
 
 def build_spec(name: str, folder: Path, device: str, precision: str):
     """The :class:`BackboneSpec` of a randomly initialised backbone saved under ``folder``."""
-    from fewclip.models import OPENAI_MODELS, BackboneSpec
+    from fewclip.models import BackboneSpec
 
     if name == "tiny":
         from fewclip.models.tiny import save_tiny_openclip
@@ -47,16 +45,9 @@ def build_spec(name: str, folder: Path, device: str, precision: str):
         arch = cfg.pop("arch")
         tiny = save_tiny_openclip(folder / name, arch, name="bench-predict-tiny", seed=0, **cfg)
         return BackboneSpec(f"local-dir:{tiny.folder}", device=device, precision=precision)
-    import open_clip
-    from safetensors.torch import save_file
+    from fewclip.models.tiny import save_random_openclip
 
-    arch = OPENAI_MODELS.get(name, name.replace("/", "-"))
-    torch.manual_seed(0)
-    model = open_clip.create_model(arch, pretrained=None)
-    weights = folder / f"{arch}-random.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    del model
-    return BackboneSpec(name, str(weights), device=device, precision=precision)
+    return BackboneSpec(name, str(save_random_openclip(name, folder)), device=device, precision=precision)
 
 
 def main() -> None:

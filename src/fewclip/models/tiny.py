@@ -96,6 +96,23 @@ def save_tiny_openclip(
     return TinyOpenClip(folder=folder, config_name=name, weights=weights, model_cfg=model_cfg)
 
 
+def save_random_openclip(name: str, folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A full-size open_clip architecture ``name``, randomly initialised (seeded) and saved as
+    ``folder/<arch>-random.safetensors``; returns that path. Paper names resolve as :func:`load_backbone` does
+    (``ViT-B/16`` -> ``ViT-B-16-quickgelu``). For benchmarks: the real shapes and cost, no download."""
+    import open_clip
+
+    from .names import OPENAI_MODELS
+
+    arch = OPENAI_MODELS.get(name, name.replace("/", "-"))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    weights = Path(folder) / f"{arch}-random.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return weights
+
+
 def save_openai_torchscript(tiny: TinyOpenClip, path: str | os.PathLike) -> Path:
     """Write ``tiny``'s weights as a TorchScript archive shaped like OpenAI's ``.pt`` files.
 
