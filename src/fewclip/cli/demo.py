@@ -41,6 +41,9 @@ def _hyperparameter_rows(results: list[dict]) -> list[dict[str, str]]:
     rows = []
     for r in results:
         selected = {k: v for k, v in (r.get("selected") or {}).items() if v is not None}
+        if selected.get("calibration") == "none":  # every class has support here: no seen/unseen offset to show
+            selected.pop("calibration")
+            selected.pop("calibration_offset", None)
         if r.get("best_epoch") is not None:
             selected["epoch"] = r["best_epoch"]
         val = r["accuracy"]["val_accuracy"]
