@@ -24,6 +24,7 @@ FLOORS = {
     "data": 2,
     "models": 2,
     "features": 3,
+    "generation": 3,
     "methods": 4,
     "protocols": 5,
     "cli": 6,
