@@ -465,3 +465,52 @@ def test_format_and_dataset_constants_match_the_rest_of_fewclip():
 
     assert R.RESULT_FORMAT == RESULT_FORMAT
     assert list(R.STANDARD_DATASETS) == list_datasets()[:11]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run(tmp_path, capsys):
+    """fewclip run on generated images with a tiny model, then fewclip report on its folder: one CSV row per finished
+    result file, the selection each result records, the tables' means equal the result files', the failed cells (GDA
+    at 1 shot with 1 view: one support vector per class) listed with their error."""
+    from conftest import make_pets
+    from fewclip.models.tiny import save_tiny_openclip
+
+    tiny = save_tiny_openclip(tmp_path / "model", "vit", name="fewclip-test-report-vit", seed=0)
+    data_root = make_pets(tmp_path / "data", 4, 2, 3, size=32)
+    out = tmp_path / "results"
+    argv = ["run", "--dataset", "oxford_pets", "--data-root", str(data_root), "--model", f"local-dir:{tiny.folder}",
+            "--views", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
+            "--shots", "1", "2", "--seeds", "1", "2", "--method", "zero-shot", "gda"]  # fmt: skip
+    with pytest.warns(Warning):  # the 3-class dataset is not the published OxfordPets
+        assert main(argv) == 1  # the two 1-shot GDA cells fail
+    files = sorted(out.rglob("shots_*-seed_*.json"))
+    assert len(files) == 2 * 2 * 2
+    capsys.readouterr()
+    assert main(["report", str(out), "--no-plots", "--html"]) == 0
+    err = capsys.readouterr().err
+    failed = [f for f in files if "gda/shots_1-" in str(f)]
+    assert all(f"failed result {f}: MethodError" in err for f in failed)
+    rows = R.read_csv(out / "report" / "results.csv")
+    assert sorted(r["path"] for r in rows) == sorted(str(f) for f in files if f not in failed)
+    used = {r["method"]: (r["selection_used"], r["selected_on"]) for r in rows}
+    assert used == {"zero-shot": ("none", "none"), "gda": ("val", "val (fewshot)")}
+    for r in rows:
+        saved = json.loads(Path(r["path"]).read_text())
+        assert r["test_accuracy"] == saved["accuracy"]["test_accuracy"]
+        assert r["test_ece_after"] == saved["calibration"]["test_ece_after"]
+    gda = [r["test_accuracy"] for r in rows if r["method"] == "gda" and r["shots"] == 2]
+    mean, std = R.mean_std(gda)
+    md = (out / "report" / "report.md").read_text()
+    assert f"| OxfordPets | gda | val (fewshot) | 2 | {mean:.2f} ± {std:.2f} | 2 |" in md
+    assert "local-dir-model is not an OpenAI CLIP model" in md
+
+
+def test_unconfirmed_numbers_only_when_asked_and_marked(tmp_path):
+    for dataset in R.STANDARD_DATASETS:
+        write(tmp_path, record(dataset, "lp++", 16, 1, 74.0))
+    md = write_report([tmp_path], tmp_path / "report", plots=False).markdown.read_text()
+    assert "74.42" not in md and "unconfirmed published number(s) for RN50 left out" in md
+    md = write_report([tmp_path], tmp_path / "report", plots=False, include_unconfirmed=True).markdown.read_text()
+    row = "| Average (11 datasets) | lp++ | val (fewshot) | 16 | top-1 | 74.00 ± 0.00 (1 seed) | 74.42 (unconfirmed) |"
+    assert f"{row} -0.42 |" in md
+    assert "recollection" in md  # its source says what it is

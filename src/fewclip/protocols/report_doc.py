@@ -263,25 +263,44 @@ def _ours(s: Summary, key: str) -> float | None:
     return s.hm() if key == "harmonic_mean" else s.means.get(key)
 
 
+def _published_text(p: Published) -> str:
+    return p.text + (" (unconfirmed)" if p.status == "unconfirmed" else "")
+
+
 def comparison_tables(
     summaries: Sequence[Summary], backbone: str | None, published: Sequence[Published], protocol: str
-) -> tuple[Table | None, Table | None, int]:
+) -> tuple[Table | None, Table | None, list[str]]:
     """(ours beside every matching published number with the difference, the published numbers of methods not run
-    here on the datasets present, how many rows had a match). Only a dataset's own row or the 11-dataset average is
-    compared (a partial average is not the published average)."""
+    here on the datasets present, the sources the two tables cite as [n]: the source, how the publication selected
+    its hyperparameters, the spec section). Only a dataset's own row or the 11-dataset average is compared (a partial
+    average is not the published average); a number that does not depend on shots (zero-shot) is compared once, at
+    the smallest shot count."""
     if backbone is None:
-        return None, None, 0
+        return None, None, []
+    cited: dict[tuple[str, str, str], int] = {}
+
+    def cite(p: Published) -> str:
+        key = (p.source, p.published_selection, p.spec)
+        cited.setdefault(key, len(cited) + 1)
+        return f"[{cited[key]}]"
+
+    smallest: dict[tuple, int] = {}
+    for s in summaries:
+        group = (s.dataset, s.target, s.variant)
+        smallest[group] = min(smallest.get(group, s.shots), s.shots)
     rows = []
     for s in summaries:
         if s.target is not None or (s.dataset == AVERAGE and not is_eleven(s)):
             continue
         for p in matches(published, s.method, backbone, protocol, s.dataset, s.shots):
+            if p.shots is None and s.shots != smallest[s.dataset, s.target, s.variant]:
+                continue
             ours = _ours(s, p.key)
             ours_text = fmt_value(ours) if p.key == "harmonic_mean" else fmt_mean_std(ours, s.stds.get(p.key))
             rows.append([
                 row_label(s), s.name, s.selected_on, str(s.shots), _FIELD_TEXT.get(p.key, p.key),
-                f"{ours_text} ({s.n} seed{'s' if s.n != 1 else ''})", p.text,
-                fmt_delta(None if ours is None else ours - p.value), p.published_selection, p.source, p.status,
+                f"{ours_text} ({s.n} seed{'s' if s.n != 1 else ''})", _published_text(p),
+                fmt_delta(None if ours is None else ours - p.value), cite(p),
             ])  # fmt: skip
     ran = {s.method for s in summaries}
     datasets = {s.dataset for s in summaries if s.dataset != AVERAGE}
@@ -295,21 +314,20 @@ def comparison_tables(
         [
             "Average (11 datasets)" if dataset == AVERAGE else dataset_name(dataset), ps[0].display,
             _FIELD_TEXT.get(key, key),
-            ", ".join(f"{'any' if p.shots is None else p.shots}: {p.text}" for p in ps),
-            ps[0].published_selection, source, ps[0].status,
+            ", ".join(f"{'any' if p.shots is None else p.shots}: {_published_text(p)}" for p in ps), cite(ps[0]),
         ]
         for (method, dataset, source, key), ps in sorted(refs.items(), key=lambda kv: (_dataset_order(kv[0][1]), kv[0]))
     ]  # fmt: skip
-    head = ["dataset", "method", "selected on", "shots", "field", "ours", "published", "Δ (ours − published)",
-            "published selection", "source", "status"]  # fmt: skip
+    head = ["dataset", "method", "selected on", "shots", "field", "ours", "published", "Δ (ours − published)", "source"]
     table = Table(head, rows) if rows else None
-    ref_table = None
-    if ref_rows:
-        ref_table = Table(
-            ["dataset", "method", "field", "published (shots: value)", "published selection", "source", "status"],
-            ref_rows,
-        )
-    return table, ref_table, len(rows)
+    ref_table = (
+        Table(["dataset", "method", "field", "published (shots: value)", "source"], ref_rows) if ref_rows else None
+    )
+    sources = [
+        f"[{n}] {source}. Published selection: {selection}. (fewclip spec: {spec})"
+        for (source, selection, spec), n in cited.items()
+    ]
+    return table, ref_table, sources
 
 
 # --------------------------------------------------------------------------- plots
@@ -452,8 +470,8 @@ def build_blocks(
                         f"is one, pass --published-as {backbone}=RN50 (or ViT-B/16, ...).",
                     ))  # fmt: skip
                 else:
-                    both = _sorted(mine, methods) + avg
-                    table, refs, _ = comparison_tables(both, pub_name, numbers, protocol)
+                    both = avg + _sorted(mine, methods)  # the 11-dataset average first
+                    table, refs, sources = comparison_tables(both, pub_name, numbers, protocol)
                     blocks.append((
                         "p",
                         f"Compared as CLIP {pub_name}. Δ = ours − published. The published numbers were mostly "
@@ -469,6 +487,9 @@ def build_blocks(
                     if refs is not None:
                         blocks.append(("p", "Published numbers of methods not in these results (for reference):"))
                         blocks.append(("table", refs))
+                    if sources:
+                        blocks.append(("p", "Sources ('≈': read off a figure):"))
+                        blocks.append(("list", sources))
                     notes = published_notes()
                     listed = [f"{m}: {notes[m]}" for m in methods if notes.get(m)]
                     n_hidden = sum(p.backbone == pub_name and p.protocol == protocol for p in hidden)
@@ -476,6 +497,7 @@ def build_blocks(
                         listed.append(f"{n_hidden} unconfirmed published number(s) for {pub_name} left out "
                                       "(--include-unconfirmed shows them, marked).")  # fmt: skip
                     if listed:
+                        blocks.append(("p", "About the published numbers of these methods:"))
                         blocks.append(("list", listed))
             if plots and protocol == "fewshot":
                 folder = out / "plots" / _safe(backbone) / protocol
