@@ -292,10 +292,11 @@ def collect_results(folders: Sequence[str | Path], backbones: Sequence[str] | No
                 continue
             seen[key] = name
             out.rows.append(row)
-    if backbones is not None and not out.rows and not out.failed:
+    missing = [b for b in backbones or [] if b not in available]
+    if missing:
         there = ", ".join(sorted(available)) or "none"
         raise ResultsError(
-            f"--backbone {' '.join(backbones)}: no results of that backbone in {', '.join(out.folders)} "
+            f"--backbone {' '.join(missing)}: no results of that backbone in {', '.join(out.folders)} "
             f"(backbones there: {there})."
         )
     return out
@@ -428,7 +429,7 @@ class Summary:
         return harmonic_mean(self.means[base], self.means[new])
 
 
-def protocol_keys(protocol: str, rows: Sequence[Mapping[str, Any]] = ()) -> tuple[str, ...]:
+def protocol_keys(protocol: str) -> tuple[str, ...]:
     """The fields averaged over seeds for ``protocol`` (``test_accuracy`` for one this report does not know)."""
     return PROTOCOL_KEYS.get(protocol, ("test_accuracy",))
 
