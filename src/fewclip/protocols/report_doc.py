@@ -412,6 +412,53 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
 
 
+def published_blocks(
+    summaries: Sequence[Summary],
+    backbone: str,
+    pub_name: str | None,
+    protocol: str,
+    numbers: Sequence[Published],
+    hidden: Sequence[Published],
+) -> list[Block]:
+    """The 'published numbers side by side' part of one section: the comparison (``summaries`` in table order), the
+    published numbers of methods not run, their sources, the notes of the methods' published files."""
+    blocks: list[Block] = [("h3", "Published numbers side by side")]
+    if pub_name is None:
+        text = (
+            f"{backbone} is not an OpenAI CLIP model the published tables use (open_clip with --pretrained openai, "
+            f"or a transformers openai/clip-vit-* id), so nothing is compared. If it is one, pass --published-as "
+            f"{backbone}=RN50 (or ViT-B/16, ...)."
+        )
+        return [*blocks, ("p", text)]
+    table, refs, sources = comparison_tables(summaries, pub_name, numbers, protocol)
+    text = (
+        f"Compared as CLIP {pub_name}. Δ = ours − published. The published numbers were mostly produced under other "
+        "protocols (one seed, the full validation split, ImageNet tuned on test: see each source's selection below), "
+        "so expect honest numbers somewhat below them."
+    )
+    blocks.append(("p", text))
+    if table is not None:
+        blocks.append(("table", table))
+    else:
+        blocks.append(("p", f"No published number for these methods, datasets and shots with {pub_name}."))
+    if refs is not None:
+        blocks += [("p", "Published numbers of methods not in these results (for reference):"), ("table", refs)]
+    if sources:
+        blocks += [("p", "Sources ('≈': read off a figure):"), ("list", sources)]
+    notes = published_notes()
+    methods = method_order(s.method for s in summaries)
+    listed = [f"{m}: {notes[m]}" for m in methods if notes.get(m)]
+    n_hidden = sum(p.backbone == pub_name and p.protocol == protocol for p in hidden)
+    if n_hidden:
+        listed.append(
+            f"{n_hidden} unconfirmed published number(s) for {pub_name} left out (--include-unconfirmed shows them, "
+            "marked)."
+        )
+    if listed:
+        blocks += [("p", "About the published numbers of these methods:"), ("list", listed)]
+    return blocks
+
+
 def build_blocks(
     collection: Collection,
     out: Path,
@@ -461,44 +508,7 @@ def build_blocks(
             blocks.append(("h3", "Per dataset" if protocol != "transfer" else "Per source and target"))
             blocks.append(("table", results_table(_sorted(mine, methods) + avg, protocol)))
             if published and (protocol == "fewshot" or protocol == "base2new"):
-                blocks.append(("h3", "Published numbers side by side"))
-                if pub_name is None:
-                    blocks.append((
-                        "p",
-                        f"{backbone} is not an OpenAI CLIP model the published tables use (open_clip with "
-                        "--pretrained openai, or a transformers openai/clip-vit-* id), so nothing is compared. If it "
-                        f"is one, pass --published-as {backbone}=RN50 (or ViT-B/16, ...).",
-                    ))  # fmt: skip
-                else:
-                    both = avg + _sorted(mine, methods)  # the 11-dataset average first
-                    table, refs, sources = comparison_tables(both, pub_name, numbers, protocol)
-                    blocks.append((
-                        "p",
-                        f"Compared as CLIP {pub_name}. Δ = ours − published. The published numbers were mostly "
-                        "produced under other protocols (one seed, the full validation split, ImageNet tuned on "
-                        "test: see 'published selection'), so expect honest numbers somewhat below them.",
-                    ))  # fmt: skip
-                    if table is not None:
-                        blocks.append(("table", table))
-                    else:
-                        blocks.append(
-                            ("p", f"No published number for these methods, datasets and shots with {pub_name}.")
-                        )
-                    if refs is not None:
-                        blocks.append(("p", "Published numbers of methods not in these results (for reference):"))
-                        blocks.append(("table", refs))
-                    if sources:
-                        blocks.append(("p", "Sources ('≈': read off a figure):"))
-                        blocks.append(("list", sources))
-                    notes = published_notes()
-                    listed = [f"{m}: {notes[m]}" for m in methods if notes.get(m)]
-                    n_hidden = sum(p.backbone == pub_name and p.protocol == protocol for p in hidden)
-                    if n_hidden:
-                        listed.append(f"{n_hidden} unconfirmed published number(s) for {pub_name} left out "
-                                      "(--include-unconfirmed shows them, marked).")  # fmt: skip
-                    if listed:
-                        blocks.append(("p", "About the published numbers of these methods:"))
-                        blocks.append(("list", listed))
+                blocks += published_blocks(avg + _sorted(mine, methods), backbone, pub_name, protocol, numbers, hidden)
             if plots and protocol == "fewshot":
                 folder = out / "plots" / _safe(backbone) / protocol
                 made = plot_blocks(_sorted(mine, methods) + avg, folder, backbone, pub_name, numbers)
