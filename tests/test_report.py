@@ -516,3 +516,25 @@ def test_unconfirmed_numbers_only_when_asked_and_marked(tmp_path):
     row = "| Average (11 datasets) | lp++ | val (fewshot) | 16 | top-1 | 74.00 ± 0.00 (1 seed) | 74.42 (unconfirmed) |"
     assert f"{row} -0.42 |" in md
     assert "recollection" in md  # its source says what it is
+
+
+def test_base_to_new_and_shot_independent_published_numbers(tmp_path):
+    vit = dict(backbone="ViT-B-16-openai", model="ViT-B-16", pretrained="openai", protocol="base2new")
+    for dataset in R.STANDARD_DATASETS:
+        acc = {"base": 70.0, "new": 74.0, "base_all_classes": 60.0, "new_all_classes": 50.0}
+        write(tmp_path, record(dataset, "zero-shot", 16, 1, acc, selection_used="none", **vit))
+    for shots in (1, 2):  # zero-shot's published number holds for every shot count: compared once
+        write(tmp_path, record("imagenet", "zero-shot", shots, 1, 60.0, selection_used="none"))
+    md = write_report([tmp_path], tmp_path / "report", plots=False).markdown.read_text()
+    b2n = md.split("## ViT-B-16-openai · base2new")[1]
+    # CLIP zero-shot, ViT-B/16, base-to-new 11-dataset means: 69.34 / 74.22 / HM 71.70
+    assert "| Average (11 datasets) | zero-shot | none | 16 | base | 70.00 ± 0.00 (1 seed) | 69.34 | +0.66 |" in b2n
+    assert "| Average (11 datasets) | zero-shot | none | 16 | new | 74.00 ± 0.00 (1 seed) | 74.22 | -0.22 |" in b2n
+    hm = 2 * 70 * 74 / 144
+    assert (
+        f"| Average (11 datasets) | zero-shot | none | 16 | HM | {hm:.2f} (1 seed) | 71.70 | {hm - 71.70:+.2f} |" in b2n
+    )
+    few = md.split("## RN50-openai · fewshot")[1]
+    rows = [line for line in few.splitlines() if line.startswith("| ImageNet | zero-shot | none |") and "top-1" in line]
+    assert [line.split(" | ")[3] for line in rows] == ["1", "1"]  # APE notebook 60.31, Tip-Adapter exp.log 60.32
+    assert "| 60.31 | -0.31 |" in rows[0] + rows[1] and "| 60.32 | -0.32 |" in rows[0] + rows[1]
