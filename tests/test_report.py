@@ -438,6 +438,8 @@ def test_no_results_and_missing_folders_are_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path / "r"), "--no-plots", "--backbone", RN50, "ViT-B-16-openai"]) == 2
     assert "--backbone ViT-B-16-openai: no results of that backbone" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "r"), "--no-plots", "--backbone", RN50]) == 0
+    assert main(["report", str(tmp_path / "r"), "--no-plots", "--published-as", f"{RN50}=RN-50"]) == 2
+    assert "--published-as: no published numbers for RN-50; valid: RN101, RN50, ViT-B/16" in capsys.readouterr().err
 
 
 def test_two_folders_with_the_same_cell_keep_the_first(tmp_path):
@@ -538,3 +540,14 @@ def test_base_to_new_and_shot_independent_published_numbers(tmp_path):
     rows = [line for line in few.splitlines() if line.startswith("| ImageNet | zero-shot | none |") and "top-1" in line]
     assert [line.split(" | ")[3] for line in rows] == ["1", "1"]  # APE notebook 60.31, Tip-Adapter exp.log 60.32
     assert "| 60.31 | -0.31 |" in rows[0] + rows[1] and "| 60.32 | -0.32 |" in rows[0] + rows[1]
+
+
+def test_published_as_compares_openai_weights_loaded_from_a_file(tmp_path):
+    local = dict(backbone="local-dir-rn50", model="local-dir:/models/rn50", pretrained=None)
+    write(tmp_path, record("imagenet", "gda", 16, 1, 63.0, **local))
+    md = write_report([tmp_path], tmp_path / "report", plots=False).markdown.read_text()
+    assert "nothing is compared" in md
+    assert main(["report", str(tmp_path), "--no-plots", "--published-as", "local-dir-rn50=RN50"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Compared as CLIP RN50" in md and "| ImageNet | gda | val (fewshot) | 16 | top-1 |" in md
+    assert "| 63.82 | -0.82 |" in md

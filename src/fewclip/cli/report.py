@@ -18,6 +18,13 @@ def parse_published_as(items: list[str] | None) -> dict[str, str]:
         if not sep or not slug or not name:
             raise CLIError(f"--published-as expects BACKBONE=NAME, got {item!r} (example: --published-as RN50-x=RN50).")
         out[slug] = name
+    if out:
+        from ..protocols.published import load_published
+
+        known = sorted({p.backbone for p in load_published(include_unconfirmed=True)})
+        unknown = [name for name in out.values() if name not in known]
+        if unknown:
+            raise CLIError(f"--published-as: no published numbers for {', '.join(unknown)}; valid: {', '.join(known)}.")
     return out
 
 
