@@ -175,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache import add_parsers as add_cache_parsers
     from .datasets import add_parsers as add_dataset_parsers
     from .predict import add_parser as add_predict_parser
+    from .report import add_parser as add_report_parser
     from .results import add_parsers as add_results_parsers
     from .run import add_parsers as add_run_parsers
 
     add_run_parsers(sub)
     add_predict_parser(sub)
     add_results_parsers(sub)
+    add_report_parser(sub)
     add_dataset_parsers(sub)
     add_cache_parsers(sub)
     return parser

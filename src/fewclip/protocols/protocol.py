@@ -22,7 +22,7 @@ from ..data import (
 from ..errors import DataError, ResultsError
 from ..methods import get_class, list_methods
 from ..metrics import accuracy, macro_f1, mean_per_class_accuracy, per_class_accuracy, per_class_from_hits
-from .report import format_summary, summarize, text_table
+from .report import format_summary, harmonic_mean, summarize, text_table
 
 #: loads another dataset by name (a transfer target) with the run's data root
 DatasetLoader = Callable[[str], DatasetSplits]
@@ -127,11 +127,6 @@ class Protocol:
 
     def describe(self) -> str:
         return "top-1 test accuracy (%)"
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    """2ab / (a + b); 0 when both are 0."""
-    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
 
 
 def base_new_scores(logits: torch.Tensor, labels: torch.Tensor, num_base: int) -> dict[str, float]:

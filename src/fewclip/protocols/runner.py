@@ -607,6 +607,7 @@ def fit_and_score(
         "preset": preset,
         "overrides": params,
         "selection": plan.config.methods.selection,
+        "selection_used": getattr(model, "selection_used_", None),  # what ran: "none" for a method with no choice
         "episode": {
             "file": _relative(data.episode_file, plan.out_dir),
             "sampler": data.episode.sampler,
