@@ -25,7 +25,7 @@ from fewclip.errors import BackboneError, MethodError
 from fewclip.features.extract import extract
 from fewclip.features.text import encode_text_classifier
 from fewclip.methods import ImageEpisode
-from fewclip.methods.clip_lora import cosine_lr, evaluation_rounds, total_iterations
+from fewclip.methods.clip_lora import cosine_lr, evaluation_rounds, support_schedule, total_iterations
 from fewclip.models import BackboneSpec
 from fewclip.models.lora import (
     LoRAAttention,
@@ -100,6 +100,15 @@ def test_scale_schedule_iterations_and_positions_match_the_released_numbers():
     assert block_indices("half-up", 24) == list(range(12, 24)) and block_indices("all", 24) == list(range(24))
     with pytest.raises(BackboneError, match="unknown"):
         block_indices("top", 12)
+
+
+def test_support_schedule_reshuffles_every_pass_and_stops_after_exactly_total_batches():
+    keys = support_schedule(5, 2, 7, torch.Generator().manual_seed(0))
+    assert [len(b) for b in keys] == [2, 2, 1, 2, 2, 1, 2]  # drop_last=False: each pass ends with a short batch
+    passes = [[i for b in keys for i, d in b if d == p] for p in range(3)]
+    assert sorted(passes[0]) == sorted(passes[1]) == list(range(5)) and passes[0] != passes[1]
+    assert keys == support_schedule(5, 2, 7, torch.Generator().manual_seed(0))  # seeded
+    assert [len(b) for b in support_schedule(40, 32, 3, torch.Generator().manual_seed(0))] == [32, 8, 32]
 
 
 def test_torch_cosine_schedule_is_the_closed_form():
@@ -514,3 +523,46 @@ def test_fewclip_run_fits_clip_lora_end_to_end(env, tmp_path, capsys):
         again["image_encoder"]["sha256"] == r["image_encoder"]["sha256"] and again["image_encoder"]["test_cached"] == 6
     )
     assert again["accuracy"] == r["accuracy"]
+
+
+@pytest.mark.slow
+def test_lora_linear_matches_peft_rslora_on_a_separate_projection():
+    """transformers' q/k/v are plain Linears: there, peft's rsLoRA (use_rslora, α/√r) is the same function."""
+    peft = pytest.importorskip("peft")
+    from fewclip.models.lora import LoRALinear
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.q_proj = nn.Linear(8, 8)
+    ours = LoRALinear(copy.deepcopy(holder.q_proj), rank=2, alpha=1.0, dropout=0.0,
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+    with torch.no_grad():
+        ours.lora.lora_B.normal_()
+    config = peft.LoraConfig(r=2, lora_alpha=1, use_rslora=True, lora_dropout=0.0, target_modules=["q_proj"])
+    theirs = peft.get_peft_model(holder, config)
+    layer = theirs.base_model.model.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora.lora_B)
+    assert layer.scaling["default"] == pytest.approx(ours.scale)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours.eval()(x), layer.eval()(x), atol=1e-6, rtol=1e-6)
+
+
+def test_loader_workers_do_not_change_the_fit_and_an_unreadable_support_image_is_named_or_skipped(env, tmp_path):
+    import shutil
+
+    from fewclip.features.pipeline import ExtractionOptions
+
+    a = make().fit(env.episode)
+    b = make().fit(replace(env.episode, options=ExtractionOptions(num_workers=2)))
+    assert b.encoder_sha256_ == a.encoder_sha256_ and b.history_ == a.history_  # augmentation seeded per image
+    folder = tmp_path / "images"
+    shutil.copytree(env.folder, folder)
+    episode = replace(env.episode, splits=data.load_dataset("folder", path=folder, warn=False))
+    broken = episode.train[0].path
+    (folder / broken).write_bytes(b"not a jpeg")
+    with pytest.raises(MethodError, match=f"{broken}: cannot be read .*--skip-bad-images"):
+        make().fit(episode)
+    model = make().fit(replace(episode, options=ExtractionOptions(skip_bad_images=True)))
+    assert model.skipped_images_ == [broken] and model.iterations_ == FAST["clip-lora"]["iterations"]

@@ -30,14 +30,18 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..data import Item
 from ..errors import MethodError
+from ..features.extract import load_image, seeded, view_seed
+from ..features.pipeline import ExtractionOptions
 from ..models import AUGMENT_PRESETS, Backbone, BackboneSpec
 from ..models.lora import (
     POSITIONS,
@@ -52,7 +56,7 @@ from ..models.lora import (
     training_copy,
 )
 from ..models.trainable import state_sha256
-from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, image_batches
+from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, _collate, _Images, image_batches
 from .params import Constraint, Integral, Interval, Optional, Options, Real, param
 from .registry import register
 from .training import BATCH_SIZE, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -97,6 +101,66 @@ def evaluation_rounds(total: int, evaluations: int) -> list[int]:
 def cosine_lr(step: int, total: int, lr: float, eta_min: float) -> float:
     """The learning rate after ``step`` of ``total`` scheduler steps: η_min + (lr − η_min)(1 + cos(π·step/T))/2."""
     return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+
+
+def support_schedule(num: int, batch_size: int, total: int, generator: torch.Generator) -> list[list[tuple[int, int]]]:
+    """The ``total`` training batches as (support index, pass) keys: passes over the ``num`` support images, each in
+    a new order drawn from ``generator``, cut into batches of ``batch_size`` (a pass's last batch smaller: the
+    released loader's ``drop_last=False``), stopping after exactly ``total`` batches. The pass number picks the
+    augmentation draw, so each pass sees each image under a new random view."""
+    if num < 1:
+        raise MethodError("clip-lora: the support set is empty.")
+    out: list[list[tuple[int, int]]] = []
+    for draw in itertools.count():
+        order = torch.randperm(num, generator=generator).tolist()
+        for start in range(0, num, batch_size):
+            out.append([(i, draw) for i in order[start : start + batch_size]])
+            if len(out) == total:
+                return out
+    return out  # pragma: no cover - the loop returns
+
+
+class _SupportViews(_Images):
+    """Support image i under augmentation draw d, for the key (i, d); a failure returned, not raised."""
+
+    def __getitem__(self, key: tuple[int, int]):  # type: ignore[override]
+        index, draw = key
+        item = self.items[index]
+        try:
+            image = load_image(self.root / item.path)
+            with seeded(view_seed(int(self.seed), item.path, draw)):
+                return self.transform(image), item.label, item.path, None
+        except Exception as exc:  # any decoding or transform failure marks the image unreadable
+            return None, item.label, item.path, f"{type(exc).__name__}: {exc}"
+
+
+def support_batches(
+    root: Path,
+    items: list[Item],
+    transform: Callable,
+    options: ExtractionOptions,
+    keys: list[list[tuple[int, int]]],
+    seed: int,
+    unreadable: set[str],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each batch of ``keys`` (:func:`support_schedule`), read by one loader for the whole run
+    (``options.num_workers`` workers, started once, not once per pass: a 1-shot run has 500 passes). An unreadable
+    image is an error naming the file, unless ``options.skip_bad_images`` (then it is left out and recorded)."""
+    loader = torch.utils.data.DataLoader(
+        _SupportViews(root, items, transform, seed),
+        batch_sampler=keys,
+        num_workers=options.num_workers or 0,
+        collate_fn=_collate,
+    )
+    for images, labels, bad in loader:
+        if bad and not options.skip_bad_images:
+            path, error = bad[0]
+            raise MethodError(
+                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
+            )
+        unreadable.update(path for path, _ in bad)
+        if images is not None:
+            yield images, labels
 
 
 @register("clip-lora")
@@ -180,20 +244,8 @@ class CLIPLoRA(ImageMethod):
 
         unreadable: set[str] = set()
         order_rng = torch.Generator().manual_seed(int(self.seed))
-
-        def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for draw in itertools.count():  # one pass over the support set per draw, reshuffled
-                order = torch.randperm(len(train), generator=order_rng).tolist()
-                got = 0
-                for images_labels in image_batches(root, train, augment, options, int(self.batch_size),
-                                                   seed=int(self.seed), draw=draw, order=order,
-                                                   unreadable=unreadable):  # fmt: skip
-                    got += 1
-                    yield images_labels
-                if not got:
-                    raise MethodError(f"{self.name}: no support image could be read (skipped: {sorted(unreadable)}).")
-
-        batches_left = stream()
+        schedule_keys = support_schedule(len(train), int(self.batch_size), total, order_rng)
+        batches_left = support_batches(root, train, augment, options, schedule_keys, int(self.seed), unreadable)
 
         def loss(images_labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             images, labels = images_labels
