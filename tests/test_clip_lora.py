@@ -566,3 +566,11 @@ def test_loader_workers_do_not_change_the_fit_and_an_unreadable_support_image_is
         make().fit(episode)
     model = make().fit(replace(episode, options=ExtractionOptions(skip_bad_images=True)))
     assert model.skipped_images_ == [broken] and model.iterations_ == FAST["clip-lora"]["iterations"]
+
+
+def test_loader_workers_follow_the_request_else_the_device():
+    from fewclip.methods.clip_lora import loader_workers
+
+    assert loader_workers(3, torch.device("cpu"), 10) == 3 and loader_workers(0, torch.device("cuda"), 10**6) == 0
+    assert loader_workers(None, torch.device("cpu"), 10**6) == 0 and loader_workers(None, torch.device("cuda"), 64) == 0
+    assert 0 <= loader_workers(None, torch.device("cuda"), 256_000) <= 16
