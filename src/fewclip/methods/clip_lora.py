@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import Item
+from ..data import Item, fill_template
 from ..errors import MethodError
 from ..features.extract import load_image, seeded, view_seed
 from ..features.pipeline import ExtractionOptions
@@ -235,7 +235,7 @@ class CLIPLoRA(ImageMethod):
         total = total_iterations(self.iterations, self.iterations_per_shot, shots)
         rounds = evaluation_rounds(total, self.evaluations if self.selection == "val" and val else 1)
         augment, plain = backbone.augment(self.augmentation), backbone.preprocess
-        prompts = [self.template.format(c) for c in data.classnames]
+        prompts = [fill_template(self.template, c) for c in data.classnames]  # underscores become spaces
         tokens = {k: v.to(device) for k, v in backbone._tokenize(prompts).items()}
         adapted = dataclasses.replace(backbone, model=model)
         train_text = "text" in ENCODERS[self.encoders]
