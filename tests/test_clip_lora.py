@@ -574,3 +574,18 @@ def test_loader_workers_follow_the_request_else_the_device():
     assert loader_workers(3, torch.device("cpu"), 10) == 3 and loader_workers(0, torch.device("cuda"), 10**6) == 0
     assert loader_workers(None, torch.device("cpu"), 10**6) == 0 and loader_workers(None, torch.device("cuda"), 64) == 0
     assert 0 <= loader_workers(None, torch.device("cuda"), 256_000) <= 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_fits_on_cuda_under_autocast_and_the_merged_encoder_matches(env, amp):
+    spec = replace(env.spec, device="cuda")
+    backbone = spec.load()
+    episode = replace(env.episode, backbone=spec, loaded=backbone)
+    model = make(amp=amp, iterations=6, lr=5e-2).fit(episode)
+    assert model.skipped_steps_ >= 0 and all(math.isfinite(h["loss"]) for h in model.history_)
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in model.encoder_state_.values())
+    images = images_of(env)
+    cuda_features = model.image_encoder().encode_images(images)
+    cpu_features = model.image_encoder("cpu").encode_images(images)
+    torch.testing.assert_close(cuda_features, cpu_features, atol=1e-3, rtol=1e-3)

@@ -90,9 +90,10 @@ def packed_delta(
 ) -> torch.Tensor:
     """The update of a packed in-projection [3E, E]: s·B_pA_p in the rows of each target p of ``pairs`` (rows
     [0:E] q, [E:2E] k, [2E:3E] v), zero in the rows of a projection without a pair."""
+    device = next((a.device for a, _ in pairs.values()), torch.device("cpu"))
     rows = []
     for p in targets:
-        rows.append(lora_delta(*pairs[p], scale) if p in pairs else torch.zeros(width, width))
+        rows.append(lora_delta(*pairs[p], scale) if p in pairs else torch.zeros(width, width, device=device))
     return torch.cat(rows, dim=0)
 
 
