@@ -323,6 +323,16 @@ def test_position_and_encoders_choose_the_adapted_modules(env):
         adapted(env.backbone, position="bottom")  # 2 blocks: ⌊2/3⌋ = 0 blocks
 
 
+def test_unsupported_models_are_refused_by_name():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(BackboneError, match="needs a CLIPModel.*got Linear"):
+        add_lora(nn.Linear(2, 2), "hf", generator=g)
+    with pytest.raises(BackboneError, match="backend 'timm' is not supported"):
+        add_lora(nn.Linear(2, 2), "timm", generator=g)
+    with pytest.raises(BackboneError, match="tower 'audio' is unknown"):
+        add_lora(nn.Linear(2, 2), "open_clip", towers=("audio",), generator=g)
+
+
 def test_resnet_image_tower_is_refused_and_text_only_works(tmp_path):
     tiny = save_tiny_openclip(tmp_path / "rn", "resnet", name="fewclip-test-lora-rn", seed=0)
     backbone = BackboneSpec(f"local-dir:{tiny.folder}").load()

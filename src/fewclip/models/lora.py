@@ -279,8 +279,9 @@ def _attention_sites(model: nn.Module, backend: str, tower: str) -> list[tuple[s
             transformer = getattr(visual, "transformer", None)
             if transformer is None or not hasattr(transformer, "resblocks"):
                 raise BackboneError(
-                    f"LoRA on the image tower needs a ViT; this model's image tower is {type(visual).__name__} "
-                    "(CLIP-LoRA defines no positions for ResNets). Use towers='text' to adapt the text tower only."
+                    f"LoRA on the image tower needs a ViT with open_clip's own transformer blocks; this model's image "
+                    f"tower is {type(visual).__name__} (CLIP-LoRA defines no positions for ResNets; timm towers are "
+                    "not supported). Use towers='text' (encoders='text') to adapt the text tower only."
                 )
             prefix, blocks = "visual.transformer.resblocks", transformer.resblocks
         else:
@@ -300,7 +301,12 @@ def _attention_sites(model: nn.Module, backend: str, tower: str) -> list[tuple[s
             sites.append((f"{prefix}.{i}.attn", block, "attn"))
         return sites
     if backend == "hf":
-        sub = model.vision_model if tower == "image" else model.text_model
+        sub = getattr(model, "vision_model" if tower == "image" else "text_model", None)
+        if sub is None or not hasattr(getattr(sub, "encoder", None), "layers"):
+            raise BackboneError(
+                f"LoRA on transformers models needs a CLIPModel (vision_model/text_model encoder layers with "
+                f"q_proj/k_proj/v_proj); got {type(model).__name__}."
+            )
         prefix = "vision_model.encoder.layers" if tower == "image" else "text_model.encoder.layers"
         return [(f"{prefix}.{i}.self_attn", layer, "self_attn") for i, layer in enumerate(sub.encoder.layers)]
     raise BackboneError(f"LoRA: backend {backend!r} is not supported (open_clip, hf).")
