@@ -28,6 +28,7 @@ DEMO_GRIDS = {
     "ape": {"search_step": [40, 10, 10]},
     "ape-t": {"search_step": [40, 10]},
     "clip-ft": {"scope": "last", "epochs": 3, "lr": 1e-3},  # the tiny model learns within a few epochs
+    "clip-lora": {"iterations": 12, "lr": 5e-3},  # 500 x K published; kept short so the demo stays within seconds
     "candle": {"epochs": 10},  # 50 published; the demo's 8-way task settles within 10
     "clip-adapter": {"epochs": 20},  # 50 published
 }

@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     candle,
     clip_adapter,
     clip_ft,
+    clip_lora,
     gda,
     linear_probe,
     tip_adapter,
