@@ -48,6 +48,7 @@ from ..progress import progress
 from .base import Method
 from .params import Integral, Interval, Optional, Options, Real, param
 from .registry import register
+from .threads import threads_for
 from .training import BATCH_SIZE, EVAL_ROWS, LEARNING_RATE, SEED
 
 CONSTRAINTS = ("l2", "none")
@@ -228,7 +229,8 @@ class CLAP(Method):
         pool = F.normalize(bundle.support_features.cpu()[:, order].float(), dim=-1).reshape(views * n, dim)
         labels = bundle.support_labels.cpu()[order].repeat(views)
         anchors = bundle.text_weights.float().cpu() * norms[:, None]
-        with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar:
+        step_macs = 2 * min(int(self.batch_size), views * n) * dim * bundle.num_classes
+        with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar, threads_for(step_macs):
             run = train_clap(
                 pool,
                 labels,

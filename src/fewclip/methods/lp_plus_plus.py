@@ -52,6 +52,7 @@ from ..progress import progress
 from .base import Method
 from .params import Integral, Interval, Options, Real, param
 from .registry import register
+from .threads import threads_for
 from .training import EPOCHS, EVAL_ROWS, SEED
 
 ALPHA_GRAD_MODES = ("step", "since_update", "accumulate")
@@ -299,7 +300,8 @@ class LPPlusPlus(Method):
             def evaluate(state: LppState) -> int:
                 return count_correct(xv, zv, yv, state)
 
-        with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar:
+        step_macs = 2 * bundle.num_support * bundle.dim * bundle.num_classes
+        with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar, threads_for(step_macs):
             run = train_lpp(
                 x.cpu(),
                 bundle.support_labels.cpu(),
