@@ -85,7 +85,7 @@ def class_weights(
         ]
     )
     counts = torch.bincount(labels, minlength=num_classes).to(own.dtype)
-    return torch.zeros(num_classes, dtype=own.dtype).index_add_(0, labels, own) / counts.clamp(min=1)
+    return own.new_zeros(num_classes).index_add_(0, labels, own) / counts.clamp(min=1)
 
 
 def clap_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -109,7 +109,7 @@ def clap_gradient(
     log_p = torch.log_softmax(scale * features @ unit.T, dim=1)
     ce = float(-log_p.gather(1, labels[:, None]).mean())
     residual = log_p.exp()
-    residual[torch.arange(labels.shape[0]), labels] -= 1.0
+    residual[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
     g = scale * (residual.T @ features) / labels.shape[0]  # ∂CE/∂n(p_k)
     grad = (g - unit * (unit * g).sum(1, keepdim=True)) / norms
     diff = prototypes - anchors
@@ -160,7 +160,7 @@ def train_clap(
     history, steps = [], 0
     for epoch in range(epochs):
         rate = clap_lr(epoch, epochs, lr, warmup_lr)
-        order = torch.randperm(pool.shape[0], generator=g)
+        order = torch.randperm(pool.shape[0], generator=g).to(pool.device)
         ce_sum = penalty = 0.0
         for j in range(n_b):
             rows = order[j * batch_size : (j + 1) * batch_size]
@@ -225,10 +225,11 @@ class CLAP(Method):
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         norms, source = self._norms(bundle)
         views, n, dim = bundle.support_features.shape
-        order = canonical_order(bundle.support_features[0].cpu(), bundle.support_labels.cpu())
-        pool = F.normalize(bundle.support_features.cpu()[:, order].float(), dim=-1).reshape(views * n, dim)
-        labels = bundle.support_labels.cpu()[order].repeat(views)
-        anchors = bundle.text_weights.float().cpu() * norms[:, None]
+        device = bundle.support_features.device
+        order = canonical_order(bundle.support_features[0].cpu(), bundle.support_labels.cpu()).to(device)
+        pool = F.normalize(bundle.support_features[:, order].float(), dim=-1).reshape(views * n, dim)
+        labels = bundle.support_labels[order].repeat(views)
+        anchors = bundle.text_weights.float() * norms.to(device)[:, None]
         step_macs = 2 * min(int(self.batch_size), views * n) * dim * bundle.num_classes
         with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar, threads_for(step_macs):
             run = train_clap(

@@ -90,7 +90,7 @@ def alpha_init(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
     own = (features.double() * text.double()[labels]).sum(1)  # f_iᵀ t_{y_i}
     num_classes = text.shape[0]
     counts = torch.bincount(labels, minlength=num_classes).double()
-    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, own) / counts
+    per_class = own.new_zeros(num_classes).index_add_(0, labels, own) / counts
     return scale * float(per_class.mean())
 
 
@@ -175,8 +175,8 @@ def train_lpp(
     onehot = F.one_hot(labels, num_classes).to(torch.float64 if dtype == torch.float64 else torch.float32)
     state = LppState(
         class_sums(x, labels, num_classes),
-        torch.zeros(num_classes, dtype=dtype) if bias is None else bias.to(dtype).clone(),
-        torch.full((num_classes,), alpha0, dtype=dtype),
+        x.new_zeros(num_classes) if bias is None else bias.to(x.device, dtype).clone(),
+        x.new_full((num_classes,), alpha0),
     )
     velocity_w, velocity_b = torch.zeros_like(state.weight), torch.zeros_like(state.bias)
     alpha_grad_sum = torch.zeros_like(state.alpha)
@@ -303,9 +303,9 @@ class LPPlusPlus(Method):
         step_macs = 2 * bundle.num_support * bundle.dim * bundle.num_classes
         with progress(int(self.epochs), f"{self.name} training", "epoch", leave=False) as bar, threads_for(step_macs):
             run = train_lpp(
-                x.cpu(),
-                bundle.support_labels.cpu(),
-                text.cpu(),
+                x,
+                bundle.support_labels,
+                text,
                 epochs=int(self.epochs),
                 momentum=float(self.momentum),
                 alpha_every=int(self.alpha_every),
