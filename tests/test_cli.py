@@ -75,8 +75,7 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
     [
         (
             ["--method", "nope"],
-            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, clip-ft, gda, linear-probe, "
-            "tip-adapter, tip-adapter-f, zero-shot",
+            f"unknown method 'nope'; available: {', '.join(methods.list_methods())}.",
         ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),
         (["--method", "ape", "--set", "beta=3"], "unknown hyperparameter(s) ['beta']; valid:"),

@@ -345,13 +345,22 @@ def normed(small):
 
 
 def test_clap_with_zero_epochs_is_zero_shot(normed):
-    clap = M.create("clap", epochs=0).fit(normed)
+    """The invariant of spec §2.6. Every epoch count and learning rate must be > 0 in fewclip, so the estimator runs
+    its one warm-up epoch at a rate of 1e-12 (no step, to float32 rounding); the training function runs 0 epochs."""
+    anchors = normed.text_weights * normed.text_norms[:, None]
+    pool = F.normalize(normed.support_features.reshape(-1, normed.dim), dim=-1)
+    labels = normed.support_labels.repeat(normed.views)
+    run = train_clap(pool, labels, anchors, num_support=normed.num_support, epochs=0)
+    assert torch.equal(run.prototypes, anchors) and run.steps == 0
     zs = M.create("zero-shot").fit(normed)
-    a, b = clap.predict_logits(normed.test_features), zs.predict_logits(normed.test_features)
+    b = zs.predict_logits(normed.test_features)
+    torch.testing.assert_close(clap_logits(normed.test_features, run.prototypes, 100.0), b, atol=1e-4, rtol=1e-6)
+    clap = M.create("clap", epochs=1, warmup_lr=1e-12).fit(normed)
+    a = clap.predict_logits(normed.test_features)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-6)  # float32 rounding of n(s_k·t_k) on logits of scale 100
     assert torch.equal(a.argmax(1), b.argmax(1))
     assert clap.selection_used_ == "none" and clap.selected_["text_norms"] == "bundle text_norms"
-    torch.testing.assert_close(clap.prototypes_, normed.text_weights * normed.text_norms[:, None])
+    torch.testing.assert_close(clap.prototypes_, anchors)
 
 
 def test_clap_lambda_is_mean_true_class_zero_shot_probability_over_every_view(normed):

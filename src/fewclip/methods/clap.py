@@ -46,10 +46,10 @@ from ..errors import DataWarning
 from ..features.bundle import Bundle
 from ..progress import progress
 from .base import Method
-from .params import Integral, Interval, Optional, Options, Real, param
+from .params import Interval, Optional, Options, Real, param
 from .registry import register
 from .threads import threads_for
-from .training import BATCH_SIZE, EVAL_ROWS, LEARNING_RATE, SEED
+from .training import BATCH_SIZE, EPOCHS, EVAL_ROWS, LEARNING_RATE, SEED
 
 CONSTRAINTS = ("l2", "none")
 WARMUP_LR = 1e-5
@@ -184,13 +184,11 @@ class CLAP(Method):
     selects_on_validation = False
     needs_support_for_every_class = True
 
-    epochs: int = param(300, Interval(Integral, 0, None, closed="left"), doc="epochs (0: the zero-shot classifier)")
+    epochs: int = param(300, EPOCHS, doc="epochs (Dassl's: max(1, ⌊N/batch_size⌋) steps each)")
     lr: float = param(0.1, LEARNING_RATE, doc="peak SGD learning rate (cosine schedule over the epochs)")
     momentum: float = param(0.9, Interval(Real, 0, 1, closed="left"), doc="SGD momentum")
     batch_size: int = param(256, BATCH_SIZE, doc="rows per step; an epoch is max(1, ⌊N/batch_size⌋) steps")
-    warmup_lr: float = param(
-        WARMUP_LR, Interval(Real, 0, None, closed="left"), doc="learning rate of the first (warm-up) epoch"
-    )
+    warmup_lr: float = param(WARMUP_LR, LEARNING_RATE, doc="learning rate of the first (warm-up) epoch")
     constraint: str = param(
         "l2", Options(CONSTRAINTS), doc="'l2': the class-adaptive penalty (CLAP); 'none': no penalty (ZS-LP)"
     )

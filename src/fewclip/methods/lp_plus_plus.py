@@ -18,7 +18,8 @@ Deviations from the released code, each behind a labelled option that reproduces
   epoch 10m uses that epoch's gradient, what ``zero_grad`` over every parameter would do); ``"since_update"`` clears
   it after each α step (the sum of the gradients since the previous one: the spec's "zeroed per update" column).
 - ``precision``: the released classifier, α, features and SGD are float16 (spec D4); ``"fp16"`` keeps every
-  parameter, feature and matrix product in float16 (softmax in float32, then rounded), default ``"fp32"``.
+  parameter, feature and matrix product in float16 (softmax in float32, then rounded), default ``"fp32"``. On a CPU
+  float16 products are slow (not vectorised): the option is for parity runs on a GPU.
 - ``bias_init``: released ``nn.Linear`` default U(−1/√D, 1/√D) (``"torch_default"``, drawn from ``seed``); default
   ``"zeros"`` (deterministic, and the paper's formula has no bias at all; spec D3).
 - The released ``preset="released"`` sets all three.
