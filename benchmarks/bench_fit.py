@@ -4,6 +4,7 @@
     python benchmarks/bench_fit.py --hard                # the same shape, data on which most rows change arg-max
     python benchmarks/bench_fit.py --imagenet            # 1,000 classes, 4,000 val, APE's ImageNet grid
     python benchmarks/bench_fit.py --methods ape --classes 200
+    python benchmarks/bench_fit.py --methods lp++ clap --dim 512 --threads 1   # LP++ and CLAP at their defaults
 
 Each (shape, method) runs in a fresh subprocess, so "peak MB" is that process's maximum resident set size
 (bundle generation included; the bundle's own size is printed for reference). "CPU s" is the process's CPU time
@@ -14,7 +15,10 @@ multiply-adds (the affinity, the class-wise sums of every (β, γ) and one multi
 z + α·g) and exponentials (one per affinity entry per β); GDA's are its float64 covariance, Cholesky factor and
 inverse. At one core's measured float32/float64 matmul and exp rates (timed at start, one thread) that work takes
 "limit CPU s"; "% limit" is limit CPU s / fit CPU s (100 % = the fit costs no more CPU than the dense computation
-at peak matmul speed; above 100 % is possible because the α axis is not evaluated densely). CPU seconds, not wall
+at peak matmul speed; above 100 % is possible because the α axis is not evaluated densely). LP++'s and CLAP's are
+the matrix products their training cannot avoid: per LP++ epoch the support logits and the W gradient (2·N·D·C) and
+the validation logits (Mv·D·C); per CLAP step the logits and the prototype gradient of one batch (2·B·D·C), for
+epochs·max(1, ⌊N/B⌋) steps, plus the zero-shot probabilities of the V·N views for λ. CPU seconds, not wall
 seconds, are compared because they are what other work on a shared machine does not inflate much.
 Nothing here is asserted.
 """
@@ -27,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -46,7 +51,18 @@ GRIDS = {
         "ape-t": {"preset": "imagenet"},
     },
 }
-DEFAULT_METHODS = ["zero-shot", "tip-adapter", "ape", "gda", "linear-probe", "tip-adapter-f", "ape-t", "clip-adapter"]
+DEFAULT_METHODS = [
+    "zero-shot",
+    "tip-adapter",
+    "ape",
+    "gda",
+    "linear-probe",
+    "tip-adapter-f",
+    "ape-t",
+    "clip-adapter",
+    "lp++",
+    "clap",
+]
 # Generator settings. "hard": image-text cosines pushed down by a wider modality gap (gap 8 instead of 1.5), so the
 # zero-shot margins are small next to the cache term and 40-60 % of the validation rows change their arg-max along
 # the α grid at β ≥ 3 (about 10 % on the default data).
@@ -96,6 +112,18 @@ def cost_model(method: str, model, bundle) -> dict[str, float] | None:
         a = len(model.alpha_grid)
         mac64 = n * d * d + d**3 / 3 + 2 * d**3 / 3 + c * d * d  # scatter, Cholesky, its inverse, P·μ
         return {"mac32": 2 * m * c * d + a * m * c, "mac64": mac64, "exp": 0}
+    if method == "lp++":
+        n, epochs = bundle.num_support, len(model.history_)
+        small = min(n, d)
+        # per epoch: support logits + W gradient + validation logits; once: the zero-shot cosines, the Gram matrix
+        # and its eigenvalues (float64)
+        mac32 = epochs * (2 * n * d * c + m * d * c) + (n + m) * d * c
+        return {"mac32": mac32, "mac64": small * small * max(n, d) + 4 * small**3 / 3, "exp": epochs * n * c}
+    if method == "clap":
+        rows, steps, b = bundle.views * bundle.num_support, model.steps_, model.batch_size
+        b = min(b, rows)
+        mac32 = steps * 2 * b * d * c + rows * d * c  # per step: logits + gradient; once: λ's zero-shot logits
+        return {"mac32": mac32, "mac64": 0, "exp": steps * b * c + rows * c}
     return None
 
 
@@ -119,6 +147,8 @@ def worker(args: argparse.Namespace) -> None:
         seed=1,
         **DATA["hard" if args.hard else "default"],
     )
+    if args.method == "clap":  # synthetic bundles have no raw text norms; the timing does not depend on them
+        bundle = replace(bundle, text_norms=torch.ones(bundle.num_classes))
     gen_s = time.perf_counter() - t0
 
     # time the search inside the fit: the cache methods' grid search and GDA's α scan
@@ -140,6 +170,8 @@ def worker(args: argparse.Namespace) -> None:
 
     params = dict(GRIDS[args.grid].get(args.method, {}))
     preset = params.pop("preset", None)
+    if args.epochs is not None and "epochs" in methods.get_class(args.method).param_names():
+        params["epochs"] = args.epochs
     model = methods.create(args.method, preset=preset, **params)
     t1, c1 = time.perf_counter(), time.process_time()
     model.fit(bundle)
@@ -189,12 +221,18 @@ def main() -> None:
         help="torch threads of the workers (default: torch's); 1 gives CPU seconds "
         "that other load on a shared machine inflates least",
     )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="train the methods that have epochs for this many (a shorter timing run: LP++'s and CLAP's cost per "
+        "epoch is constant, so their full run costs default/this times as much)",
+    )
     p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
     args = p.parse_args()
     if args.imagenet:
         args.classes, args.val, args.test, args.grid = 1000, 4000, 10000, "imagenet"
         if args.methods == p.get_default("methods"):
-            args.methods = ["zero-shot", "tip-adapter", "ape", "gda", "tip-adapter-f", "ape-t"]
+            args.methods = ["zero-shot", "tip-adapter", "ape", "gda", "tip-adapter-f", "ape-t", "lp++", "clap"]
     if args.method:
         worker(args)
         return
@@ -221,6 +259,7 @@ def main() -> None:
         cmd += ["--dim", str(args.dim), "--views", str(args.views), "--val", str(args.val), "--test", str(args.test)]
         cmd += ["--grid", args.grid] + (["--hard"] if args.hard else [])
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--epochs", str(args.epochs)] if args.epochs is not None else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{method:14s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")

@@ -33,6 +33,7 @@ def test_round_trip_preserves_every_tensor_and_metadata(tmp_path):
     b = make_bundle(
         **tensors(),
         support_clean_features=torch.randn(6, 4),
+        text_norms=torch.tensor([1.5, 2.0, 3.0]),
         classnames=["a", "b", "c"],
         metadata={"dataset": "toy", "shots": 2},
     )

@@ -75,7 +75,7 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
     [
         (
             ["--method", "nope"],
-            f"unknown method 'nope'; available: {', '.join(methods.list_methods())}",  # every registered method
+            f"unknown method 'nope'; available: {', '.join(methods.list_methods())}.",
         ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),
         (["--method", "ape", "--set", "beta=3"], "unknown hyperparameter(s) ['beta']; valid:"),

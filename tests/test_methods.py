@@ -156,7 +156,7 @@ def test_presets_load_published_values_and_scale_channels(bundle):
 
 def test_unknown_names_list_valid_choices():
     with pytest.raises(
-        MethodError, match=f"unknown method 'apex'; available: {re.escape(', '.join(M.list_methods()))}\\."
+        MethodError, match=re.escape(f"unknown method 'apex'; available: {', '.join(M.list_methods())}.")
     ):
         M.create("apex")
     with pytest.raises(MethodError, match="unknown preset 'mnist'; valid presets: caltech101"):

@@ -185,7 +185,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     store = FeatureStore(config.cache_dir)
     options = config.extraction
     pool = encode_images_once(backbone, splits, [episode], test=test, store=store, options=options)
-    text_weights, _ = encode_text_classifier(backbone, episode.classnames, prompts, store=store)
+    text_weights, text_norms, _ = encode_text_classifier(
+        backbone, episode.classnames, prompts, store=store, return_norms=True
+    )
     metadata = {
         "backbone": args.model,
         "pretrained": args.pretrained,
@@ -198,7 +200,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         metadata["subsample"] = episode.subsample
     if pool.bad:
         metadata["bad_images"] = json.dumps([b.as_dict() for b in pool.bad])
-    bundle, dropped = episode_bundle(pool, episode, test, text_weights, metadata=metadata)
+    bundle, dropped = episode_bundle(pool, episode, test, text_weights, metadata=metadata, text_norms=text_norms)
     path = bundle_io.save(bundle, args.out)
     print(f"wrote {path}: {json.dumps(bundle.summary())}")
     print(f"{pool.encoded} image view(s) encoded, {pool.cached} from the cache")

@@ -13,7 +13,14 @@ val_labels               int64 [Mv]
 test_features            float32 [Mt,D]
 test_labels              int64 [Mt]
 support_clean_features   float32 [N,D]    optional: the support images under the test transform
+text_norms               float32 [C]      optional: ‖raw class text embedding‖ (see below), each > 0
 ======================== ================ ==========================================================
+
+``text_norms`` (added after the first release of the format, which stays ``fewclip-bundle/1``: a bundle without it
+loads as before) is the L2 norm of each class's raw text embedding before normalisation, the mean over the class's
+prompts of the unnormalised sentence embeddings (``‖(1/J) Σ_j e_j‖``). ``text_weights`` keeps only directions; a
+method whose maths lives in raw text space (CLAP) needs the norms too. Extraction writes it; a reader older than
+this field refuses a bundle that has it (unknown tensor), so drop it (:func:`dataclasses.replace`) for such readers.
 
 Metadata (string to string): ``format`` = ``fewclip-bundle/1``, ``classnames`` = JSON list of C names and,
 where known, ``dataset``, ``backbone``, ``pretrained``, ``shots``, ``seed``, ``views``, ``split_sha256``.
@@ -39,7 +46,7 @@ from ..io import atomic_write, read_safetensors
 FORMAT = "fewclip-bundle/1"
 
 REQUIRED_TENSORS = ("support_features", "support_labels", "text_weights", "test_features", "test_labels")
-OPTIONAL_TENSORS = ("val_features", "val_labels", "support_clean_features")
+OPTIONAL_TENSORS = ("val_features", "val_labels", "support_clean_features", "text_norms")
 ALL_TENSORS = REQUIRED_TENSORS + OPTIONAL_TENSORS
 KNOWN_METADATA = ("dataset", "backbone", "pretrained", "shots", "seed", "views", "split_sha256")
 
@@ -56,6 +63,7 @@ class Bundle:
     val_features: torch.Tensor | None = None  # [Mv, D]
     val_labels: torch.Tensor | None = None  # [Mv]
     support_clean_features: torch.Tensor | None = None  # [N, D]
+    text_norms: torch.Tensor | None = None  # [C] norms of the raw class text embeddings
     classnames: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
 
@@ -170,6 +178,7 @@ def make_bundle(
     val_features: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     support_clean_features: torch.Tensor | None = None,
+    text_norms: torch.Tensor | None = None,
     classnames: list[str] | tuple[str, ...] | None = None,
     metadata: Mapping[str, object] | None = None,
     where: str = "bundle",
@@ -248,6 +257,20 @@ def make_bundle(
                 f"{support_labels.shape[0]} (one per support image)."
             )
 
+    if text_norms is not None:
+        text_norms = _as_float("text_norms", text_norms, where)
+        if text_norms.shape != (num_classes,):
+            raise BundleError(
+                f"{where}: tensor 'text_norms' has shape {list(text_norms.shape)}; expected [{num_classes}] (one norm "
+                "per class, C from text_weights)."
+            )
+        if bool((text_norms <= 0).any()):
+            bad = int((text_norms <= 0).nonzero()[0])
+            raise BundleError(
+                f"{where}: tensor 'text_norms' holds {float(text_norms[bad])} for class {bad}; every norm must be > 0 "
+                "(the norm of the raw text embedding). Re-extract the text, or drop the tensor."
+            )
+
     if classnames is None:
         classnames = [f"class_{i}" for i in range(num_classes)]
     classnames = tuple(str(c) for c in classnames)
@@ -267,6 +290,7 @@ def make_bundle(
         val_features=None if val_features is None else val_features.contiguous(),
         val_labels=None if val_labels is None else val_labels.contiguous(),
         support_clean_features=None if support_clean_features is None else support_clean_features.contiguous(),
+        text_norms=None if text_norms is None else text_norms.contiguous(),
         classnames=classnames,
         metadata=meta,
     )

@@ -167,11 +167,13 @@ def episode_bundle(
     *,
     metadata: Mapping[str, object] | None = None,
     test_pool: FeaturePool | None = None,
+    text_norms: torch.Tensor | None = None,
 ) -> tuple[Bundle, dict[str, int]]:
     """The bundle of one episode, sliced from ``pool``; returns it with the count of images left out as bad.
 
     ``test`` labels must be in the episode's label space (``splits.test`` for an all-class episode); their features
     come from ``test_pool`` when the test images belong to another dataset (transfer), else from ``pool``.
+    ``text_norms`` [C] (the raw text norms, optional) is stored in the bundle with ``text_weights``.
     """
     s_rows, s_labels = index_rows(pool.support_index, episode.train)
     v_rows, v_labels = index_rows(pool.eval_index, episode.val)
@@ -203,6 +205,7 @@ def episode_bundle(
         val_features=pool.evaluation[torch.tensor(v_rows, dtype=torch.long)] if has_val else None,
         val_labels=torch.tensor(v_labels, dtype=torch.long) if has_val else None,
         support_clean_features=pool.support_clean[s_index],
+        text_norms=text_norms,
         classnames=list(episode.classnames),
         metadata=meta,
         where=f"{episode.dataset} k={episode.k} seed={episode.seed}",

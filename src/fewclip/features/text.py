@@ -1,8 +1,11 @@
 """Zero-shot text classifiers: the sentences of each class (from :class:`fewclip.data.Prompts`) → one unit row.
 
 Each sentence is encoded and L2-normalised, a class's sentences are averaged and the mean is re-normalised (CLIP's
-prompt ensembling; CuPL descriptions are pooled the same way). With a feature store, every sentence embedding is
-cached per backbone, so template sets and description files share what they have in common.
+prompt ensembling; CuPL descriptions are pooled the same way). With ``return_norms=True`` the functions also return
+each class's raw text norm ‖(1/J) Σ_j e_j‖, the norm of the mean of its *unnormalised* sentence embeddings (a bundle's
+optional ``text_norms``, which CLAP needs; for one sentence per class, its embedding's norm). With a feature store,
+every sentence embedding is cached per backbone, so template sets and description files share what they have in
+common.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ def encode_prompts(
     *,
     batch_size: int = 256,
     store: FeatureStore | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+    return_norms: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """[C, D] classifier from one list of sentences per class (normalise per sentence, average, re-normalise).
 
     Sentences are encoded ``batch_size`` at a time; those longer than the context length are truncated by the
-    tokenizer and counted. Returns ``(weights, {"prompts", "unique_prompts", "truncated", "encoded"})``.
+    tokenizer and counted. Returns ``(weights, {"prompts", "unique_prompts", "truncated", "encoded"})``, or
+    ``(weights, norms [C], info)`` with ``return_norms`` (norms: see the module docstring).
     """
     if batch_size < 1:
         raise TextClassifierError(f"batch_size must be ≥ 1, got {batch_size}.")
@@ -63,9 +68,11 @@ def encode_prompts(
     if bool((norms == 0).any()):
         bad = flat[int((norms.squeeze(1) == 0).nonzero()[0])]
         raise TextClassifierError(f"prompt {bad!r} encodes to an all-zero vector; check the backbone weights.")
+    counts = torch.bincount(owner, minlength=len(prompts))[:, None]
+    raw_norms = (torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb) / counts).norm(dim=-1)
     emb = emb / norms
     weights = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)
-    weights = weights / torch.bincount(owner, minlength=len(prompts))[:, None]
+    weights = weights / counts
     weights = weights / weights.norm(dim=-1, keepdim=True)
 
     truncated = backbone.count_truncated(unique)
@@ -76,7 +83,8 @@ def encode_prompts(
             len(unique),
             backbone.context_length,
         )
-    return weights, {"prompts": len(flat), "unique_prompts": len(unique), "truncated": truncated, "encoded": len(todo)}
+    info = {"prompts": len(flat), "unique_prompts": len(unique), "truncated": truncated, "encoded": len(todo)}
+    return (weights, raw_norms, info) if return_norms else (weights, info)
 
 
 def encode_text_classifier(
@@ -86,7 +94,10 @@ def encode_text_classifier(
     *,
     batch_size: int = 256,
     store: FeatureStore | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+    return_norms: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """[C, D] zero-shot weights for ``classnames`` under ``prompts`` (templates or descriptions), plus the report of
-    :func:`encode_prompts`."""
-    return encode_prompts(backbone, prompts.sentences(classnames), batch_size=batch_size, store=store)
+    :func:`encode_prompts` (and the raw text norms [C] before it with ``return_norms``)."""
+    return encode_prompts(
+        backbone, prompts.sentences(classnames), batch_size=batch_size, store=store, return_norms=return_norms
+    )

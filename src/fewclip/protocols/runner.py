@@ -453,6 +453,9 @@ class Features:
     backbone: Backbone
     store: FeatureStore
     seconds: float
+    #: the raw text norms [C] of ``text`` and of each target's text (the bundles' optional ``text_norms``)
+    text_norms: torch.Tensor | None = None
+    target_text_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def encoded(self) -> int:
@@ -482,8 +485,10 @@ def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
         options=options,
         hashes=known_hashes(plan, plan.splits.root),
     )
-    text, text_info = encode_text_classifier(backbone, plan.splits.classnames, plan.prompts, store=store)
-    target_pools, target_text = {}, {}
+    text, text_norms, text_info = encode_text_classifier(
+        backbone, plan.splits.classnames, plan.prompts, store=store, return_norms=True
+    )
+    target_pools, target_text, target_norms = {}, {}, {}
     for target in plan.targets.values():
         if target.name is None:
             continue
@@ -497,10 +502,13 @@ def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
             hashes=known_hashes(plan, target.splits.root),
         )
         if target.prompts is not None:
-            target_text[target.name], _ = encode_text_classifier(
-                backbone, target.splits.classnames, target.prompts, store=store
+            target_text[target.name], target_norms[target.name], _ = encode_text_classifier(
+                backbone, target.splits.classnames, target.prompts, store=store, return_norms=True
             )
-    return Features(pool, text, text_info, target_pools, target_text, backbone, store, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return Features(
+        pool, text, text_info, target_pools, target_text, backbone, store, seconds, text_norms, target_norms
+    )
 
 
 # --------------------------------------------------------------------------- stage 5: fit and score
@@ -918,6 +926,15 @@ def _cell_data(plan: Plan, features: Features, episode: tuple[Episode, Path], ta
     text, classnames, offset = plan.protocol.cell_classes(
         target, features.text, episode[0].classnames, features.target_text.get(target.name)
     )
+    norms = None
+    if features.text_norms is not None:  # the same rows as the text: cell_classes slices or joins them alike
+        target_norms = features.target_text_norms.get(target.name)
+        norms = plan.protocol.cell_classes(
+            target,
+            features.text_norms[:, None],
+            episode[0].classnames,
+            None if target_norms is None else target_norms[:, None],
+        )[0][:, 0]
     items = [Item(i.path, i.label + offset, i.classname) for i in target.items] if offset else list(target.items)
     named = replace(episode[0], classnames=classnames)
     bundle, dropped = episode_bundle(
@@ -927,6 +944,7 @@ def _cell_data(plan: Plan, features: Features, episode: tuple[Episode, Path], ta
         text,
         metadata={"backbone": spec.model, "pretrained": spec.pretrained},
         test_pool=features.test_pool(target),
+        text_norms=norms,
     )
     return CellData(bundle, dropped, named, items, episode[1])
 
