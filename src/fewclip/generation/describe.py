@@ -126,9 +126,9 @@ def match_descriptions(
         if missing == "error":
             raise GenerationError(
                 f"{where}: no descriptions for {len(absent)} of {len(out) + len(absent)} classes: "
-                f"{_names_list(absent)}. Add them to the file (fewclip describe --from {where} --missing ask --out NEW.json asks a "
-                "language model for just these), or pass --missing template to use the dataset's prompt template "
-                "for them."
+                f"{_names_list(absent)}. Add them to the file (fewclip describe --from {where} --missing ask "
+                "--out NEW.json asks a language model for just these), or pass --missing template to use the "
+                "dataset's prompt template for them."
             )
         if not template or not has_placeholder(template):
             raise GenerationError(
@@ -224,10 +224,11 @@ class ChatClient:
         retries: int = 6,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
         self.endpoint = endpoint
-        self.retries, self.backoff, self.max_backoff, self.sleep = retries, backoff, max_backoff, sleep
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.sleep = sleep if sleep is not None else time.sleep
         self.requests = 0
 
     def _redact(self, text: str) -> str:

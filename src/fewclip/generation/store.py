@@ -369,6 +369,11 @@ def generate(
         from .diffusion import load_sampler
 
         sampler = load_sampler(settings, memo=memo)
+    elif sampler.sampling != settings.sampling_identity(sampler.device) or sampler.settings.model != settings.model:
+        raise GenerationError(
+            f"generate: the sampler was loaded for {sampler.settings.model} with {sampler.sampling}, but the settings "
+            f"ask for {settings.model} with {settings.sampling_identity(sampler.device)}; load it with these settings."
+        )
     store = GenerationStore(cache_root / STORE_FOLDER)
     items = plan_items(prompts, settings, sampler.identity, sampler.sampling)
     pipeline_info = {**sampler.describe(), "settings": settings.to_dict(), "sampling": sampler.sampling}
