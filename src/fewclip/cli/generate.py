@@ -144,12 +144,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{settings.resolution} px, seed {settings.seed}",
         flush=True,
     )
-    sampler = None
-    if args.compile:
-        from ..generation.diffusion import load_sampler
+    source: dict[str, Any] = {"prompts_per_class": args.prompts_per_class, "missing": args.missing}
+    if args.descriptions:
+        from ..io import file_sha256
 
-        sampler = load_sampler(settings, compile_unet=True)
-    report = generate(prompts, args.out, settings, cache_dir=args.cache_dir, sampler=sampler)
+        source.update(descriptions=str(Path(args.descriptions).expanduser().resolve()))
+        source.update(descriptions_sha256=file_sha256(Path(args.descriptions).expanduser()))
+    else:
+        source.update(template=template)
+    report = generate(prompts, args.out, settings, cache_dir=args.cache_dir, compile_unet=args.compile, source=source)
     rate = report.images_per_second
     speed = f", {rate:.2f} images/s" if rate else ""
     print(

@@ -352,13 +352,16 @@ def generate(
     memo: HashMemo | None = None,
     show_progress: bool = True,
     write_pool: int = 4,
+    compile_unet: bool = False,
+    source: Mapping[str, Any] | None = None,
 ) -> GenerationReport:
     """Generate ``settings.images_per_prompt`` images for every prompt of every class in ``prompts`` (class name ->
     prompts, in label order) and write the generated set to ``out`` (the layout of :mod:`.types`).
 
     Items already in the store (``<cache_dir>/generations``) are reused, not sampled; a run killed at any point and
     started again samples only what is missing. ``sampler``: a loaded :class:`~.diffusion.Sampler` (else
-    ``settings.model`` is loaded)."""
+    ``settings.model`` is loaded, its UNet compiled with ``compile_unet``). ``source`` (e.g. the description file
+    and its SHA-256) is recorded in the set's index."""
     settings = (settings or GenerationSettings()).validate()
     if not prompts or any(not list(v) for v in prompts.values()):
         empty = [c for c, v in prompts.items() if not list(v)]
@@ -368,7 +371,7 @@ def generate(
     if sampler is None:
         from .diffusion import load_sampler
 
-        sampler = load_sampler(settings, memo=memo)
+        sampler = load_sampler(settings, memo=memo, compile_unet=compile_unet)
     elif sampler.sampling != settings.sampling_identity(sampler.device) or sampler.settings.model != settings.model:
         raise GenerationError(
             f"generate: the sampler was loaded for {sampler.settings.model} with {sampler.sampling}, but the settings "
@@ -389,7 +392,7 @@ def generate(
             f"generation store {store.root}: {len(missing)} item(s) still missing after generation (e.g. "
             f"{missing[0].classname!r}: {missing[0].prompt!r}); run fewclip generate again."
         )
-    export_generated_set(out, items, store, stored, pipeline_info)
+    export_generated_set(out, items, store, stored, pipeline_info, source)
     return GenerationReport(
         out=Path(out),
         store=store.root,
@@ -471,6 +474,7 @@ def export_generated_set(
     store: GenerationStore,
     stored: Mapping[str, Stored],
     pipeline_info: Mapping[str, Any],
+    source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the generated set of ``items`` to ``out`` from the store: images linked in, the latents in one shard,
     the index last (each atomically). Files of an earlier set in ``out`` that the new one does not list (its
@@ -514,6 +518,7 @@ def export_generated_set(
         "classnames": classnames,
         "samples": entries,
         "pipeline": dict(pipeline_info),
+        "source": dict(source or {}),
         "store": str(store.root),
     }
     text = json.dumps(index, indent=1)
