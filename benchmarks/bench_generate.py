@@ -4,6 +4,8 @@
     python benchmarks/bench_generate.py --device cuda     # GPU: SD 2.x base-sized random UNet, VAE and text encoder,
                                                           # bf16, 512 px, DDIM 50 steps, guidance 9 (FLIER's settings)
     python benchmarks/bench_generate.py --device cuda --compile --batch-sizes 16,32,48
+    python benchmarks/bench_generate.py --full --resolution 64 --steps 2 --batch-sizes 1 --reps 1 --images 4
+                                                          # the full-size code path, checked on a CPU
 
 1. flops: the UNet's and the VAE decoder's floating-point operations for one image (counted on the meta device with
    ``torch.utils.flop_counter``), and the bound they put on images/s at a given peak (``--peak-tflops``; 989 = an
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny pipeline (default on CPU)")
+    parser.add_argument("--full", action="store_true", help="the SD 2.x base-sized pipeline (default on CUDA)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--resolution", type=int, help="default: 512 (full size), 32 (tiny)")
     parser.add_argument("--steps", type=int, default=50)
@@ -123,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
-    tiny = args.tiny or not cuda
+    tiny = args.tiny or not (cuda or args.full)
     precision = args.precision or ("bf16" if cuda else "fp32")
     resolution = args.resolution or (32 if tiny else 512)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8,16,32" if cuda else "8")).split(",")]

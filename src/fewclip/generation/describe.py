@@ -50,7 +50,7 @@ DEFAULT_PROMPT = (
 )
 DEFAULT_TEMPERATURE = 0.99  # CuPL's sampling temperature
 MISSING_MODES = ("error", "template")
-_TRANSIENT_STATUS = {408, 409, 425, 429}
+_TRANSIENT_STATUS = {408, 425, 429}
 
 
 # --------------------------------------------------------------------------- description files
@@ -267,7 +267,7 @@ class ChatClient:
                     payload = response.read()
                 return self._choices(payload, url)
             except urllib.error.HTTPError as exc:
-                detail = self._redact(exc.read()[:300].decode("utf-8", "replace")) if exc.fp else ""
+                detail = self._redact(_error_body(exc))
                 last = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
                 if exc.code not in _TRANSIENT_STATUS and exc.code < 500:
                     hint = " (check the API key variable)" if exc.code in (401, 403) else ""
@@ -292,6 +292,14 @@ class ChatClient:
                 f"{url}: the answer is not an OpenAI chat completion ({type(exc).__name__}: {exc}); it starts "
                 f"{shown!r}."
             ) from None
+
+
+def _error_body(exc: urllib.error.HTTPError) -> str:
+    """The start of an error response's body ('' when it cannot be read)."""
+    try:
+        return exc.read()[:300].decode("utf-8", "replace") if exc.fp else ""
+    except (OSError, http.client.HTTPException):
+        return ""
 
 
 # --------------------------------------------------------------------------- parsing answers
