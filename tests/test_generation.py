@@ -431,6 +431,45 @@ def test_a_corrupt_shard_or_image_is_detected_and_regenerated(tiny_sd, sampler, 
         assert torch.equal(load_generated_set(tmp_path / "out").latents, reference[2].latents)
 
 
+def test_a_damaged_set_shard_is_refused_and_rewritten_from_the_store(tiny_sd, sampler, reference, tmp_path):
+    import shutil
+
+    from fewclip.errors import DataError
+
+    cache, out = copied_cache(reference, tmp_path), Path(shutil.copytree(reference[1], tmp_path / "out"))
+    shard = next((out / ".fewclip-generated").glob("latents-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="fail their SHA-256 checksum"):
+        load_generated_set(out)
+    counting = Counting(sampler)
+    run(PROMPTS, out, tiny_settings(tiny_sd), cache, counting)
+    assert counting.calls == 0 and torch.equal(load_generated_set(out).latents, reference[2].latents)
+
+
+def test_write_generated_set_round_trips_and_its_checksum_catches_a_flipped_byte(tmp_path):
+    from fewclip.errors import DataError
+    from fewclip.generation import GeneratedSet, write_generated_set
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / "src" / f"{i}.png")
+        images[-1].parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images[-1])
+    latents = torch.randn(3, 4, 2, 2).to(torch.bfloat16)
+    gen = GeneratedSet(("a/b", "c"), tuple(images), torch.tensor([0, 1, 0]), latents, ("p0", "p1", "p2"))
+    write_generated_set(tmp_path / "set", gen)
+    back = load_generated_set(tmp_path / "set")
+    assert torch.equal(back.latents, latents.float()) and back.labels.tolist() == [0, 1, 0]
+    shard = next((tmp_path / "set" / ".fewclip-generated").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum"):
+        load_generated_set(tmp_path / "set")
+
+
 def test_model_loading_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(GenerationError, match="no such folder"):
         resolve_model_folder(str(tmp_path / "nowhere"))

@@ -44,7 +44,7 @@ from ..hashing import MEMO_NAME, HashMemo
 from ..io import atomic_write, default_cache_dir
 from ..progress import progress
 from .settings import GenerationError, GenerationSettings, GenerationWarning, item_key, item_seed
-from .types import GENERATED_FORMAT, INDEX_FILE, INDEX_FOLDER, class_folder
+from .types import GENERATED_FORMAT, INDEX_FILE, INDEX_FOLDER, class_folder, tensor_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -57,15 +57,6 @@ logger = logging.getLogger("fewclip.generation")
 STORE_FORMAT = "fewclip-generation-store/1"
 STORE_FOLDER = "generations"
 _STALE_TMP_SECONDS = 3600.0
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """Hex SHA-256 of a tensor's bytes (any dtype), with its dtype and shape."""
-    import torch
-
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    head = f"{t.dtype}:{list(t.shape)}:".encode()
-    return hashlib.sha256(head + data.tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
