@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cache import add_parsers as add_cache_parsers
     from .datasets import add_parsers as add_dataset_parsers
+    from .generate import add_parsers as add_generate_parsers
     from .predict import add_parser as add_predict_parser
     from .report import add_parser as add_report_parser
     from .results import add_parsers as add_results_parsers
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_dataset_parsers(sub)
     add_cache_parsers(sub)
+    add_generate_parsers(sub)
     return parser
 
 

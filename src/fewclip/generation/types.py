@@ -9,7 +9,8 @@ On disk a generated set is a folder ``DIR``:
   "class", "image", "prompt", "shard"}, ...]}``, ``image`` relative to ``DIR``, ``shard`` a file name in the same
   hidden folder (hidden, so the folder dataset reader skips it).
 - ``DIR/.fewclip-generated/<shard>.safetensors``: a tensor ``latents [n, c, h, w]`` (float32 or bfloat16/float16) and
-  metadata ``format`` (:data:`GENERATED_FORMAT`) and ``ids``: the JSON list of the n sample ids in row order.
+  metadata ``format`` (:data:`GENERATED_FORMAT`) and ``ids``: the JSON list of the n sample ids in row order; and,
+  optionally, ``latents_sha256`` (:func:`tensor_sha256` of the tensor), checked when present.
 
 Every file is written atomically (temporary file, then rename), the index last, so a reader sees a complete set of
 samples or the previous one. :func:`load_generated_set` checks that every sample's image and latent row exist.
@@ -17,6 +18,7 @@ samples or the previous one. :func:`load_generated_set` checks that every sample
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,6 +33,12 @@ from ..io import atomic_write, read_safetensors
 GENERATED_FORMAT = "fewclip-generated/1"
 INDEX_FOLDER = ".fewclip-generated"
 INDEX_FILE = "index.json"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's dtype, shape and bytes (any dtype): the checksum of a latent shard."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(f"{t.dtype}:{list(t.shape)}:".encode() + data.tobytes()).hexdigest()
 
 
 def class_folder(classname: str) -> str:
@@ -137,6 +145,11 @@ def load_generated_set(folder: str | os.PathLike, classnames: Sequence[str] | No
         latents = tensors.get("latents")
         if latents is None or latents.dim() != 4 or latents.shape[0] != len(ids):
             raise DataError(f"{path}: expected a tensor 'latents' [n, c, h, w] with one row per id in its metadata.")
+        if "latents_sha256" in meta and tensor_sha256(latents) != meta["latents_sha256"]:
+            raise DataError(
+                f"{path}: the latents fail their SHA-256 checksum (the file is damaged); run `fewclip generate` again "
+                f"on {folder}: it rewrites the set from the generation store."
+            )
         rows.update({sid: latents[i] for i, sid in enumerate(ids)})
     images, labels, latents, prompts, absent = [], [], [], [], []
     for s in samples:
@@ -194,7 +207,9 @@ def write_generated_set(folder: str | os.PathLike, generated: GeneratedSet, shar
     atomic_write(
         hidden / f"{shard}.safetensors",
         lambda tmp: save_file(
-            {"latents": latents}, str(tmp), metadata={"format": GENERATED_FORMAT, "ids": json.dumps(ids)}
+            {"latents": latents},
+            str(tmp),
+            metadata={"format": GENERATED_FORMAT, "ids": json.dumps(ids), "latents_sha256": tensor_sha256(latents)},
         ),
     )
     index = {"format": GENERATED_FORMAT, "classnames": list(generated.classnames), "samples": entries}
