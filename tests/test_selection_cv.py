@@ -98,8 +98,8 @@ def test_a_method_with_nothing_to_select_is_unaffected(bundle):
 
 
 def test_a_method_without_cv_refuses_it(bundle):
-    with pytest.raises(M.MethodError, match=r"candle: selection='cv' is not implemented.*--selection none"):
-        M.create("candle", selection="cv", **FAST["candle"]).fit(bundle)
+    with pytest.raises(M.MethodError, match=r"clip-ft: selection='cv' is not implemented.*--selection none"):
+        M.create("clip-ft", selection="cv")._check_cv(bundle)
 
 
 @pytest.mark.slow

@@ -228,7 +228,12 @@ class Method:
         """``selection="cv"``: a method that implements it, features, and support that can be split (K ≥ 2 where every
         class needs support in every fold's training part)."""
         fallback = "use selection='none' (--selection none) to keep the initial values, or add a validation split"
-        if not self.cross_validates or self.inputs != "features":
+        if self.inputs != "features":
+            raise MethodError(
+                f"{self.name}: selection='cv' is not implemented for a method fine-tuned on images (it would fine-tune "
+                f"the encoder once per fold); {fallback} (--selection none keeps the last epoch)."
+            )
+        if not self.cross_validates:
             raise MethodError(f"{self.name}: selection='cv' is not implemented for this method; {fallback}.")
         shots = data.shots_per_class()
         smallest = int(shots[shots > 0].min()) if bool((shots > 0).any()) else 0
@@ -280,10 +285,14 @@ class Method:
         predicts its held-out images."""
         logits, labels = [], []
         for fold in folds:
-            probe = type(self)(**{**params, **chosen, "selection": "none", "calibrate": "none"}).fit(fold)
+            probe = self._cv_fixed({**params, **chosen, "selection": "none", "calibrate": "none"}).fit(fold)
             logits.append(probe.predict_logits(fold.val_features.cpu()))
             labels.append(fold.val_labels.cpu())
         return torch.cat(logits), torch.cat(labels)
+
+    def _cv_fixed(self, values: Mapping[str, Any]) -> Method:
+        """An unfitted copy with the constructor ``values`` (a fold's fit with the chosen values fixed)."""
+        return type(self)(**values)
 
     def _cv_probe(self) -> Method:
         """An unfitted copy that selects on a fold's validation split, uncalibrated."""
