@@ -231,7 +231,8 @@ class Method:
         if self.inputs != "features":
             raise MethodError(
                 f"{self.name}: selection='cv' is not implemented for a method fine-tuned on images (it would fine-tune "
-                f"the encoder once per fold); {fallback} (--selection none keeps the last epoch)."
+                "the encoder once per fold); use selection='none' (--selection none) to keep the last epoch, or add a "
+                "validation split."
             )
         if not self.cross_validates:
             raise MethodError(f"{self.name}: selection='cv' is not implemented for this method; {fallback}.")
