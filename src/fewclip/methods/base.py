@@ -96,6 +96,8 @@ class Method:
 
     #: Provenance, not a hyperparameter: the preset :func:`~fewclip.methods.create` loaded (its canonical key), or None.
     preset = None
+    #: True on the copies cross-validation fits on its folds: they fit no temperature (T = 1.0); the final model does
+    _cv_fold_probe = False
 
     selection: str = param(
         "val",
@@ -292,13 +294,17 @@ class Method:
         return torch.cat(logits), torch.cat(labels)
 
     def _cv_fixed(self, values: Mapping[str, Any]) -> Method:
-        """An unfitted copy with the constructor ``values`` (a fold's fit with the chosen values fixed)."""
-        return type(self)(**values)
+        """An unfitted copy with the constructor ``values`` (a fold's fit with the chosen values fixed), fitting no
+        temperature of its own."""
+        probe = type(self)(**values)
+        probe._cv_fold_probe = True
+        return probe
 
     def _cv_probe(self) -> Method:
-        """An unfitted copy that selects on a fold's validation split, uncalibrated."""
+        """An unfitted copy that selects on a fold's validation split, uncalibrated, fitting no temperature."""
         probe = type(self)(**{**self.get_params(), "selection": "val", "calibrate": "none"})
         probe.preset = self.preset
+        probe._cv_fold_probe = True
         return probe
 
     def _cv_select(self, folds: Sequence[Any]) -> tuple[dict[str, Any], int]:
@@ -357,14 +363,10 @@ class Method:
         """Set ``temperature_`` (temperature scaling of the probabilities, :mod:`~fewclip.methods.temperature`) and
         ``temperature_fit_`` (where it was fitted, on how many rows, the ECE there before and after). Fitted on the
         final model's validation logits (calibration offset applied) under ``selection="val"``; on the out-of-fold
-        logits of the chosen configuration under ``selection="cv"``; otherwise (no validation split, ``"none"``, a
-        method fitted on images) T = 1.0. Never changes ``predict_logits``."""
-        rows, source = None, "none"
-        if self.selection == "cv" and hasattr(self, "_cv_oof_"):
-            rows, source = self._cv_oof_, "cv"
-            del self._cv_oof_
-        elif self.selection == "val" and self.inputs == "features" and data.has_val:
-            rows, source = (self.predict_logits(data.val_features.cpu()), data.val_labels.cpu()), "val"
+        logits of the chosen configuration under ``selection="cv"`` (a method fitted on images: its validation images
+        encoded by its fine-tuned encoder, :meth:`_temperature_rows`); otherwise (no validation split, ``"none"``)
+        T = 1.0. Never changes ``predict_logits``."""
+        rows, source = (None, "none") if self._cv_fold_probe else self._temperature_rows(data)
         if rows is None:
             self.temperature_ = 1.0
             self.temperature_fit_ = {"source": "none", "rows": 0, "val_ece_before": None, "val_ece_after": None}
@@ -378,6 +380,18 @@ class Method:
             "val_ece_before": ece["before"],
             "val_ece_after": ece["after"],
         }
+
+    def _temperature_rows(self, data: Any) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """((logits [M, C], labels [M]) to fit the temperature on, or None; their source: "val", "cv" or "none").
+        Features: the validation features, or the out-of-fold logits under cv; a method fitted on images overrides
+        this (its validation images through its fine-tuned encoder)."""
+        if self.selection == "cv" and hasattr(self, "_cv_oof_"):
+            rows = self._cv_oof_
+            del self._cv_oof_
+            return rows, "cv"
+        if self.selection == "val" and self.inputs == "features" and data.has_val:
+            return (self.predict_logits(data.val_features.cpu()), data.val_labels.cpu()), "val"
+        return None, "none"
 
     def _check(self, data: Any) -> None:
         """Checks that depend on the data or on two hyperparameters at once (run before any work; raise

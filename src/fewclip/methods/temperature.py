@@ -26,6 +26,8 @@ from ..metrics import expected_calibration_error
 #: towards ∞; either stops at a bound.
 T_MIN, T_MAX = 1e-3, 1e3
 _STEPS = 80
+#: bisection steps of the floor: log T within [log T_MIN, log T_MAX] to 14/2^40, far below the 4 digits kept
+_FLOOR_STEPS = 40
 
 
 def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
@@ -52,7 +54,7 @@ def confidence_floor(logits: torch.Tensor) -> float:
         return T_MIN
     if _mean_confidence(z, T_MAX) > target:
         return T_MAX
-    for _ in range(_STEPS):
+    for _ in range(_FLOOR_STEPS):
         mid = 0.5 * (lo + hi)
         if _mean_confidence(z, math.exp(mid)) > target:
             lo = mid

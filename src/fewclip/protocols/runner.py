@@ -800,7 +800,7 @@ def run(
     A results folder that cannot be written is refused before the dataset is read. From the skip-or-run decision to
     the summary the run holds its protocol folder's lock: another run writing there makes this raise
     :class:`~fewclip.errors.ResultsLockedError` naming it, or, with ``wait``, wait for it (and then reuse what it
-    finished). ``save_models`` publishes a deployable classifier file beside each feature method's result
+    finished). ``save_models`` publishes a deployable classifier file beside each method's result
     (:mod:`~fewclip.protocols.deploy`).
     """
     log = log or console_log
@@ -909,7 +909,7 @@ def _fit_all(
                         plan, cell, cell_data[cell.target], features, record, fitted
                     )
                     classifier = None
-                    if save_models and get_class(cell.method).inputs == "features":
+                    if save_models:
                         classifier = cell_classifier(plan, cell, cell_data[cell.target], features, fitted)
                 except Exception as exc:  # one failing cell is recorded, the run goes on
                     # its record replaces an earlier success, whose predictions go with it
@@ -936,8 +936,8 @@ def _fit_all(
 def cell_classifier(
     plan: Plan, cell: Cell, data: CellData, features: Features, fitted: Mapping[Any, tuple[Method, float, str | None]]
 ) -> bytes:
-    """The deployable classifier file of the cell's fitted feature method: its model, the cell's classes and text
-    classifier, the prompts, and the backbone with its weights' identity."""
+    """The deployable classifier file of the cell's fitted method: its model (an image method's with its fine-tuned
+    parameters), the cell's classes and text classifier, the prompts, and the backbone with its weights' identity."""
     key = (cell.method, cell.shots, cell.seed, plan.protocol.fit_key(plan.targets[cell.target]))
     model = fitted[key][0]
     prompts = plan.prompts
