@@ -27,7 +27,7 @@ from fewclip.methods import ImageEpisode
 from fewclip.methods.cv import cv_fold_count, cv_fold_ids, fold_bundle
 from fewclip.methods.gda import gda_precision, gda_spread
 from fewclip.methods.temperature import fit_temperature
-from fewclip.methods.training import epoch_counts
+from fewclip.methods.training import epoch_counts, train_on_views
 from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.deploy import load_classifier
@@ -62,10 +62,11 @@ def folds_of(bundle):
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_adapter_cv_never_reads_test_or_val_is_deterministic_and_stratified(small, name):
     bundle = small
-    first = fitted(name, bundle, selection="cv", batch_size=8, epochs=3)
+    kw = {"batch_size": 8, "epochs": 3, **({"channels": 16} if name == "ape-t" else {})}
+    first = fitted(name, bundle, selection="cv", **kw)
     perm = torch.randperm(bundle.test_labels.numel(), generator=torch.Generator().manual_seed(0))
     shuffled = replace(bundle, test_labels=bundle.test_labels[perm], val_labels=bundle.val_labels.flip(0))
-    second = fitted(name, shuffled, selection="cv", batch_size=8, epochs=3)
+    second = fitted(name, shuffled, selection="cv", **kw)
     assert M.get_class(name).cross_validates
     assert first.selection_used_ == "cv" and first.selected_["cv_folds"] == 4
     assert first.selected_ == second.selected_
@@ -75,7 +76,7 @@ def test_adapter_cv_never_reads_test_or_val_is_deterministic_and_stratified(smal
     assert first.best_epoch_ == first.cv_["chosen"]["stop_epoch"] == first.selected_["epoch"]
     assert first.temperature_fit_["source"] == "cv" and first.temperature_fit_["rows"] == 16
     no_val = replace(bundle, val_features=None, val_labels=None)
-    assert fitted(name, no_val, selection="cv", batch_size=8, epochs=3).selected_ == first.selected_  # no val needed
+    assert fitted(name, no_val, selection="cv", **kw).selected_ == first.selected_  # no validation split needed
 
 
 def test_stop_epoch_keeps_that_epoch_of_the_full_schedule(bundle):
@@ -102,15 +103,35 @@ def test_clip_adapter_cv_choice_equals_a_naive_loop_over_ratio_epoch_and_folds(s
         for epoch in range(1, epochs + 1):
             correct = 0
             for fold in folds:
-                m = fitted(
-                    "clip-adapter", fold, selection="none", init_ratio=ratio, epochs=epochs, stop_epoch=epoch,
-                    batch_size=8,
-                )  # fmt: skip
+                m = M.create(
+                    "clip-adapter", selection="none", init_ratio=ratio, epochs=epochs, stop_epoch=epoch, batch_size=8
+                )
+                m._cv_full_rows = bundle.num_support  # what cv sets on its fold copies: epochs of N_full rows
+                m.fit(fold)
                 correct += int((m.predict(fold.val_features) == fold.val_labels).sum())
             if correct > best:
                 best, choice = correct, (ratio, epoch)
     assert (model.ratio_, model.best_epoch_) == choice
     assert model.cv_["best_correct"] == best
+
+
+def test_a_fold_epoch_draws_the_full_supports_row_count():
+    """train_on_views with epoch_rows: ⌈rows/B⌉ steps an epoch, of the batch sizes of a pass over that many rows."""
+    feats = torch.randn(2, 6, 4)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    seen = []
+
+    def loss_fn(queries, batch_labels):
+        seen.append(batch_labels.numel())
+        return (w * queries).sum() * 0.0 + w.sum() * 0.0
+
+    w = torch.zeros(4, requires_grad=True)
+    kw = {"batch_size": 4, "lr": 1e-3, "eps": 1e-8, "weight_decay": 0.0, "seed": 0}
+    train_on_views({"w": w}, loss_fn, feats, labels, epochs=2, epoch_rows=10, **kw)
+    assert seen == [4, 4, 2, 4, 4, 2]  # 10 rows an epoch, batches of 4
+    seen.clear()
+    train_on_views({"w": w}, loss_fn, feats, labels, epochs=1, **kw)
+    assert seen == [4, 2]  # one pass over the 6 rows
 
 
 def test_tip_adapter_f_cv_trains_at_the_initial_alpha_beta_and_predicts_at_the_chosen(bundle):

@@ -63,7 +63,8 @@ def test_cv_never_reads_test_or_val_and_is_deterministic(bundle, name):
 
 
 def test_summed_counts_choice_equals_a_naive_loop(bundle):
-    """Tip-Adapter's (β, α) by cv equals a loop over folds and grid points scoring each fold's fit."""
+    """Tip-Adapter's (β, α) by cv equals a loop over folds and grid points scoring each fold's fit, α_j at
+    α_j·N_full/N_fold on a fold (the cache term sums over the entries: a count-invariant α)."""
     step = [5, 4]
     model = M.create("tip-adapter", search_step=step, selection="cv").fit(bundle)
     train = bundle.without_test()
@@ -76,7 +77,8 @@ def test_summed_counts_choice_equals_a_naive_loop(bundle):
             correct = 0
             for f in range(k):
                 fold = fold_bundle(train, ids == f)
-                m = M.create("tip-adapter", selection="none", init_alpha=alpha, init_beta=beta).fit(fold)
+                scaled = alpha * train.num_support / fold.num_support
+                m = M.create("tip-adapter", selection="none", init_alpha=scaled, init_beta=beta).fit(fold)
                 correct += int((m.predict(fold.val_features) == fold.val_labels).sum())
             if correct > best:
                 best, choice = correct, (beta, alpha)

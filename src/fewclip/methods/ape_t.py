@@ -141,7 +141,7 @@ class APET(SelectsEpoch, RefinedChannels):
         criterion = ape_criterion(text, *pool)
         channels = select_channels(text, criterion, q, float(self.w_sim), float(self.w_var))
         layout = ClassLayout(key_labels, bundle.num_classes)
-        alpha, beta = float(self.init_alpha), float(self.init_beta)
+        alpha, beta = float(self.init_alpha) * self._alpha_scale(bundle), float(self.init_beta)
         residual = torch.zeros(bundle.num_classes, q, device=text.device, requires_grad=True)
         value_weights = torch.ones(keys.shape[0], device=text.device, requires_grad=True)
 
@@ -179,7 +179,8 @@ class APET(SelectsEpoch, RefinedChannels):
         self.best_epoch_ = result.best_epoch
         self.history_ = result.history
         self.trained_parameters_ = int(residual.numel() + value_weights.numel())
-        self.alpha_, self.beta_ = fixed_after_training(self)
+        final_alpha, self.beta_ = fixed_after_training(self)
+        self.alpha_ = final_alpha * self._alpha_scale(bundle)
         if evaluate is not None:
             self.record_epochs(result, bundle.val_labels.numel())
             if not self._cv_epochs_only:

@@ -98,6 +98,9 @@ class Method:
     preset = None
     #: True on the copies cross-validation fits on its folds: they fit no temperature (T = 1.0); the final model does
     _cv_fold_probe = False
+    #: on those copies: the number of support images of all the data (a method whose scale depends on the count can
+    #: score a fold in the units of the full support, e.g. the cache methods' α)
+    _cv_full_rows = None
 
     selection: str = param(
         "val",
@@ -260,6 +263,15 @@ class Method:
         seed = self._cv_seed()
         ids = cv_fold_ids(data.support_labels, data.num_classes, k, seed)
         folds = [fold_bundle(data, ids == f) for f in range(k)]
+        self._cv_full_rows = int(data.num_support)  # the fold copies' (the final fit's ratio to it is 1)
+        try:
+            return self._cv_choose_and_fit(data, k, seed, ids, folds)
+        finally:
+            self._cv_full_rows = None
+
+    def _cv_choose_and_fit(
+        self, data: Any, k: int, seed: int, ids: torch.Tensor, folds: Sequence[Any]
+    ) -> dict[str, Any]:
         chosen, best_correct = self._cv_select(folds)
         saved = self.get_params()
         try:
@@ -297,14 +309,14 @@ class Method:
         """An unfitted copy with the constructor ``values`` (a fold's fit with the chosen values fixed), fitting no
         temperature of its own."""
         probe = type(self)(**values)
-        probe._cv_fold_probe = True
+        probe._cv_fold_probe, probe._cv_full_rows = True, self._cv_full_rows
         return probe
 
     def _cv_probe(self) -> Method:
         """An unfitted copy that selects on a fold's validation split, uncalibrated, fitting no temperature."""
         probe = type(self)(**{**self.get_params(), "selection": "val", "calibrate": "none"})
         probe.preset = self.preset
-        probe._cv_fold_probe = True
+        probe._cv_fold_probe, probe._cv_full_rows = True, self._cv_full_rows
         return probe
 
     def _cv_select(self, folds: Sequence[Any]) -> tuple[dict[str, Any], int]:

@@ -10,6 +10,8 @@ validation with the trained keys. Parameters: N·D (the number of cache entries 
 ``selection="cv"`` (:class:`~fewclip.methods.training.SelectsEpoch`): the epoch by the folds' summed per-epoch
 counts at the initial (α, β), then (β, α) by the folds' summed grid counts with that epoch fixed; the final fit
 trains on all support to that epoch (``stop_epoch``) and predicts with the chosen ``final_alpha``, ``final_beta``.
+On a fold, α (in training and in the grid) is scaled by N_full/N_fold (the cache term sums over the entries) and an
+epoch draws N_full rows, so that an epoch and an α mean there what they mean for the final fit.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class TipAdapterF(SelectsEpoch, CacheMethod):
         text = bundle.text_weights.float()
         init_keys, key_labels = support_cache(bundle)
         layout = ClassLayout(key_labels, bundle.num_classes)
-        alpha, beta = float(self.init_alpha), float(self.init_beta)
+        alpha, beta = float(self.init_alpha) * self._alpha_scale(bundle), float(self.init_beta)
         keys = init_keys.float().clone().requires_grad_(True)
 
         def loss_fn(queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,7 @@ class TipAdapterF(SelectsEpoch, CacheMethod):
         self.history_ = result.history
         self.trained_parameters_ = int(keys.numel())
         final_alpha, final_beta = fixed_after_training(self)
-        self.alpha_, self.beta_ = final_alpha, final_beta
+        self.alpha_, self.beta_ = final_alpha * self._alpha_scale(bundle), final_beta
         if evaluate is not None:
             self.record_epochs(result, bundle.val_labels.numel())
             if not self._cv_epochs_only:

@@ -269,6 +269,7 @@ def train_on_views(
     evaluate: Callable[[], float | torch.Tensor] | None = None,
     name: str = "views",
     stop_epoch: int | None = None,
+    epoch_rows: int | None = None,
 ) -> TrainResult:
     """AdamW with a cosine schedule stepped every iteration (T_max = epochs × iterations), shuffled batches, through
     :func:`fit_epochs`.
@@ -276,18 +277,29 @@ def train_on_views(
     ``params`` are leaf tensors with ``requires_grad``; ``loss_fn(queries [B, D], labels [B])`` returns the batch-mean
     loss (an epoch's loss is the mean over its rows). ``evaluate`` and ``stop_epoch`` as in :func:`fit_epochs`.
     Deterministic on CPU for a given seed: view draws and batch order come from one generator seeded with ``seed``.
+
+    ``epoch_rows`` (default: the N support rows, one pass) sets the rows an epoch draws: consecutive fresh
+    permutations of the rows, truncated. A cross-validation fold trains with the full support's count, so an epoch
+    there is as many steps of the same batch sizes as an epoch of the final fit, and the epoch it chooses means the
+    same length of training.
     """
     epochs, batch_size = int(epochs), int(batch_size)
     num = labels.numel()
-    iters = math.ceil(num / batch_size)
+    rows_per_epoch = num if epoch_rows is None else int(epoch_rows)
+    iters = math.ceil(rows_per_epoch / batch_size)
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = adamw(list(params.values()), lr=float(lr), eps=float(eps), weight_decay=float(weight_decay))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * iters)
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         queries = draw_views(support_features, generator)
-        order = torch.randperm(num, generator=generator).to(labels.device)
-        for start in range(0, num, batch_size):
+        if rows_per_epoch == num:
+            order = torch.randperm(num, generator=generator)
+        else:
+            parts = [torch.randperm(num, generator=generator) for _ in range(-(-rows_per_epoch // num))]
+            order = torch.cat(parts)[:rows_per_epoch]
+        order = order.to(labels.device)
+        for start in range(0, rows_per_epoch, batch_size):
             rows = order[start : start + batch_size]
             yield queries[rows], labels[rows]
 
@@ -347,7 +359,7 @@ def train_adapter(
     evaluate: Callable[[], float | torch.Tensor] | None,
 ) -> TrainResult:
     """:func:`train_on_views` on ``bundle``'s support in canonical row order, with the estimator's AdamW settings,
-    ``seed`` and ``stop_epoch``."""
+    ``seed`` and ``stop_epoch``; on a cross-validation fold, epochs of the full support's row count."""
     order = canonical_order(bundle.support_features, bundle.support_labels)
     return train_on_views(
         params,
@@ -363,6 +375,7 @@ def train_adapter(
         evaluate=evaluate,
         name=method.name,
         stop_epoch=method.stop_epoch,
+        epoch_rows=getattr(method, "_cv_full_rows", None),
     )
 
 

@@ -346,7 +346,7 @@ class Candle(SelectsEpoch, Method):
         epochs = int(self.epochs)
         num_views, num = support.shape[:2]
         batch = min(int(self.batch_size), num)
-        iters = self._iterations(num)
+        iters = self._iterations(self._cv_full_rows or num)  # a cv fold: the steps of an epoch of all support
         optimizer = torch.optim.SGD(
             head.parameters(), lr=float(self.warmup_lr), momentum=float(self.momentum),
             weight_decay=float(self.weight_decay),
