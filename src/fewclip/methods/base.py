@@ -272,6 +272,8 @@ class Method:
     def _cv_choose_and_fit(
         self, data: Any, k: int, seed: int, ids: torch.Tensor, folds: Sequence[Any]
     ) -> dict[str, Any]:
+        """The body of :meth:`_fit_cv`: choose on the ``folds`` (fold of each support image in ``ids``), fit on all
+        support with the choice fixed, record ``cv_`` and the out-of-fold rows of the temperature."""
         chosen, best_correct = self._cv_select(folds)
         saved = self.get_params()
         try:
