@@ -63,7 +63,8 @@ def test_cv_never_reads_test_or_val_and_is_deterministic(bundle, name):
 
 
 def test_summed_counts_choice_equals_a_naive_loop(bundle):
-    """Tip-Adapter's (β, α) by cv equals a loop over folds and grid points scoring each fold's fit."""
+    """Tip-Adapter's (β, α) by cv equals a loop over folds and grid points scoring each fold's fit, α_j at
+    α_j·N_full/N_fold on a fold (the cache term sums over the entries: a count-invariant α)."""
     step = [5, 4]
     model = M.create("tip-adapter", search_step=step, selection="cv").fit(bundle)
     train = bundle.without_test()
@@ -76,7 +77,8 @@ def test_summed_counts_choice_equals_a_naive_loop(bundle):
             correct = 0
             for f in range(k):
                 fold = fold_bundle(train, ids == f)
-                m = M.create("tip-adapter", selection="none", init_alpha=alpha, init_beta=beta).fit(fold)
+                scaled = alpha * train.num_support / fold.num_support
+                m = M.create("tip-adapter", selection="none", init_alpha=scaled, init_beta=beta).fit(fold)
                 correct += int((m.predict(fold.val_features) == fold.val_labels).sum())
             if correct > best:
                 best, choice = correct, (beta, alpha)
@@ -98,8 +100,8 @@ def test_a_method_with_nothing_to_select_is_unaffected(bundle):
 
 
 def test_a_method_without_cv_refuses_it(bundle):
-    with pytest.raises(M.MethodError, match=r"candle: selection='cv' is not implemented.*--selection none"):
-        M.create("candle", selection="cv", **FAST["candle"]).fit(bundle)
+    with pytest.raises(M.MethodError, match=r"clip-ft: selection='cv' is not implemented.*--selection none"):
+        M.create("clip-ft", selection="cv")._check_cv(bundle)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 import fewclip.methods as M
 from fewclip.features.synthetic import make_synthetic_bundle
 from fewclip.methods.registry import load_model
-from fewclip.methods.temperature import fit_temperature, nll
+from fewclip.methods.temperature import confidence_floor, fit_temperature, nll
 from fewclip.metrics import expected_calibration_error
 
 
@@ -36,10 +36,37 @@ def test_fit_temperature_recovers_a_known_temperature_and_lowers_held_out_nll():
 def test_fit_temperature_edge_cases():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
     assert fit_temperature(torch.ones(5, 3), torch.zeros(5, dtype=torch.long)) == 1.0  # no signal at all
-    # perfectly separated rows: the NLL keeps falling as T → 0, so T stops at its lower bound
-    assert fit_temperature(torch.eye(3), torch.arange(3)) == pytest.approx(1e-3)
+    # perfectly separated rows: the NLL keeps falling as T → 0, so the maximum-likelihood T stops at its lower bound
+    assert fit_temperature(torch.eye(3), torch.arange(3), floor=False) == pytest.approx(1e-3)
     true, labels = sample(500, 2)
     assert fit_temperature(true, labels) == fit_temperature(true, labels)  # deterministic
+
+
+def test_the_floor_on_perfectly_separated_rows_by_hand():
+    """3 rows, logits eye(3), all right: the rule of succession caps the mean top probability at (3 + 1)/(3 + 2) = 0.8;
+    each row's top probability e^{1/T}/(e^{1/T} + 2) = 0.8 gives e^{1/T} = 8, T = 1/ln 8."""
+    expected = 1.0 / math.log(8.0)
+    assert confidence_floor(torch.eye(3)) == pytest.approx(expected, rel=1e-9)
+    t = fit_temperature(torch.eye(3), torch.arange(3))
+    assert t == pytest.approx(expected, rel=1e-3)
+    top = torch.softmax(torch.eye(3) / t, dim=1).max(dim=1).values
+    assert float(top.max()) <= 0.8 + 1e-3  # no one-hot probabilities
+    # more rows, all right: a higher cap (M = 30: 31/32), so a lower floor
+    assert confidence_floor(torch.eye(3).repeat(10, 1)) < expected
+    # with errors the NLL optimum lies above the floor, which then changes nothing
+    true, labels = sample(2000, 3)
+    assert fit_temperature(5.0 * true, labels) == fit_temperature(5.0 * true, labels, floor=False)
+
+
+def test_a_method_perfect_on_validation_keeps_probabilities_below_one():
+    b = make_synthetic_bundle(classes=4, shots=8, dim=32, views=2, val_per_class=3, test_per_class=5, seed=0,
+                              within=0.1, text_noise=0.1)  # fmt: skip
+    model = M.create("tip-adapter", search_step=[4, 4]).fit(b)
+    assert model.val_accuracy_ == 100.0
+    m = b.val_labels.numel()
+    assert model.temperature_ > 1e-3
+    mean_top = float(model.predict_proba(b.val_features).max(dim=1).values.mean())
+    assert mean_top <= (m + 1) / (m + 2) + 1e-3
 
 
 def test_expected_calibration_error_on_a_hand_computed_example():

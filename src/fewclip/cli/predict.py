@@ -58,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out}: write .csv or .jsonl (JSON lines).")
     if args.top_k < 1:
         raise CLIError(f"--top-k must be ≥ 1, got {args.top_k}.")
-    clf = load_classifier(args.model)
+    clf = load_classifier(args.model, pretrained=args.pretrained)
     paths = image_paths(args.inputs)
     if not paths:
         raise CLIError(f"no images in {', '.join(args.inputs)} (image suffixes: .jpg, .png, ...).")
@@ -89,5 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="where the backbone's weights file (or local-dir: folder) is now, if it moved; its SHA-256 must still be "
+        "the one stored in the classifier",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

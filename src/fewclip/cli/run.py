@@ -282,7 +282,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--save-models",
         action="store_true",
-        help="beside each feature method's result, write a classifier file (<result>.<run id>.classifier.safetensors) "
+        help="beside each method's result, write a classifier file (<result>.<run id>.classifier.safetensors) "
         "that fewclip predict labels new images with; results skipped as done get none (--force re-runs them)",
     )
     run.set_defaults(func=cmd_run)

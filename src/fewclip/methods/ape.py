@@ -100,7 +100,7 @@ class APE(RefinedChannels):
         self.key_labels_ = labels
         self.kl_ = kl_divergence_log2(self.cache_keys_, F.normalize(text[:, self.channels_], dim=-1), labels)
 
-        self.alpha_, self.beta_ = float(self.init_alpha), float(self.init_beta)
+        self.alpha_, self.beta_ = float(self.init_alpha) * self._alpha_scale(bundle), float(self.init_beta)
         self.gamma_ = float(self.init_gamma)
         if self.selection == "val":
             gammas = gamma_grid(scale[2], step[2])

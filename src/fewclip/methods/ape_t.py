@@ -17,6 +17,9 @@ Training uses an exact factorisation instead of materialising W̃ and F̃ each s
     Z = 100·(n(x)Wᵀ + P) + α·exp(β·P) ⊙ Σ_{k: y_k = c} φ_β(n(x)F_kᵀ)·v_k
 
 and the [B, N] affinity n(x)Fᵀ carries no gradient.
+
+``selection="cv"`` chooses the epoch, then (β, α) with it fixed, as Tip-Adapter-F does
+(:class:`~fewclip.methods.training.SelectsEpoch`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,23 @@ from ..features.bundle import Bundle
 from .ape import CHANNELS, CRITERION_WEIGHT, RefinedChannels
 from .ape_refine import ape_criterion, select_channels
 from .cache import CACHE_WEIGHT, search_scale, search_step, support_cache
-from .params import Options, param
+from .params import Optional, Options, param
 from .registry import register
 from .search import ClassLayout, phi, search_row_chunk
-from .training import ADAM_EPS, BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, cross_entropy, train_adapter
+from .tip_adapter_f import fixed_after_training, fixed_values
+from .training import (
+    ADAM_EPS,
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    SEED,
+    STOP_EPOCH,
+    STOP_EPOCH_DOC,
+    WEIGHT_DECAY,
+    SelectsEpoch,
+    cross_entropy,
+    train_adapter,
+)
 
 CRITERION_POOLS = ("text", "text+cache")
 
@@ -88,7 +104,9 @@ def factored_logits(
 
 @register("ape-t")
 @dataclass(kw_only=True, repr=False, eq=False)
-class APET(RefinedChannels):
+class APET(SelectsEpoch, RefinedChannels):
+    searches_after_training = True
+
     channels: int | None = param(None, CHANNELS, doc="Q_T, channels the residual acts on (None: 70% of D)")
     channels_reference_dim: int | None = param(
         None, CHANNELS, doc="D for which ``channels`` is given (a preset's RN50 1024): Q_T keeps its fraction of D"
@@ -106,6 +124,13 @@ class APET(RefinedChannels):
     weight_decay: float = param(0.1, WEIGHT_DECAY, doc="AdamW weight decay")
     batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
     seed: int = param(1, SEED, doc="seed of the view draws and batch order")
+    stop_epoch: int | None = param(None, STOP_EPOCH, doc=STOP_EPOCH_DOC)
+    final_alpha: float | None = param(
+        None, Optional(CACHE_WEIGHT), doc="α of the predictions when not searched (what cv chose); None: init_alpha"
+    )
+    final_beta: float | None = param(
+        None, Optional(CACHE_WEIGHT), doc="β of the predictions when not searched (what cv chose); None: init_beta"
+    )
 
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         scale, step = self._grid()
@@ -116,7 +141,7 @@ class APET(RefinedChannels):
         criterion = ape_criterion(text, *pool)
         channels = select_channels(text, criterion, q, float(self.w_sim), float(self.w_var))
         layout = ClassLayout(key_labels, bundle.num_classes)
-        alpha, beta = float(self.init_alpha), float(self.init_beta)
+        alpha, beta = float(self.init_alpha) * self._alpha_scale(bundle), float(self.init_beta)
         residual = torch.zeros(bundle.num_classes, q, device=text.device, requires_grad=True)
         value_weights = torch.ones(keys.shape[0], device=text.device, requires_grad=True)
 
@@ -154,9 +179,12 @@ class APET(RefinedChannels):
         self.best_epoch_ = result.best_epoch
         self.history_ = result.history
         self.trained_parameters_ = int(residual.numel() + value_weights.numel())
-        self.alpha_, self.beta_ = alpha, beta
-        if self.selection == "val":
-            self._search(bundle, scale, step, self.entry_weights_[None])
+        final_alpha, self.beta_ = fixed_after_training(self)
+        self.alpha_ = final_alpha * self._alpha_scale(bundle)
+        if evaluate is not None:
+            self.record_epochs(result, bundle.val_labels.numel())
+            if not self._cv_epochs_only:
+                self._search(bundle, scale, step, self.entry_weights_[None])
         return {
             "alpha": self.alpha_,
             "beta": self.beta_,
@@ -164,3 +192,6 @@ class APET(RefinedChannels):
             "channels_used": q,
             "channels_requested": self.channels,
         }
+
+    def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:
+        return fixed_values(super()._cv_values(index))

@@ -96,6 +96,11 @@ class Method:
 
     #: Provenance, not a hyperparameter: the preset :func:`~fewclip.methods.create` loaded (its canonical key), or None.
     preset = None
+    #: True on the copies cross-validation fits on its folds: they fit no temperature (T = 1.0); the final model does
+    _cv_fold_probe = False
+    #: on those copies: the number of support images of all the data (a method whose scale depends on the count can
+    #: score a fold in the units of the full support, e.g. the cache methods' α)
+    _cv_full_rows = None
 
     selection: str = param(
         "val",
@@ -228,7 +233,13 @@ class Method:
         """``selection="cv"``: a method that implements it, features, and support that can be split (K ≥ 2 where every
         class needs support in every fold's training part)."""
         fallback = "use selection='none' (--selection none) to keep the initial values, or add a validation split"
-        if not self.cross_validates or self.inputs != "features":
+        if self.inputs != "features":
+            raise MethodError(
+                f"{self.name}: selection='cv' is not implemented for a method fine-tuned on images (it would fine-tune "
+                "the encoder once per fold); use selection='none' (--selection none) to keep the last epoch, or add a "
+                "validation split."
+            )
+        if not self.cross_validates:
             raise MethodError(f"{self.name}: selection='cv' is not implemented for this method; {fallback}.")
         shots = data.shots_per_class()
         smallest = int(shots[shots > 0].min()) if bool((shots > 0).any()) else 0
@@ -252,6 +263,17 @@ class Method:
         seed = self._cv_seed()
         ids = cv_fold_ids(data.support_labels, data.num_classes, k, seed)
         folds = [fold_bundle(data, ids == f) for f in range(k)]
+        self._cv_full_rows = int(data.num_support)  # the fold copies' (the final fit's ratio to it is 1)
+        try:
+            return self._cv_choose_and_fit(data, k, seed, ids, folds)
+        finally:
+            self._cv_full_rows = None
+
+    def _cv_choose_and_fit(
+        self, data: Any, k: int, seed: int, ids: torch.Tensor, folds: Sequence[Any]
+    ) -> dict[str, Any]:
+        """The body of :meth:`_fit_cv`: choose on the ``folds`` (fold of each support image in ``ids``), fit on all
+        support with the choice fixed, record ``cv_`` and the out-of-fold rows of the temperature."""
         chosen, best_correct = self._cv_select(folds)
         saved = self.get_params()
         try:
@@ -280,15 +302,23 @@ class Method:
         predicts its held-out images."""
         logits, labels = [], []
         for fold in folds:
-            probe = type(self)(**{**params, **chosen, "selection": "none", "calibrate": "none"}).fit(fold)
+            probe = self._cv_fixed({**params, **chosen, "selection": "none", "calibrate": "none"}).fit(fold)
             logits.append(probe.predict_logits(fold.val_features.cpu()))
             labels.append(fold.val_labels.cpu())
         return torch.cat(logits), torch.cat(labels)
 
+    def _cv_fixed(self, values: Mapping[str, Any]) -> Method:
+        """An unfitted copy with the constructor ``values`` (a fold's fit with the chosen values fixed), fitting no
+        temperature of its own."""
+        probe = type(self)(**values)
+        probe._cv_fold_probe, probe._cv_full_rows = True, self._cv_full_rows
+        return probe
+
     def _cv_probe(self) -> Method:
-        """An unfitted copy that selects on a fold's validation split, uncalibrated."""
+        """An unfitted copy that selects on a fold's validation split, uncalibrated, fitting no temperature."""
         probe = type(self)(**{**self.get_params(), "selection": "val", "calibrate": "none"})
         probe.preset = self.preset
+        probe._cv_fold_probe, probe._cv_full_rows = True, self._cv_full_rows
         return probe
 
     def _cv_select(self, folds: Sequence[Any]) -> tuple[dict[str, Any], int]:
@@ -347,14 +377,10 @@ class Method:
         """Set ``temperature_`` (temperature scaling of the probabilities, :mod:`~fewclip.methods.temperature`) and
         ``temperature_fit_`` (where it was fitted, on how many rows, the ECE there before and after). Fitted on the
         final model's validation logits (calibration offset applied) under ``selection="val"``; on the out-of-fold
-        logits of the chosen configuration under ``selection="cv"``; otherwise (no validation split, ``"none"``, a
-        method fitted on images) T = 1.0. Never changes ``predict_logits``."""
-        rows, source = None, "none"
-        if self.selection == "cv" and hasattr(self, "_cv_oof_"):
-            rows, source = self._cv_oof_, "cv"
-            del self._cv_oof_
-        elif self.selection == "val" and self.inputs == "features" and data.has_val:
-            rows, source = (self.predict_logits(data.val_features.cpu()), data.val_labels.cpu()), "val"
+        logits of the chosen configuration under ``selection="cv"`` (a method fitted on images: its validation images
+        encoded by its fine-tuned encoder, :meth:`_temperature_rows`); otherwise (no validation split, ``"none"``)
+        T = 1.0. Never changes ``predict_logits``."""
+        rows, source = (None, "none") if self._cv_fold_probe else self._temperature_rows(data)
         if rows is None:
             self.temperature_ = 1.0
             self.temperature_fit_ = {"source": "none", "rows": 0, "val_ece_before": None, "val_ece_after": None}
@@ -368,6 +394,18 @@ class Method:
             "val_ece_before": ece["before"],
             "val_ece_after": ece["after"],
         }
+
+    def _temperature_rows(self, data: Any) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """((logits [M, C], labels [M]) to fit the temperature on, or None; their source: "val", "cv" or "none").
+        Features: the validation features, or the out-of-fold logits under cv; a method fitted on images overrides
+        this (its validation images through its fine-tuned encoder)."""
+        if self.selection == "cv" and hasattr(self, "_cv_oof_"):
+            rows = self._cv_oof_
+            del self._cv_oof_
+            return rows, "cv"
+        if self.selection == "val" and self.inputs == "features" and data.has_val:
+            return (self.predict_logits(data.val_features.cpu()), data.val_labels.cpu()), "val"
+        return None, "none"
 
     def _check(self, data: Any) -> None:
         """Checks that depend on the data or on two hyperparameters at once (run before any work; raise

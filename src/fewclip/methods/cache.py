@@ -99,6 +99,13 @@ class CacheMethod(Method):
             self._layout_ = layout
         return layout
 
+    def _alpha_scale(self, bundle: Bundle) -> float:
+        """1.0, except on a cross-validation fold: N_full/N_fold. The cache term sums over a class's entries, so its
+        scale grows with the support count; a fold scores α_j at α_j·N_full/N_fold, the weight α_j has on all
+        support (a count-invariant α, as GDA's)."""
+        full = self._cv_full_rows
+        return float(full) / float(bundle.num_support) if full and bundle.num_support else 1.0
+
     def _grid(self) -> tuple[list[float], list[int]]:
         """``search_scale`` and ``search_step`` as floats and ints."""
         return [float(s) for s in self.search_scale], [int(s) for s in self.search_step]
@@ -140,7 +147,7 @@ class CacheMethod(Method):
         fitted tensors are moved there first (a trained method trains on the bundle's device)."""
         self._move_fitted_to_cpu()
         bundle, weight_candidates = bundle.to("cpu"), weight_candidates.cpu()
-        betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1])
+        betas, alphas = tip_grid(scale[0], step[0]), tip_grid(scale[1], step[1]) * self._alpha_scale(bundle)
         z0, affinity = self._query(bundle.val_features)
         chunks = math.ceil(affinity.shape[0] / search_row_chunk(affinity.shape[1]))
         offsets = None

@@ -6,7 +6,9 @@
 The residual ratio ρ is chosen on validation: one adapter per candidate ratio is trained side by side
 (parameters stacked on a leading dimension, one batched computation, the same initial weights for every
 ratio), each keeps its best epoch, and the ratio with the best validation accuracy wins (ties: the first
-in ``ratios``). With selection ``none`` only ``init_ratio`` is trained and the last epoch is kept.
+in ``ratios``). With selection ``none`` only ``init_ratio`` is trained and the last epoch is kept. With selection
+``cv`` each fold trains every ratio side by side and the (ratio, epoch) with the most summed correct counts wins
+(:class:`~fewclip.methods.training.SelectsEpoch`); all support then trains that ratio to that epoch.
 
 The published code feeds raw features and trains on images with SGD for 200 epochs; fewclip feeds
 L2-normalised features (so one learning rate suits every backbone) and, on cached views, uses AdamW
@@ -34,7 +36,10 @@ from .training import (
     EPOCHS,
     LEARNING_RATE,
     SEED,
+    STOP_EPOCH,
+    STOP_EPOCH_DOC,
     WEIGHT_DECAY,
+    SelectsEpoch,
     chunked,
     cross_entropy,
     train_adapter,
@@ -61,7 +66,7 @@ def adapter_logits(
 
 @register("clip-adapter")
 @dataclass(kw_only=True, repr=False, eq=False)
-class CLIPAdapter(Method):
+class CLIPAdapter(SelectsEpoch, Method):
     reduction: int = param(4, Interval(Integral, 1, None, closed="left"), doc="r: the hidden width is D // r")
     ratios: Sequence[float] = param((0.2, 0.4, 0.6, 0.8), SequenceOf(RATIO), doc="ρ candidates (selection 'val')")
     init_ratio: float = param(0.2, RATIO, doc="ρ without selection")
@@ -71,6 +76,7 @@ class CLIPAdapter(Method):
     weight_decay: float = param(0.01, WEIGHT_DECAY, doc="AdamW weight decay")
     batch_size: int = param(256, BATCH_SIZE, doc="training batch size")
     seed: int = param(1, SEED, doc="seed of the initial weights, view draws and batch order")
+    stop_epoch: int | None = param(None, STOP_EPOCH, doc=STOP_EPOCH_DOC)
 
     def _ratios(self) -> list[float]:
         """The ratios trained: every candidate under selection 'val', else ``init_ratio``."""
@@ -118,6 +124,8 @@ class CLIPAdapter(Method):
                 return torch.tensor([self._selection_accuracy(logits[r], val_labels) for r in range(num)])
 
         result = train_adapter(self, {"w1": w1, "w2": w2}, loss_fn, bundle, evaluate)
+        if evaluate is not None:
+            self.record_epochs(result, bundle.val_labels.numel())
         best = 0
         if result.best_accuracies is not None:
             best = max(range(num), key=lambda r: (result.best_accuracies[r], -r))
@@ -129,6 +137,9 @@ class CLIPAdapter(Method):
         self.history_ = result.history
         self.trained_parameters_ = int(self.w1_.numel() + self.w2_.numel())
         return {"ratio": self.ratio_, "epoch": self.best_epoch_}
+
+    def _cv_epoch_values(self, candidate: int, epoch: int) -> dict[str, Any]:
+        return {"init_ratio": float(self.ratios[candidate]), "stop_epoch": epoch + 1}
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         ratio = torch.tensor([self.ratio_])

@@ -9,6 +9,14 @@ Classes without support ("new" classes, base-to-new) get a synthesised mean from
 base-to-new code does: μ_j = (Σ of the k = 64 support views most similar to t_j + 16·t_j) / (k + 16). They share
 the precision estimated on the classes with support; the released code (``mrflogs/ICLR24``) instead averages
 per-class KS precisions of the synthesised classes, with a divisor we could not confirm: a deviation recorded here.
+
+``selection="cv"``: the scale of the GDA logits depends on the support count (P grows as the number of vectors
+shrinks, and a precision estimated from fewer vectors is inflated further, as the inverse of a Wishart matrix is), so
+an α chosen on folds holding (k − 1)/k of the support does not carry to the full support. α is therefore chosen in a
+count-invariant parameterisation: α·Δ², with Δ² = the mean over the classes with support of (μ_c − μ̄)ᵀ P (μ_c − μ̄)
+(:func:`gda_spread`, the squared Mahalanobis spread of the class means, which scales with P). Each fold scores the
+grid point α_j at α_j·Δ²_full/Δ²_fold, so that its GDA term weighs what α_j weighs on all support; the summed counts
+pick α_j, and the final fit uses α_j itself.
 """
 
 from __future__ import annotations
@@ -80,6 +88,16 @@ def synthesised_means(
     return (x[nearest].sum(1) + text_weight * t) / (k + text_weight)
 
 
+def gda_spread(means: torch.Tensor, precision: torch.Tensor, present: torch.Tensor) -> float:
+    """Δ² = mean over the classes with support (``present`` [C] bool) of (μ_c − μ̄)ᵀ P (μ_c − μ̄), μ̄ their mean: the
+    scale of the GDA logits (it grows with P); 0.0 with fewer than two such classes."""
+    m = means[present].double()
+    if m.shape[0] < 2:
+        return 0.0
+    centred = m - m.mean(dim=0)
+    return float(((centred @ precision.double()) * centred).sum(1).mean())
+
+
 def gda_classifier(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w_c = P μ_c [C, D] and b_c = log(1/C) − ½ μ_cᵀ P μ_c [C] with uniform priors."""
     weights = means @ precision
@@ -111,12 +129,25 @@ class GDA(Method):
                 f"gda: {vectors} support vectors for {with_support} classes; need more than one per class."
             )
 
-    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+    #: set on a cv fold's probe: Δ² of all support, to which the fold rescales its α grid (see the module)
+    _cv_target_spread = None
+
+    @staticmethod
+    def _support(bundle: Bundle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised support views [V·N, D], their labels, class means, precision)."""
         views, n, dim = bundle.support_features.shape
         x = F.normalize(bundle.support_features.reshape(views * n, dim), dim=-1)
         y = bundle.support_labels.repeat(views)
-        means, precision = gda_precision(x, y, bundle.num_classes)
+        return x, y, *gda_precision(x, y, bundle.num_classes)
+
+    def _fit(self, bundle: Bundle) -> dict[str, Any]:
+        x, _, means, precision = self._support(bundle)
         new = torch.bincount(bundle.support_labels, minlength=bundle.num_classes) == 0
+        self.spread_ = gda_spread(means, precision, ~new)
+        # a cv fold: α_j scored at α_j·Δ²_full/Δ²_fold (fixed α too, for the out-of-fold logits of the temperature)
+        rescale = 1.0
+        if self._cv_target_spread is not None and self.spread_ > 0.0:
+            rescale = self._cv_target_spread / self.spread_
         self.new_classes_ = new.nonzero().flatten().tolist()
         if self.new_classes_:
             means[new] = synthesised_means(
@@ -125,9 +156,9 @@ class GDA(Method):
         weights, bias = gda_classifier(means, precision)
         self.text_ = bundle.text_weights.clone()
         self.weights_, self.bias_ = weights.float(), bias.float()
-        self.alpha_ = float(self.init_alpha)
+        self.alpha_ = float(self.init_alpha) * rescale
         if self.selection == "val":
-            grid = torch.tensor([float(a) for a in self.alpha_grid])
+            grid = torch.tensor([float(a) * rescale for a in self.alpha_grid])
             f = F.normalize(bundle.val_features, dim=-1)
             z0, g = 100.0 * f @ self.text_.T, self._gda_logits(f)
             if self._calibrating_:  # α and the offset δ together: the α axis scanned for every δ (δ innermost)
@@ -149,6 +180,25 @@ class GDA(Method):
 
     def _cv_values(self, index: tuple[int, ...]) -> dict[str, Any]:
         return {"init_alpha": float(self.alpha_grid[index[0]])}
+
+    def _fit_cv(self, data: Bundle) -> dict[str, Any]:
+        """Cross-validation with each fold's α rescaled to all support's Δ² (see the module)."""
+        _, _, means, precision = self._support(data)
+        self._cv_target_spread = gda_spread(means, precision, data.shots_per_class() > 0)
+        try:
+            return super()._fit_cv(data)
+        finally:
+            self._cv_target_spread = None
+
+    def _cv_probe(self) -> Method:
+        probe = super()._cv_probe()
+        probe._cv_target_spread = self._cv_target_spread
+        return probe
+
+    def _cv_fixed(self, values: dict[str, Any]) -> Method:
+        probe = super()._cv_fixed(values)
+        probe._cv_target_spread = self._cv_target_spread
+        return probe
 
     def _gda_logits(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.weights_.T + self.bias_

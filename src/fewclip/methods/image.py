@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data import DatasetSplits, Episode, Item
 from ..errors import MethodError
-from ..features.extract import load_image, seeded, view_seed
+from ..features.extract import extract, load_image, seeded, view_seed
 from ..features.pipeline import ExtractionOptions
 from ..models import Backbone, BackboneSpec, TrainableBackbone
 from .base import Method
@@ -183,6 +183,32 @@ class ImageMethod(Method):
 
     def _validation_accuracy(self, data: Any) -> float | None:
         return self._val_accuracy_
+
+    def _temperature_rows(self, data: Any) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """Under ``selection="val"``: the validation images encoded (evaluation transform, no feature cache) by the
+        fine-tuned encoder and scored by the head, so the temperature is that of the model that predicts."""
+        if self.selection != "val" or not isinstance(data, ImageEpisode) or not data.has_val:
+            return None, "none"
+        features, labels = self.encode_items(data, data.val, "validation images through the fine-tuned encoder")
+        return (self.predict_logits(features), labels), "val"
+
+    def encode_items(self, data: ImageEpisode, items: Sequence[Item], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [M, D], labels [M]) of ``items`` encoded by the fine-tuned encoder; unreadable images are left
+        out (they were reported when the images were read for training)."""
+        options = data.options
+        out = extract(
+            self.image_encoder(),
+            data.splits.root,
+            [i.path for i in items],
+            store=None,
+            batch_size=options.batch_size,
+            num_workers=options.num_workers,
+            skip_bad_images=True,
+            progress=options.progress,
+            desc=desc,
+        )
+        labels = torch.tensor([items[i].label for i in out.kept], dtype=torch.long)
+        return out.features.float().cpu(), labels
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         return LOGIT_SCALE * F.normalize(features, dim=-1) @ self.text_.T

@@ -5,6 +5,13 @@ the probabilities do.
 The NLL of softmax(β · z) is convex in the inverse temperature β = 1/T, its derivative
 ``mean(E_p[z] − z_y)`` increasing in β, so the minimum is the root of that derivative: found by bisection on log β
 within [1/T_MAX, 1/T_MIN], in float64, deterministic.
+
+A floor from the rule of succession: on held-out rows that the model classifies perfectly the NLL keeps falling as
+T → 0, and the maximum-likelihood T would make every probability one-hot. M rows all right do not show that the
+model is never wrong: Laplace's rule of succession estimates its accuracy as (M + 1)/(M + 2). The fitted T is
+therefore never below :func:`confidence_floor`, the T at which the mean top probability on those rows equals
+(M + 1)/(M + 2), so that a calibrated model's confidence does not claim more than M correct rows can support. With
+many rows or errors the NLL optimum lies above it and the floor changes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from ..metrics import expected_calibration_error
 #: towards ∞; either stops at a bound.
 T_MIN, T_MAX = 1e-3, 1e3
 _STEPS = 80
+#: bisection steps of the floor: log T within [log T_MIN, log T_MAX] to 14/2^40, far below the 4 digits kept
+_FLOOR_STEPS = 40
 
 
 def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
@@ -27,11 +36,46 @@ def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float
     return float(((p * logits).sum(dim=1) - logits.gather(1, labels[:, None]).squeeze(1)).mean())
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def _mean_confidence(logits: torch.Tensor, temperature: float) -> float:
+    return float(torch.softmax(logits / temperature, dim=1).max(dim=1).values.mean())
+
+
+def confidence_floor(logits: torch.Tensor) -> float:
+    """The smallest T in [T_MIN, T_MAX] at which the mean top probability of softmax(``logits`` / T) over the M rows
+    is at most (M + 1)/(M + 2) (the rule of succession's accuracy for M rows all right); T_MIN when even T_MIN keeps
+    it below. The mean top probability falls as T grows, so the floor is found by bisection on log T."""
+    z = logits.detach().double().cpu()
+    m = z.shape[0]
+    if m == 0 or z.shape[1] < 2:
+        return T_MIN
+    target = (m + 1) / (m + 2)
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    if _mean_confidence(z, T_MIN) <= target:
+        return T_MIN
+    if _mean_confidence(z, T_MAX) > target:
+        return T_MAX
+    for _ in range(_FLOOR_STEPS):
+        mid = 0.5 * (lo + hi)
+        if _mean_confidence(z, math.exp(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(hi)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, floor: bool = True) -> float:
     """The temperature T in [T_MIN, T_MAX] minimising the NLL of softmax(logits / T) for ``logits`` [M, C] and
-    ``labels`` [M]; 1.0 without rows or when the logits do not depend on the class (every T is as good). Rounded to 4
-    significant digits: finer digits carry no calibration and would follow the float32 rounding of the logits (a
-    permuted support set must record the same T)."""
+    ``labels`` [M], and (``floor``) at least :func:`confidence_floor`; 1.0 without rows or when the logits do not
+    depend on the class (every T is as good). Rounded to 4 significant digits: finer digits carry no calibration and
+    would follow the float32 rounding of the logits (a permuted support set must record the same T)."""
+    t = _nll_temperature(logits, labels)
+    if floor and labels.numel():
+        t = max(t, confidence_floor(logits))
+    return float(f"{t:.4g}")
+
+
+def _nll_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The maximum-likelihood T (unrounded; see :func:`fit_temperature`)."""
     if labels.numel() == 0:
         return 1.0
     z = logits.detach().double().cpu()
@@ -50,7 +94,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             lo = mid
         else:
             hi = mid
-    return float(f"{1.0 / math.exp(0.5 * (lo + hi)):.4g}")
+    return 1.0 / math.exp(0.5 * (lo + hi))
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:

@@ -35,7 +35,7 @@ class TipAdapter(CacheMethod):
         self.text_ = bundle.text_weights.clone()
         self.cache_keys_, self.key_labels_ = support_cache(bundle)
         self.entry_weights_ = torch.ones(self.key_labels_.numel())
-        self.alpha_, self.beta_ = float(self.init_alpha), float(self.init_beta)
+        self.alpha_, self.beta_ = float(self.init_alpha) * self._alpha_scale(bundle), float(self.init_beta)
         if self.selection == "val":
             self._search(bundle, scale, step, self.entry_weights_[None])
         return {"alpha": self.alpha_, "beta": self.beta_}

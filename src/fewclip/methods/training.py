@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..progress import progress
-from .params import Integral, Interval, Real
+from .params import Integral, Interval, Optional, Real
 
 #: constraints of the optimiser hyperparameters every trained method declares
 EPOCHS = Interval(Integral, 1, None, closed="left")
@@ -34,6 +34,12 @@ LEARNING_RATE = Interval(Real, 0, None, closed="neither")
 ADAM_EPS = Interval(Real, 0, None, closed="neither")
 WEIGHT_DECAY = Interval(Real, 0, None, closed="left")
 SEED = Interval(Integral, 0, None, closed="left")
+#: ``stop_epoch``: keep the state after this epoch of the ``epochs``-epoch schedule (what ``selection="cv"`` fixes)
+STOP_EPOCH = Optional(Interval(Integral, 1, None, closed="left"))
+STOP_EPOCH_DOC = (
+    "keep the state after this epoch of the epochs-epoch schedule (the schedule is unchanged); None: the best "
+    "validation epoch (selection 'val') or the last. selection='cv' sets it to the epoch chosen on the folds"
+)
 #: validation rows per chunk in the trained methods' per-epoch evaluation (bounds memory; results do not depend on it)
 EVAL_ROWS = 4096
 
@@ -92,6 +98,7 @@ def fit_epochs(
     weight: Callable[[Batch], float] | None = None,
     steps_per_epoch: int | None = None,
     mixed_precision: torch.dtype | None = None,
+    stop_epoch: int | None = None,
 ) -> TrainResult:
     """Train for ``epochs`` epochs; keep the state of the best validation epoch (or of the last without ``evaluate``).
 
@@ -109,6 +116,11 @@ def fit_epochs(
     counts steps when ``steps_per_epoch`` is given, else epochs. ``mixed_precision`` (e.g. ``torch.float16``) runs
     the loss and ``evaluate`` under ``torch.autocast`` with a ``GradScaler`` on CUDA; on the CPU it changes nothing.
 
+    ``stop_epoch`` (1 ≤ stop_epoch ≤ epochs) stops after that epoch and keeps its state whatever ``evaluate`` says
+    (the schedules still span ``epochs``, so the first ``stop_epoch`` epochs are those of the full run: a fixed
+    epoch chosen by cross-validation reproduces the trajectory it was chosen on); ``best_accuracies`` are then that
+    epoch's.
+
     A method that fine-tunes CLIP's image tower on images (one step = a forward and backward on a batch of images)
     uses the same loop::
 
@@ -125,6 +137,9 @@ def fit_epochs(
         model.load_state_dict(result.state, strict=False)
     """
     epochs = int(epochs)
+    last = epochs if stop_epoch is None else int(stop_epoch)
+    if not 1 <= last <= epochs:
+        raise MethodError(f"{name}: stop_epoch={stop_epoch!r} is not valid; expected an epoch in [1, epochs={epochs}].")
     first = next(iter(params.values()))
     amp = MixedPrecision(mixed_precision, first.device)
     best_acc: torch.Tensor | None = None
@@ -132,10 +147,10 @@ def fit_epochs(
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = []
     by_step = steps_per_epoch is not None
-    total_units = epochs * int(steps_per_epoch) if by_step else epochs
+    total_units = last * int(steps_per_epoch) if by_step else last
     unit = "step" if by_step else "epoch"
     with progress(total_units, f"{name} train", unit, leave=False) as bar:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, last + 1):
             record: dict[str, Any] = {"epoch": epoch}
             if epoch_lr is not None:
                 rate = epoch_lr(epoch)
@@ -171,7 +186,9 @@ def fit_epochs(
                     acc = torch.as_tensor(evaluate(), dtype=torch.float64).reshape(-1).cpu()
                 record["val_accuracy"] = float(acc[0]) if acc.numel() == 1 else acc.tolist()
                 postfix["val"] = f"{float(acc.max()):.2f}"
-                if best_acc is None or best_state is None:
+                if stop_epoch is not None:  # a fixed epoch: its accuracy, its state (taken after the loop)
+                    best_acc, best_epochs = acc.clone(), [last] * acc.numel()
+                elif best_acc is None or best_state is None:
                     best_acc = acc.clone()
                     best_epochs = [epoch] * acc.numel()
                     best_state = {k: v.detach().clone() for k, v in params.items()}
@@ -189,8 +206,9 @@ def fit_epochs(
             bar.set_postfix(postfix)
             if not by_step:
                 bar.update()
-    if best_state is None:
+    if best_state is None or stop_epoch is not None:
         best_state = {k: v.detach().clone() for k, v in params.items()}
+        best_epochs = [last] * len(best_epochs)
     return TrainResult(
         state=best_state,
         best_epochs=best_epochs,
@@ -250,25 +268,38 @@ def train_on_views(
     seed: int,
     evaluate: Callable[[], float | torch.Tensor] | None = None,
     name: str = "views",
+    stop_epoch: int | None = None,
+    epoch_rows: int | None = None,
 ) -> TrainResult:
     """AdamW with a cosine schedule stepped every iteration (T_max = epochs × iterations), shuffled batches, through
     :func:`fit_epochs`.
 
     ``params`` are leaf tensors with ``requires_grad``; ``loss_fn(queries [B, D], labels [B])`` returns the batch-mean
-    loss (an epoch's loss is the mean over its rows). ``evaluate`` as in :func:`fit_epochs`. Deterministic on CPU for
-    a given seed: view draws and batch order come from one generator seeded with ``seed``.
+    loss (an epoch's loss is the mean over its rows). ``evaluate`` and ``stop_epoch`` as in :func:`fit_epochs`.
+    Deterministic on CPU for a given seed: view draws and batch order come from one generator seeded with ``seed``.
+
+    ``epoch_rows`` (default: the N support rows, one pass) sets the rows an epoch draws: consecutive fresh
+    permutations of the rows, truncated. A cross-validation fold trains with the full support's count, so an epoch
+    there is as many steps of the same batch sizes as an epoch of the final fit, and the epoch it chooses means the
+    same length of training.
     """
     epochs, batch_size = int(epochs), int(batch_size)
     num = labels.numel()
-    iters = math.ceil(num / batch_size)
+    rows_per_epoch = num if epoch_rows is None else int(epoch_rows)
+    iters = math.ceil(rows_per_epoch / batch_size)
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = adamw(list(params.values()), lr=float(lr), eps=float(eps), weight_decay=float(weight_decay))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * iters)
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         queries = draw_views(support_features, generator)
-        order = torch.randperm(num, generator=generator).to(labels.device)
-        for start in range(0, num, batch_size):
+        if rows_per_epoch == num:
+            order = torch.randperm(num, generator=generator)
+        else:
+            parts = [torch.randperm(num, generator=generator) for _ in range(-(-rows_per_epoch // num))]
+            order = torch.cat(parts)[:rows_per_epoch]
+        order = order.to(labels.device)
+        for start in range(0, rows_per_epoch, batch_size):
             rows = order[start : start + batch_size]
             yield queries[rows], labels[rows]
 
@@ -283,6 +314,7 @@ def train_on_views(
         evaluate=evaluate,
         scheduler=schedule,
         weight=lambda batch: batch[1].numel(),
+        stop_epoch=stop_epoch,
     )
 
 
@@ -315,6 +347,9 @@ class TrainsOnViews(Protocol):
     @property
     def seed(self) -> int: ...
 
+    @property
+    def stop_epoch(self) -> int | None: ...
+
 
 def train_adapter(
     method: TrainsOnViews,
@@ -323,8 +358,8 @@ def train_adapter(
     bundle: Bundle,
     evaluate: Callable[[], float | torch.Tensor] | None,
 ) -> TrainResult:
-    """:func:`train_on_views` on ``bundle``'s support in canonical row order, with the estimator's AdamW settings
-    and ``seed``."""
+    """:func:`train_on_views` on ``bundle``'s support in canonical row order, with the estimator's AdamW settings,
+    ``seed`` and ``stop_epoch``; on a cross-validation fold, epochs of the full support's row count."""
     order = canonical_order(bundle.support_features, bundle.support_labels)
     return train_on_views(
         params,
@@ -339,4 +374,84 @@ def train_adapter(
         seed=method.seed,
         evaluate=evaluate,
         name=method.name,
+        stop_epoch=method.stop_epoch,
+        epoch_rows=getattr(method, "_cv_full_rows", None),
     )
+
+
+# --------------------------------------------------------------------------- selection="cv" of the epoch
+
+
+def epoch_counts(history: Sequence[Mapping[str, Any]], rows: int) -> torch.Tensor:
+    """[R, E] float64 validation correct counts of R candidates (1 for a single model) over the E epochs of a
+    :func:`fit_epochs` history (its ``val_accuracy`` percentages times ``rows``/100, rounded: exact for any row count
+    a float64 percentage holds)."""
+    table = [[a] if not isinstance(a, list) else a for a in (r["val_accuracy"] for r in history)]
+    if any(a is None for row in table for a in row):
+        raise MethodError("the training history has epochs without a validation accuracy; cannot cross-validate.")
+    return torch.round(torch.tensor(table, dtype=torch.float64).T * int(rows) / 100.0)
+
+
+class SelectsEpoch:
+    """``selection="cv"`` for a trained method, shared by Candle, CLIP-Adapter, Tip-Adapter-F and APE-T (a mixin
+    placed before the method's base class).
+
+    The grid that does not depend on the data is (candidate, epoch) of the ``epochs``-epoch schedule: each fold
+    trains with ``selection="val"`` on its part of the support and records its validation correct counts at every
+    epoch (``_cv_epoch_counts_``, [R, E], R candidates trained side by side, e.g. CLIP-Adapter's ratios, else 1;
+    :meth:`record_epochs`); their sum over the folds picks (candidate, epoch), the first maximum in
+    (candidate, epoch) order (the earliest epoch, as on validation). :meth:`_cv_epoch_values` maps it to constructor
+    values (``stop_epoch``, and e.g. ``init_ratio``). A method that searches a grid on validation after training
+    (Tip-Adapter-F, APE-T: α, β) sets ``searches_after_training``; a second pass fits each fold again with the chosen
+    epoch fixed and sums that grid's counts (``_cv_counts_``) over the folds (:meth:`Method._cv_select`), mapped by
+    ``_cv_values``. The final fit on all support then runs with every chosen value fixed (``selection="none"``)."""
+
+    cross_validates = True
+    #: True when a grid is searched on validation after training (its counts in ``_cv_counts_``)
+    searches_after_training: bool = False
+    #: set on a first-pass fold probe: record the epoch counts, skip the after-training search
+    _cv_epochs_only: bool = False
+
+    def _check_params(self) -> None:
+        super()._check_params()  # type: ignore[misc]
+        stop, epochs = getattr(self, "stop_epoch", None), int(getattr(self, "epochs", 0))
+        if stop is not None and stop > epochs:
+            raise MethodError(
+                f"{getattr(self, 'name', 'method')}: stop_epoch={stop} is after the last epoch (epochs={epochs}); "
+                "use a stop_epoch ≤ epochs, or raise epochs."
+            )
+
+    def record_epochs(self, result: TrainResult, rows: int) -> None:
+        """Keep the per-epoch validation correct counts of a training with validation on ``rows`` rows."""
+        if result.history and result.history[0].get("val_accuracy") is not None:
+            self._cv_epoch_counts_ = epoch_counts(result.history, rows)
+
+    def _cv_epoch_values(self, candidate: int, epoch: int) -> dict[str, Any]:
+        """The constructor values fixing ``candidate`` (an index into the candidates trained side by side) and the
+        0-based ``epoch``."""
+        return {"stop_epoch": epoch + 1}
+
+    def _cv_select(self, folds: Sequence[Any]) -> tuple[dict[str, Any], int]:
+        total = None
+        for fold in folds:
+            probe = self._cv_probe()
+            probe._cv_epochs_only = True
+            probe.fit(fold)
+            counts = probe._cv_epoch_counts_
+            total = counts if total is None else total + counts
+        flat = total.reshape(-1)
+        pos = int((flat == flat.max()).nonzero()[0])
+        candidate, epoch = divmod(pos, total.shape[1])
+        chosen, correct = self._cv_epoch_values(candidate, epoch), int(flat[pos])
+        self.cv_epochs_ = {"best_correct": correct, "correct_per_epoch": total.max(dim=0).values.int().tolist()}
+        if not self.searches_after_training:
+            return chosen, correct
+        saved = {key: getattr(self, key) for key in chosen}
+        try:
+            for key, value in chosen.items():
+                setattr(self, key, value)
+            values, correct = super()._cv_select(folds)  # type: ignore[misc]
+        finally:
+            for key, value in saved.items():
+                setattr(self, key, value)
+        return {**chosen, **values}, correct

@@ -59,12 +59,14 @@ class DataConfig:
 @dataclass(frozen=True)
 class MethodsConfig:
     """The methods to fit. ``preset='paper'`` uses each method's published configuration for the dataset where it has
-    one; ``overrides`` maps a method name (or ``"*"``, every method) to hyperparameters."""
+    one; ``overrides`` maps a method name (or ``"*"``, every method) to hyperparameters. ``selection`` None (not
+    given): "val", or "cv" for a folder or CSV dataset without a validation split of its own (resolved by
+    :func:`fewclip.protocols.runner.plan`)."""
 
     names: Sequence[str] = ("zero-shot", "tip-adapter", "ape")
     preset: str | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    selection: str = "val"
+    selection: str | None = None
 
 
 @dataclass(frozen=True)

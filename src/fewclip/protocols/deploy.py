@@ -7,15 +7,20 @@
 File format ``fewclip-classifier/1`` (safetensors):
 
 - tensors: the method's fitted tensors (those of its model file, :meth:`~fewclip.methods.Method.save`) under the
-  prefix ``method.``, and ``text_weights`` [C, D], the zero-shot classifier of the class names under the prompts;
+  prefix ``method.``, and ``text_weights`` [C, D], the zero-shot classifier of the class names under the prompts. A
+  method fine-tuned on images (clip-ft, and any :class:`~fewclip.methods.image.ImageMethod`) carries its fine-tuned
+  trainable parameters there (``method.encoder_state_/...``), with their SHA-256 (``encoder_sha256_``): predicting
+  loads the pre-trained backbone, checks it, applies them and checks their hash;
 - metadata (JSON strings): ``method`` (the model file's own metadata: method, params, preset, fitted scalars),
   ``classnames``, ``prompts`` (name, kind, SHA-256, templates), ``backbone`` (:meth:`BackboneSpec.to_dict`),
   ``weights`` (the weights' identity: SHA-256s of local files, else the tag or hub id) and ``preprocess`` (the
   evaluation transform's description).
 
 Loading the backbone compares the weights' identity, before and after loading, with the stored one and refuses a
-different backbone, naming both. Images are encoded without the feature cache: new images are usually seen once,
-and labelling a folder should not grow ``~/.cache/fewclip`` by one row per image.
+different backbone, naming both. ``load_classifier(path, pretrained=...)`` (``fewclip predict --pretrained``)
+points at weights that moved: the new path replaces the spec's ``pretrained`` (or the folder of a ``local-dir:``
+model), and the weights found there must still have the stored SHA-256. Images are encoded without the feature cache:
+new images are usually seen once, and labelling a folder should not grow ``~/.cache/fewclip`` by one row per image.
 """
 
 from __future__ import annotations
@@ -55,12 +60,9 @@ def classifier_bytes(
     weights_identity: Mapping[str, Any],
     preprocess: str | None = None,
 ) -> bytes:
-    """The bytes of the classifier file of the fitted feature ``model`` (see the module's format)."""
-    if model.inputs != "features":
-        raise ClassifierError(
-            f"{model.name}: an image method's classifier would need its fine-tuned encoder; only feature methods "
-            "are saved as classifiers."
-        )
+    """The bytes of the classifier file of the fitted ``model`` (see the module's format)."""
+    if model.inputs == "images" and not getattr(model, "encoder_state_", None):
+        raise ClassifierError(f"{model.name}: the fitted model holds no fine-tuned encoder state to save.")
     meta_m, tensors_m = model.state()
     if text_weights.shape[0] != len(classnames):
         raise ClassifierError(f"text_weights has {text_weights.shape[0]} rows for {len(classnames)} class names.")
@@ -138,15 +140,35 @@ class Classifier:
         return rows
 
     def backbone(self, device: str | None = None) -> Backbone:
-        """The backbone the model was fitted on, loaded once; refused when its weights are not the stored ones."""
+        """The backbone the model predicts from, loaded once; refused when its weights are not the stored ones. For a
+        method fine-tuned on images: the pre-trained backbone with its fine-tuned parameters applied, refused too when
+        their SHA-256 is not the one recorded at fitting."""
         if self._backbone is not None and (device is None or str(self._backbone.device) == str(torch.device(device))):
             return self._backbone
         spec = self.backbone_spec if device is None else dataclasses.replace(self.backbone_spec, device=device)
         self._check_weights(spec.weights_identity(), "its weights")
-        backbone = spec.load()
+        if self.model.inputs == "images":
+            backbone = self._finetuned(spec)
+        else:
+            backbone = spec.load()
         self._check_weights(backbone.identity.get("weights") or {}, "the loaded backbone")
         self._backbone = backbone
         return backbone
+
+    def _finetuned(self, spec: BackboneSpec) -> Backbone:
+        """The image method's fine-tuned encoder on the (checked) pre-trained weights of ``spec``."""
+        model = self.model
+        model.backbone_spec_ = spec.to_dict()
+        model.__dict__.pop("_encoder_", None)
+        encoder = model.image_encoder()
+        found = (encoder.identity.get("finetuned") or {}).get("sha256")
+        expected = getattr(model, "encoder_sha256_", None)
+        if expected is not None and found != expected:
+            raise ClassifierError(
+                f"{self.path or 'classifier'}: its fine-tuned parameters hash to SHA-256 {found}, but {expected} was "
+                "recorded when the model was fitted; the file is damaged: write it again (fewclip run --save-models)."
+            )
+        return encoder
 
     def _check_weights(self, found: Mapping[str, Any], what: str) -> None:
         expected = self.weights
@@ -201,8 +223,26 @@ def _describe(identity: Mapping[str, Any]) -> str:
     return json.dumps(dict(identity), sort_keys=True)
 
 
-def load_classifier(path: str | os.PathLike) -> Classifier:
-    """The :class:`Classifier` in the file :func:`save_classifier` (or ``fewclip run --save-models``) wrote."""
+def moved_weights(spec: BackboneSpec, pretrained: str | os.PathLike) -> BackboneSpec:
+    """``spec`` with its weights at ``pretrained``: the folder of a ``local-dir:`` model, else the ``pretrained``
+    file. Nothing is loaded; the weights found there are checked against the stored hash when the backbone loads."""
+    where = str(Path(pretrained).expanduser())
+    if spec.model.startswith("local-dir:"):
+        if not Path(where).is_dir():
+            raise ClassifierError(
+                f"--pretrained {pretrained}: the classifier's model is a local-dir: folder ({spec.model}); give the "
+                "folder it moved to (holding open_clip_config.json and the weights)."
+            )
+        return dataclasses.replace(spec, model=f"local-dir:{where}")
+    if not Path(where).is_file():
+        raise ClassifierError(f"--pretrained {pretrained}: no such weights file.")
+    return dataclasses.replace(spec, pretrained=where)
+
+
+def load_classifier(path: str | os.PathLike, pretrained: str | os.PathLike | None = None) -> Classifier:
+    """The :class:`Classifier` in the file :func:`save_classifier` (or ``fewclip run --save-models``) wrote;
+    ``pretrained``: where the backbone's weights are now, when they moved (:func:`moved_weights`; their SHA-256 must
+    still be the stored one)."""
     meta, tensors = read_safetensors(path, expected_format=CLASSIFIER_FORMAT, what="classifier", error=ClassifierError)
     try:
         method_meta = json.loads(meta["method"])
@@ -210,6 +250,8 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
         model = model_from_state(method_meta, method_tensors, where=str(path))
         classnames = json.loads(meta["classnames"])
         spec = BackboneSpec.from_dict(json.loads(meta["backbone"]))
+        if pretrained is not None:
+            spec = moved_weights(spec, pretrained)
         text = tensors["text_weights"]
         out = Classifier(
             model=model,

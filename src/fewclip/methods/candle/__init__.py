@@ -27,8 +27,10 @@ epoch (Dassl's ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epoc
 1)/E))/2 for the 0-based epoch e ≥ 1). Every epoch draws one of the bundle's V cached augmented views per support
 image (raw, not normalised), so CLIP never runs during training. Weights and compute are float32. With
 ``selection="val"`` and validation data the epoch with the best validation accuracy (per-image inference, no dropout)
-is kept, ties to the earliest; otherwise the last epoch (the released behaviour). Deterministic on CPU for a given
-``seed``; support rows are put in a canonical order first, so the row order of the bundle does not matter.
+is kept, ties to the earliest; otherwise the last epoch (the released behaviour); with ``selection="cv"`` the epoch with
+the most correct held-out images summed over the folds (:class:`~fewclip.methods.training.SelectsEpoch`).
+Deterministic on CPU for a given ``seed``; support rows are put in a canonical order first, so the row order of the
+bundle does not matter.
 
 Fixed defects of the released code, each with an option reproducing the released behaviour:
 
@@ -67,7 +69,19 @@ from ...features.bundle import Bundle
 from ..base import Method
 from ..params import Boolean, Integral, Interval, Optional, Options, Real, param
 from ..registry import register
-from ..training import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, TrainResult, canonical_order, fit_epochs
+from ..training import (
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    SEED,
+    STOP_EPOCH,
+    STOP_EPOCH_DOC,
+    WEIGHT_DECAY,
+    SelectsEpoch,
+    TrainResult,
+    canonical_order,
+    fit_epochs,
+)
 from .attention import (
     IMAGE,
     MASKS,
@@ -168,7 +182,7 @@ def epoch_order(num: int, count: int, generator: torch.Generator) -> torch.Tenso
 
 @register("candle")
 @dataclass(kw_only=True, repr=False, eq=False)
-class Candle(Method):
+class Candle(SelectsEpoch, Method):
     """Candle with the released defaults of the run example (ViT-B/16, batch 128, lr 3e-4, 50 epochs, α = 1).
 
     ``inference_context`` and ``test_batch_size`` are read at prediction time, so a fitted model can be evaluated
@@ -225,6 +239,7 @@ class Candle(Method):
     weight_decay: float = param(5e-4, WEIGHT_DECAY, doc="SGD weight decay (every parameter)")
     warmup_lr: float = param(1e-5, POSITIVE, doc="learning rate of the warm-up epoch")
     seed: int = param(1, SEED, doc="seed of the initialisation, view draws, batches and dropout")
+    stop_epoch: int | None = param(None, STOP_EPOCH, doc=STOP_EPOCH_DOC)
 
     # ----------------------------------------------------------------- checks that need the data
     def check_dim(self, dim: int) -> None:
@@ -290,6 +305,8 @@ class Candle(Method):
                 return self._selection_accuracy(head.per_image_scores(val), val_labels)
 
         result = self._train(head, support, labels, counts, generator, evaluate)
+        if evaluate is not None:
+            self.record_epochs(result, bundle.val_labels.numel())
         with torch.no_grad():
             for name, parameter in head.named_parameters():
                 parameter.copy_(result.state[name])
@@ -329,7 +346,7 @@ class Candle(Method):
         epochs = int(self.epochs)
         num_views, num = support.shape[:2]
         batch = min(int(self.batch_size), num)
-        iters = self._iterations(num)
+        iters = self._iterations(self._cv_full_rows or num)  # a cv fold: the steps of an epoch of all support
         optimizer = torch.optim.SGD(
             head.parameters(), lr=float(self.warmup_lr), momentum=float(self.momentum),
             weight_decay=float(self.weight_decay),
@@ -361,6 +378,7 @@ class Candle(Method):
             evaluate=evaluate,
             epoch_lr=lambda epoch: candle_lr(epoch - 1, epochs, float(self.lr), float(self.warmup_lr)),
             steps_per_epoch=iters,
+            stop_epoch=self.stop_epoch,
         )
 
     # ----------------------------------------------------------------- prediction
