@@ -25,7 +25,7 @@ from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols import runner
 from fewclip.protocols.results import read_predictions, read_result
-from fewclip.protocols.sweep import SweepConfig, load_sweep, shard_of, sweep, task_groups
+from fewclip.protocols.sweep import Distributed, SweepConfig, load_sweep, shard_of, sweep, task_groups
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BB = "local-dir-model"
@@ -356,3 +356,17 @@ def test_torchrun_extraction_gives_the_single_process_cache(env, tmp_path):
     assert results_of(multi / "out") == results_of(single / "out")
     # both ranks encoded a share: rank 1 says how much, rank 0 read it from the cache
     assert int(done.stdout.split("rank 1: encoded ")[1].split()[0]) > 0
+
+
+def test_ray_missing_is_a_clear_error(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert main([*argv(env, tmp_path / "o", tmp_path / "c", "--method", "zero-shot"), "--ray", "local"]) == 2
+    assert "pip install 'fewclip[ray]'" in capsys.readouterr().err
+
+
+def test_torchrun_environment_and_devices():
+    assert Distributed.from_env({}) is None and Distributed.from_env({"WORLD_SIZE": "1"}) is None
+    d = Distributed.from_env({"WORLD_SIZE": "4", "RANK": "5", "LOCAL_RANK": "1"})
+    assert (d.rank, d.world, d.local_rank) == (5, 4, 1)
+    assert d.device(BackboneSpec("RN50", device="cuda")).device == "cuda:1"
+    assert d.device(BackboneSpec("RN50", device="cpu")).device == "cpu"

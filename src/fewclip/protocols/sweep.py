@@ -338,14 +338,11 @@ def run_cells(
     return outcomes, encoded
 
 
-def extract_unit(config: RunConfig, out_dir: str, cells: Sequence[Cell]) -> tuple[int, int, float]:
-    """A sweep's extraction task, in any process: encode what the cache lacks for ``cells`` of the unit; (image views
-    encoded, read from the cache, seconds)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        the_plan = plan(config, out_dir)
-    episodes = draw_episodes(the_plan, list(cells), save=False)
-    features = encode(the_plan, episodes, FeatureStore(config.cache_dir), _backbone(config.backbone))
+def extract_unit(config: RunConfig, out_dir: str) -> tuple[int, int, float]:
+    """A sweep's extraction task, in any process: encode what the cache lacks for the unit ``config`` names; (image
+    views encoded, read from the cache, seconds). The unit stays loaded in this process for the fitting tasks that
+    land here."""
+    _, _, features, _, _ = worker_context(config, out_dir)
     return features.encoded, features.cached, features.seconds
 
 
@@ -408,6 +405,13 @@ def _init_distributed() -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
 
 
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_of(sha256: str, world: int) -> int:
     """The rank that encodes the image whose content hash is ``sha256``: the same image (in any dataset, any
     split) always goes to one rank, whatever the cache holds."""
@@ -466,6 +470,8 @@ def sweep(
     check_output_folder(out_dir)
     for name in config.methods.names:
         get_class(name)  # an unknown method name is a usage error, not one failure per unit
+    if ray is not None and not dry_run:
+        ray_connect(ray)  # a no-op when this process joined a cluster already
     dist = Distributed.from_env() if not dry_run else None
     if dist is not None:
         config = SweepConfig(tuple(replace(r, backbone=dist.device(r.backbone)) for r in config.runs))
@@ -502,6 +508,7 @@ def sweep(
         _extract_all(report, out_dir, ray=ray, keep=jobs == 1 and ray is None and leader, dist=dist, log=log)
         report.seconds["extraction"] = time.perf_counter() - t1
         if not leader:
+            _finish_distributed()
             return report
         t2 = time.perf_counter()
         run_id = new_run_id()
@@ -513,10 +520,12 @@ def sweep(
                 unit.report.results = [unit.results[c] for c in mine]
                 write_summary(unit.plan, unit.report, {c: unit.results[c] for c in mine}, run_id, lambda m: None)
     for unit in units:
-        if unit.error is not None:
+        if unit.error is not None:  # its cells that did not run: all but those finished before
             report.failures.append((unit.name, unit.error))
-            report.failed += len(unit.todo) if unit.plan is not None else unit.cell_count()
+            report.failed += unit.cell_count() - len(unit.done)
     report.seconds["total"] = time.perf_counter() - t0
+    if dist is not None:
+        _finish_distributed()
     return report
 
 
@@ -684,8 +693,11 @@ def ray_connect(address: str, num_cpus: int | None = None) -> None:
     ray = ray_module()
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("PYTHONPATH", "FEWCLIP_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
+    # a local cluster's workers inherit this environment; a remote one's get the cache folder and offline flags (the
+    # nodes' own PYTHONPATH and install of fewclip stand)
+    names = ("FEWCLIP_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: os.environ[k] for k in names if k in os.environ}
+    runtime_env = {"env_vars": env} if env and address != "local" else None
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
@@ -707,10 +719,7 @@ def _extract_with_ray(report: SweepReport, units: list[Unit], out_dir, address: 
     task = ray.remote(extract_unit)
     for unit in units:
         draw_episodes(unit.plan, unit.todo)  # the driver writes the episode files, as in a serial run
-    refs = {
-        task.options(num_cpus=1, num_gpus=_gpu(u.config.backbone)).remote(u.config, str(out_dir), u.todo): u
-        for u in units
-    }
+    refs = {task.options(num_cpus=1, num_gpus=_gpu(u.config.backbone)).remote(u.config, str(out_dir)): u for u in units}
     for ref, unit in refs.items():
         try:
             encoded, cached, seconds = ray.get(ref)
