@@ -43,8 +43,9 @@ import json
 import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ Log = Callable[[str], None]
 SWEEP_KEYS = ("data", "backbone", "backbones", "methods", "protocol", "extraction", "cache_dir")
 #: exit status when some cells (or units) failed; 0 when every cell passed or was skipped
 EXIT_FAILED = 1
+#: cells fitted and waiting to be published at most (then fitting waits for the writes)
+MAX_QUEUED = 64
 
 
 # --------------------------------------------------------------------------- the grid
@@ -600,13 +603,7 @@ def _fit_all_units(
     bar = progress(total, "sweep: fitting", "cell", enabled=shown)
     warned: list[bool] = [False]
 
-    def publish(unit: Unit, outcomes: Sequence[CellOutcome], encoded: int = 0) -> None:
-        if encoded and not warned[0]:
-            warned[0] = True
-            log(
-                f"{unit.name}: a fitting worker encoded {encoded} image view(s) itself: it does not see the feature "
-                "cache the extraction wrote (give every node the same --cache-dir on shared storage)."
-            )
+    def write(unit: Unit, outcomes: Sequence[CellOutcome]) -> None:  # on the publishing thread
         for outcome in outcomes:
             result = publish_cell(unit.plan, outcome, unit.report, lambda m: log(f"{unit.name}: {m}"), run_id)
             if result is None:
@@ -623,31 +620,52 @@ def _fit_all_units(
                 failed=report.failed,
             )
 
+    def publish(unit: Unit, outcomes: Sequence[CellOutcome], encoded: int = 0) -> None:
+        """Queue the outcomes for the publishing thread, so the next fit runs while this one's files are written
+        (the writes wait on fsync, not on the CPU); a write that failed ends the sweep here."""
+        if encoded and not warned[0]:
+            warned[0] = True
+            log(
+                f"{unit.name}: a fitting worker encoded {encoded} image view(s) itself: it does not see the feature "
+                "cache the extraction wrote (give every node the same --cache-dir on shared storage)."
+            )
+        queue.append(publisher.submit(write, unit, outcomes))
+        while queue and (len(queue) > MAX_QUEUED or queue[0].done()):
+            queue.popleft().result()
+
     def lost(unit: Unit, cells: Sequence[Cell], exc: BaseException) -> None:
         error = error_record(exc)  # the worker itself failed (its context could not be rebuilt, it died)
         publish(unit, [CellOutcome(c, error=error) for c in cells])
 
-    with bar:
-        if ray is not None:
-            _fit_with_ray(units, out_dir, ray, save_models, publish, lost)
-        elif jobs == 1:
-            for unit in units:
-                episodes = draw_episodes(unit.plan, unit.todo, save=False)
-                features = unit.features
-                if features is None:  # not kept: read back from the cache
-                    features = encode(unit.plan, episodes, FeatureStore(unit.config.cache_dir))
-                common = common_record(unit.plan, features)
-                for cells in task_groups(unit.todo):
-                    fitted: dict = {}
-                    cell_data: dict = {}
-                    outcomes = [
-                        fit_cell(unit.plan, c, episodes, features, common, fitted, cell_data, save_models)
-                        for c in cells
-                    ]
-                    publish(unit, outcomes)
-                unit.features = None
-        else:
-            _fit_with_processes(units, out_dir, jobs, save_models, publish, lost)
+    queue: deque[Future] = deque()
+    # one thread publishes, in order: results are written by this process only, one at a time, as in a run
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="fewclip-publish") as publisher:
+        _fit_stage(units, out_dir, jobs, ray, save_models, publish, lost)
+        while queue:
+            queue.popleft().result()
+
+
+def _fit_stage(units: list[Unit], out_dir, jobs: int, ray: str | None, save_models: bool, publish, lost) -> None:
+    """The fitting itself: Ray tasks, one process, or ``jobs`` spawned processes; outcomes go to ``publish``."""
+    if ray is not None:
+        _fit_with_ray(units, out_dir, ray, save_models, publish, lost)
+    elif jobs == 1:
+        for unit in units:
+            episodes = draw_episodes(unit.plan, unit.todo, save=False)
+            features = unit.features
+            if features is None:  # not kept: read back from the cache
+                features = encode(unit.plan, episodes, FeatureStore(unit.config.cache_dir))
+            common = common_record(unit.plan, features)
+            for cells in task_groups(unit.todo):
+                fitted: dict = {}
+                cell_data: dict = {}
+                outcomes = [
+                    fit_cell(unit.plan, c, episodes, features, common, fitted, cell_data, save_models) for c in cells
+                ]
+                publish(unit, outcomes)
+            unit.features = None
+    else:
+        _fit_with_processes(units, out_dir, jobs, save_models, publish, lost)
 
 
 def _fit_with_processes(units, out_dir, jobs: int, save_models: bool, publish, lost) -> None:
