@@ -179,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_parser as add_report_parser
     from .results import add_parsers as add_results_parsers
     from .run import add_parsers as add_run_parsers
+    from .sweep import add_parser as add_sweep_parser
 
     add_run_parsers(sub)
+    add_sweep_parser(sub)
     add_predict_parser(sub)
     add_results_parsers(sub)
     add_report_parser(sub)

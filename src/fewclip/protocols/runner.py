@@ -463,8 +463,9 @@ def partition(plan: Plan, force: bool = False) -> tuple[list[Cell], dict[Cell, d
 # --------------------------------------------------------------------------- stage 3: episodes
 
 
-def draw_episodes(plan: Plan, cells: list[Cell]) -> dict[tuple[int, int], tuple[Episode, Path]]:
-    """Stage 3: draw and save the episode of every (shots, seed) among ``cells``."""
+def draw_episodes(plan: Plan, cells: list[Cell], *, save: bool = True) -> dict[tuple[int, int], tuple[Episode, Path]]:
+    """Stage 3: draw and save the episode of every (shots, seed) among ``cells``; ``save=False`` gives the paths
+    without writing (a sweep's worker, whose driver saved them)."""
     data = plan.config.data
     folder = episodes_dir(plan.out_dir, plan.splits.name, plan.protocol.name)
     out = {}
@@ -473,6 +474,9 @@ def draw_episodes(plan: Plan, cells: list[Cell]) -> dict[tuple[int, int], tuple[
             plan.splits, k, seed, sampler=data.sampler, val_kind=data.val_kind
         )
         path = folder / episode_filename(episode)
+        if not save:
+            out[k, seed] = episode, path
+            continue
         with writing(path):
             out[k, seed] = episode, save_episode(episode, path)
     return out
@@ -509,11 +513,17 @@ class Features:
         return self.pool if target.name is None else self.target_pools[target.name]
 
 
-def encode(plan: Plan, episodes: Mapping[tuple[int, int], tuple[Episode, Path]], store: FeatureStore) -> Features:
-    """Stage 4 (the GPU stage): every image and prompt the episodes and targets need, encoded once."""
+def encode(
+    plan: Plan,
+    episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
+    store: FeatureStore,
+    backbone: Backbone | None = None,
+) -> Features:
+    """Stage 4 (the GPU stage): every image and prompt the episodes and targets need, encoded once. ``backbone``:
+    the one ``plan.config.backbone`` names, already loaded (a sweep loads each backbone once for every dataset)."""
     options = plan.config.extraction
     t0 = time.perf_counter()
-    backbone = plan.config.backbone.load()
+    backbone = plan.config.backbone.load() if backbone is None else backbone
     check_feature_dim(plan, backbone.embed_dim)
     own_test = [item for t in plan.targets.values() if t.name is None for item in t.items]
     pool = encode_images_once(
@@ -725,8 +735,14 @@ def encode_test_images(
     return out.features, labels, record
 
 
-def failure_record(plan: Plan, cell: Cell, exc: BaseException) -> dict[str, Any]:
-    """The result file of a cell whose fit or scoring raised: the error, and what is needed to re-run it."""
+def error_record(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` field of a failed result: type, message and traceback lines (plain data, for any process)."""
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exception(exc)}
+
+
+def failure_record(plan: Plan, cell: Cell, exc: BaseException | Mapping[str, Any]) -> dict[str, Any]:
+    """The result file of a cell whose fit or scoring raised (the exception, or its :func:`error_record` from
+    another process): the error, and what is needed to re-run it."""
     setup = plan.setups[cell]
     return {
         "format": RESULT_FORMAT,
@@ -740,11 +756,7 @@ def failure_record(plan: Plan, cell: Cell, exc: BaseException) -> dict[str, Any]
         "method": cell.method,
         "shots": cell.shots,
         "seed": cell.seed,
-        "error": {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": traceback.format_exception(exc),
-        },
+        "error": dict(exc) if isinstance(exc, Mapping) else error_record(exc),
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -899,46 +911,87 @@ def _fit_all(
         by_episode.setdefault((cell.shots, cell.seed), []).append(cell)
     bar = progress(len(todo), f"{plan.splits.name}: fitting", "fit", enabled=plan.config.extraction.progress)
     with bar:
-        for (k, seed), cells in by_episode.items():
+        for cells in by_episode.values():
             fitted: dict[Any, tuple[Method, float, str | None]] = {}
-            cell_data: dict[str | None, CellData] = {}
+            cell_data: dict[Any, CellData] = {}
             for cell in cells:
-                path = plan.paths[cell]
-                target = plan.targets[cell.target]
-                try:
-                    if cell.target not in cell_data:
-                        cell_data[cell.target] = _cell_data(plan, features, episodes[k, seed], target)
-                    record = dict(common)
-                    pool = features.test_pool(target)
-                    record["bad_images"] = [b.as_dict() for b in features.pool.bad] + (
-                        [] if pool is features.pool else [b.as_dict() for b in pool.bad]
-                    )
-                    result, predicted, truth, names = fit_and_score(
-                        plan, cell, cell_data[cell.target], features, record, fitted
-                    )
-                    classifier = None
-                    if save_models:
-                        classifier = cell_classifier(plan, cell, cell_data[cell.target], features, fitted)
-                except Exception as exc:  # one failing cell is recorded, the run goes on
-                    # its record replaces an earlier success, whose predictions go with it
-                    publish_result(path, failure_record(plan, cell, exc), run_id=run_id)
-                    report.failed.append((path, f"{type(exc).__name__}: {exc}"))
-                    log(f"{_describe(cell)}: FAILED ({type(exc).__name__}: {exc}); recorded in {path}")
-                    bar.update(1)
-                    continue
-                result = publish_result(path, result, (predicted, truth, names), run_id=run_id, classifier=classifier)
-                out[cell] = result
-                report.written.append(path)
-                val = result["accuracy"]["val_accuracy"]
-                # base-to-new: the all-class HM stands for the generalised setting; its two parts are in the file
-                shown = "  ".join(
-                    f"{key} {value:.2f}" for key, value in result["accuracy"].items()
-                    if key != "val_accuracy" and not key.endswith("_all_classes") and isinstance(value, float)
-                )  # fmt: skip
-                val_text = "n/a" if val is None else f"{val:.2f}"
-                log(f"{_describe(cell)}: {shown}  val {val_text}  ({result['seconds']['fit']:.2f} s)")
+                outcome = fit_cell(plan, cell, episodes, features, common, fitted, cell_data, save_models)
+                result = publish_cell(plan, outcome, report, log, run_id)
+                if result is not None:
+                    out[cell] = result
                 bar.update(1)
     return out
+
+
+@dataclass
+class CellOutcome:
+    """What fitting one cell gives, as plain data another process can send back: the result record with its
+    predictions (and classifier file bytes), or the error (:func:`error_record`)."""
+
+    cell: Cell
+    result: dict[str, Any] | None = None
+    predictions: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+    classifier: bytes | None = None
+    error: dict[str, Any] | None = None
+
+
+def fit_cell(
+    plan: Plan,
+    cell: Cell,
+    episodes: Mapping[tuple[int, int], tuple[Episode, Path]],
+    features: Features,
+    common: Mapping[str, Any],
+    fitted: dict[Any, tuple[Method, float, str | None]],
+    cell_data: dict[Any, CellData],
+    save_models: bool = False,
+) -> CellOutcome:
+    """Stage 5 for one cell, as a unit any process holding the plan and features can run: fit, score and build the
+    record, nothing written. An exception of the fit or scoring becomes the outcome's error. ``fitted`` and
+    ``cell_data`` carry the models and episode bundles shared by the cells of one (shots, seed)."""
+    target = plan.targets[cell.target]
+    key = (cell.shots, cell.seed, cell.target)
+    try:
+        if key not in cell_data:
+            cell_data[key] = _cell_data(plan, features, episodes[cell.shots, cell.seed], target)
+        record = dict(common)
+        pool = features.test_pool(target)
+        record["bad_images"] = [b.as_dict() for b in features.pool.bad] + (
+            [] if pool is features.pool else [b.as_dict() for b in pool.bad]
+        )
+        result, predicted, truth, names = fit_and_score(plan, cell, cell_data[key], features, record, fitted)
+        classifier = None
+        if save_models:
+            classifier = cell_classifier(plan, cell, cell_data[key], features, fitted)
+    except Exception as exc:  # one failing cell is recorded, the run goes on
+        return CellOutcome(cell, error=error_record(exc))
+    return CellOutcome(cell, result, (predicted, truth, names), classifier)
+
+
+def publish_cell(
+    plan: Plan, outcome: CellOutcome, report: RunReport, log: Log, run_id: str | None = None
+) -> dict[str, Any] | None:
+    """Stage 6 for one cell: publish its result and predictions (or its failure record, which replaces an earlier
+    success and its predictions), account for it in ``report`` and log a line. Returns the published result (None
+    for a failure)."""
+    cell = outcome.cell
+    path = plan.paths[cell]
+    if outcome.error is not None:
+        publish_result(path, failure_record(plan, cell, outcome.error), run_id=run_id)
+        error = f"{outcome.error['type']}: {outcome.error['message']}"
+        report.failed.append((path, error))
+        log(f"{_describe(cell)}: FAILED ({error}); recorded in {path}")
+        return None
+    result = publish_result(path, outcome.result, outcome.predictions, run_id=run_id, classifier=outcome.classifier)
+    report.written.append(path)
+    val = result["accuracy"]["val_accuracy"]
+    # base-to-new: the all-class HM stands for the generalised setting; its two parts are in the file
+    shown = "  ".join(
+        f"{key} {value:.2f}" for key, value in result["accuracy"].items()
+        if key != "val_accuracy" and not key.endswith("_all_classes") and isinstance(value, float)
+    )  # fmt: skip
+    val_text = "n/a" if val is None else f"{val:.2f}"
+    log(f"{_describe(cell)}: {shown}  val {val_text}  ({result['seconds']['fit']:.2f} s)")
+    return result
 
 
 def cell_classifier(
