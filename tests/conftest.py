@@ -45,6 +45,7 @@ FAST = {
     "candle": {"epochs": 4, "batch_size": 32},
     "linear-probe": {"max_iter": 50},
     "clip-ft": {"scope": "last", "epochs": 2, "lr": 1e-3, "batch_size": 8},
+    "proker": {"search_step": [4, 5]},
 }
 
 

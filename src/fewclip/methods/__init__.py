@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     clip_ft,
     gda,
     linear_probe,
+    proker,
     tip_adapter,
     tip_adapter_f,
     zero_shot,
