@@ -53,7 +53,7 @@ from .base import Method
 from .cache import search_step
 from .params import Interval, Optional, Options, Real, SequenceOf, param
 from .registry import register
-from .search import first_argmax, human_bytes, memory_limit
+from .search import first_argmax, memory_limit
 
 #: how the support becomes kernel points: every view (released), one per image, one per class, or the first that fits
 SUPPORTS = ("views", "images", "class-means", "auto")
@@ -150,15 +150,24 @@ def grid_counts(
     return counts
 
 
-def kernel_memory(points: int, val_rows: int, classes: int, itemsize: int, search: bool) -> int:
-    """Bytes a fit holds at its peak for ``points`` kernel points (N_S) of ``itemsize`` bytes.
+def kernel_memory(points: int, val_rows: int, classes: int, itemsize: int, lambdas: int = 0) -> int:
+    """Bytes a fit holds at its peak for ``points`` kernel points (N_S) of ``itemsize`` bytes, C ``classes``.
 
-    With a search: the cosines S Sᵀ, the kernel, its eigenvectors and the eigensolver's workspace (LAPACK's
-    divide-and-conquer takes about 2·N_S² more), five [N_S, N_S]; the validation cosines, kernel and P, three
-    [M, N_S]; the λ chunk (:data:`CHUNK_ELEMENTS`). Without: the kernel and its Cholesky factor, two [N_S, N_S]."""
-    square = 5 if search else 2
-    total = square * points * points + (3 * val_rows * points if search else 0) + 2 * points * classes
-    return itemsize * total + (8 * CHUNK_ELEMENTS if search else 0)
+    With a search over ``lambdas`` > 0 values of λ on ``val_rows`` rows (M): the cosines S Sᵀ, the kernel, its
+    eigenvectors and the eigensolver's workspace (LAPACK's divide-and-conquer takes about 2·N_S² more), five
+    [N_S, N_S]; the validation cosines, kernel and P, three [M, N_S]; Qᵀ R and R, two [N_S, C]; one chunk of the λ
+    axis, its scaled targets [L, N_S, C] and two [L, M, C] logits. Without a search: the kernel, K/λ + I and its
+    Cholesky factor, three [N_S, N_S], and two [N_S, C]."""
+    if lambdas <= 0:
+        return itemsize * (3 * points * points + 2 * points * classes)
+    chunk = min(lambdas, max(1, CHUNK_ELEMENTS // max(1, points * classes + val_rows * classes)))
+    total = 5 * points * points + 3 * val_rows * points + 2 * points * classes
+    return itemsize * (total + chunk * (points * classes + 2 * val_rows * classes))
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB with three significant digits."""
+    return f"{n / 2**30:.3g} GiB"
 
 
 # --------------------------------------------------------------------------- the method
@@ -234,10 +243,14 @@ class ProKeR(Method):
             return torch.float64 if points <= FLOAT64_MAX_POINTS else torch.float32
         return torch.float64 if self.precision == "float64" else torch.float32
 
-    def _memory(self, bundle: Bundle, points: int) -> int:
+    def _memory(self, bundle: Bundle, points: int, dtype: torch.dtype | None = None) -> int:
+        """Peak bytes of a fit with ``points`` kernel points (:func:`kernel_memory`), in ``dtype`` (default: the
+        working precision)."""
         search = self.selection == "val" and bundle.has_val
         rows = int(bundle.val_labels.numel()) if search else 0
-        return kernel_memory(points, rows, bundle.num_classes, self._dtype(points).itemsize, search)
+        lambdas = int(self.search_step[1]) if search else 0
+        itemsize = (dtype or self._dtype(points)).itemsize
+        return kernel_memory(points, rows, bundle.num_classes, itemsize, lambdas)
 
     def _memory_limit(self, bundle: Bundle) -> int:
         device = bundle.support_features.device
@@ -264,17 +277,21 @@ class ProKeR(Method):
         }[chosen]
         dtype = str(self._dtype(points)).removeprefix("torch.")
         fixes = [
-            f"support='{k}' ({sizes[k]:,} points, about {self._memory(bundle, sizes[k]) / 2**30:.2f} GiB)"
-            for k in ("images", "class-means")
-            if sizes[k] < points
+            f"support='{k}' ({how}: {sizes[k]:,} points, about {gib(self._memory(bundle, sizes[k]))})"
+            for k, how in (("images", "one point per image, as with V = 1"), ("class-means", "one point per class"))
+            if sizes[k] < points and self._memory(bundle, sizes[k]) <= limit
         ]
-        if dtype == "float64":
-            fixes.append("precision='float32' (half the memory)")
-        fix = "; use " + " or ".join(fixes) if fixes else "; reduce the classes or shots"
+        if dtype == "float64" and self._memory(bundle, points, torch.float32) <= limit:
+            fixes.append(f"precision='float32' (about {gib(self._memory(bundle, points, torch.float32))})")
+        if fixes:
+            fix = "; use " + " or ".join(fixes)
+            if self.support != "auto":
+                fix += " (support='auto' takes the first of views, images, class-means that fits)"
+        else:
+            fix = "; no fallback fits either: use fewer classes or shots, or a machine with more memory"
         raise MethodError(
-            f"{self.name}: the kernel of {what} needs about {need / 2**30:.1f} GiB ({dtype} [{points:,} × {points:,}] "
-            f"matrices: (V·N)² = {points**2:,} entries each), more than this machine's {human_bytes(limit)}{fix} "
-            "(support='auto' takes the first that fits)."
+            f"{self.name}: the kernel of {what} needs about {gib(need)} ({dtype} [{points:,} × {points:,}] matrices, "
+            f"{points**2:,} entries each), more than this machine's {gib(limit)}{fix}."
         )
 
     def _check(self, bundle: Bundle) -> None:
