@@ -15,8 +15,11 @@ same here.
 Selection (β, λ) on the validation split: the released grid search, β outer and λ inner, ties to the first point.
 Per β one eigendecomposition K = QΣQᵀ (float64 up to :data:`FLOAT64_MAX_POINTS` points), after which every λ is
 A(λ) = Q diag(λ/(σ + λ)) Qᵀ R and the validation logits of a whole chunk of λ are one batched product
-Z₀ + (k(X, S) Q) diag(λ/(σ + λ)) (Qᵀ R): the λ axis costs matrix products, not solves. The final A is one
-Cholesky solve of the well-conditioned K/λ + I (eigenvalues ≥ 1), as with ``selection="none"``.
+Z₀ + (k(X, S) Q) diag(λ/(σ + λ)) (Qᵀ R): the λ axis costs matrix products, not solves. An eigendecomposition costs
+as much as about :data:`EIGEN_MIN_LAMBDAS` Cholesky solves of the same size, so for a short λ axis (the released
+grids have 5, 10, 20 or 100 points) ``solver="auto"`` solves per point instead, as released; both give the same
+counts. The final A is one Cholesky solve of the well-conditioned K/λ + I (eigenvalues ≥ 1), as with
+``selection="none"``.
 
 Memory is O(N_S²): the fit refuses, with its estimate, data whose kernel would not fit in memory, and names the
 fallbacks: ``support="images"`` (one point per image: its clean view, or the mean of its views) and
@@ -58,6 +61,10 @@ from .search import first_argmax, memory_limit
 #: how the support becomes kernel points: every view (released), one per image, one per class, or the first that fits
 SUPPORTS = ("views", "images", "class-means", "auto")
 PRECISIONS = ("auto", "float64", "float32")
+SOLVERS = ("auto", "eigen", "cholesky")
+#: ``solver="auto"`` takes the eigen form from this many λ per β on (one eigendecomposition costs about this many
+#: Cholesky solves of the same size, measured on one CPU thread with N_S = 2,000-8,000: benchmarks/bench_fit.py)
+EIGEN_MIN_LAMBDAS = 16
 #: ``precision="auto"`` works in float64 up to this many points, float32 above (spec §3.5 P3)
 FLOAT64_MAX_POINTS = 20_000
 #: the released per-shot (β, λ) of ``configs/RN50/configs_proker/hyperparameters.json`` ("pre-computed hps and averaged
@@ -124,27 +131,38 @@ def grid_counts(
     lambdas: torch.Tensor,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_correct,
     bar: Any = None,
+    solver: str = "eigen",
 ) -> torch.Tensor:
     """counts[i, j] [B, L]: validation rows right at (β_i, λ_j), for support ``points`` [N_S, D] and their
     ``residual`` [N_S, C] (working precision), the validation rows' cosines to the points [M, N_S] and zero-shot
     logits ``val_base`` [M, C].
 
-    Per β: the kernel, one eigendecomposition, B = QᵀR and P = k(X, S)Q; then every λ from a batched product
-    (:func:`grid_logits`), in chunks of the λ axis of about :data:`CHUNK_ELEMENTS` elements. ``score`` maps logits
-    [L, M, C] and labels to [L] counts (the calibrated count while calibrating). ``bar`` advances once per β."""
-    gram = points @ points.T
+    ``solver="eigen"``: per β the kernel, one eigendecomposition, B = QᵀR and P = k(X, S)Q; then every λ from a
+    batched product (:func:`grid_logits`), in chunks of the λ axis of about :data:`CHUNK_ELEMENTS` elements.
+    ``solver="cholesky"``: per (β, λ) one Cholesky solve (:func:`proker_coefficients`), as the released code does
+    (cheaper than an eigendecomposition for a λ axis of a few points). ``score`` maps logits [L, M, C] and labels to
+    [L] counts (the calibrated count while calibrating). ``bar`` advances once per β."""
+    shifted = (points @ points.T).sub_(1.0)  # S Sᵀ − 1: the kernel of every β is exp(β·shifted)
+    val_shifted = val_cosines - 1.0
     counts = torch.zeros(betas.numel(), lambdas.numel(), dtype=torch.long)
     rows, n, c = val_base.shape[0], points.shape[0], residual.shape[1]
     chunk = max(1, CHUNK_ELEMENTS // max(1, n * c + rows * c))
     for i, beta in enumerate(betas.tolist()):
-        sigma, q = torch.linalg.eigh(torch.exp(beta * (gram - 1.0)))
-        rotated = q.T @ residual
-        projected = torch.exp(beta * (val_cosines - 1.0)) @ q
-        del q
-        for start in range(0, lambdas.numel(), chunk):
-            part = lambdas[start : start + chunk]
-            logits = grid_logits(val_base, projected, rotated, eigen_filters(sigma, part))
-            counts[i, start : start + part.numel()] = score(logits, val_labels)
+        gram = torch.mul(shifted, beta).exp_()
+        val_kernel = torch.mul(val_shifted, beta).exp_()
+        if solver == "cholesky":
+            for j, lam in enumerate(lambdas.tolist()):
+                logits = val_base + val_kernel @ proker_coefficients(gram, residual, lam)
+                counts[i, j] = score(logits[None], val_labels)[0]
+        else:
+            sigma, q = torch.linalg.eigh(gram)
+            del gram
+            rotated, projected = q.T @ residual, val_kernel @ q
+            del q
+            for start in range(0, lambdas.numel(), chunk):
+                part = lambdas[start : start + chunk]
+                logits = grid_logits(val_base, projected, rotated, eigen_filters(sigma, part))
+                counts[i, start : start + part.numel()] = score(logits, val_labels)
         if bar is not None:
             bar.update(1)
     return counts
@@ -210,6 +228,14 @@ class ProKeR(Method):
         Options(PRECISIONS),
         doc=f"working precision of the kernel algebra; 'auto': float64 up to {FLOAT64_MAX_POINTS:,} points, float32 "
         "above",
+    )
+
+    solver: str = param(
+        "auto",
+        Options(SOLVERS),
+        doc="how the grid is searched: 'eigen' one eigendecomposition per β, then every λ is a matrix product; "
+        "'cholesky' one Cholesky solve per (β, λ), as released; 'auto' eigen from "
+        f"{EIGEN_MIN_LAMBDAS} λ values on (the two give the same counts)",
     )
 
     # ------------------------------------------------------------------ checks
@@ -363,16 +389,19 @@ class ProKeR(Method):
             rows = y.numel()
             return torch.tensor([round(self._selection_accuracy(z.float(), y) * rows / 100) for z in logits])
 
+        solver = self.solver
+        if solver == "auto":
+            solver = "eigen" if lambdas.numel() >= EIGEN_MIN_LAMBDAS else "cholesky"
+        score = calibrated if calibrating else count_correct
         with progress(betas.numel(), f"{self.name} search", "β", leave=False) as bar:
-            counts = grid_counts(
-                work, residual, cosines, base, labels, betas, lambdas, calibrated if calibrating else count_correct, bar
-            )
+            counts = grid_counts(work, residual, cosines, base, labels, betas, lambdas, score, bar, solver)
         i, j = first_argmax(counts)
         if not calibrating:
             self._cv_counts_ = counts  # [β, λ]: what selection="cv" sums over its folds
         self.search_ = {
             "evaluations": int(counts.numel()),
-            "eigendecompositions": int(betas.numel()),
+            "solver": solver,
+            "factorisations": int(betas.numel()) if solver == "eigen" else int(counts.numel()),
             "val_rows": int(labels.numel()),
             "best_correct": int(counts[i, j]),
             "beta_grid": [float(betas[0]), float(betas[-1]), int(betas.numel())],
