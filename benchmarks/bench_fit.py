@@ -253,10 +253,11 @@ def proker_worker(args: argparse.Namespace) -> None:
                 None, solver,
             )  # fmt: skip
             out[f"{solver}_{steps}"] = {"cpu": cpu, "wall": wall, "per_beta": cpu / betas.numel()}
-    fitted = methods.create("proker", preset=preset, support=support, **params)
-    _, out["fit_cpu"], out["fit_s"] = _timed(fitted.fit, bundle)
-    out["search"] = fitted.search_
-    out["val_acc"], out["test_acc"] = fitted.val_accuracy_, fitted.score(bundle.test_features, bundle.test_labels)
+    if args.proker_fit:
+        fitted = methods.create("proker", preset=preset, support=support, **params)
+        _, out["fit_cpu"], out["fit_s"] = _timed(fitted.fit, bundle)
+        out["search"] = fitted.search_
+        out["val_acc"], out["test_acc"] = fitted.val_accuracy_, fitted.score(bundle.test_features, bundle.test_labels)
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -269,7 +270,8 @@ def proker_main(args: argparse.Namespace, rates: dict[str, float]) -> None:
     header = (
         f"{'D':>5s} {'support':>11s} {'N_S':>7s} {'dtype':>7s} {'GiB':>6s} {'solve s':>8s} {'eigh s':>8s} "
         f"{'eigh/solve':>10s} {'λ ms':>7s} {'eig/β 10λ':>9s} {'chol/β 10λ':>10s} {'eig/β 100λ':>10s} "
-        f"{'chol/β 100λ':>11s} {'20x10 eig':>9s} {'20x10 chol':>10s} {'20x100 eig':>10s} {'20x100 chol':>11s}"
+        f"{'chol/β 100λ':>11s} {'20x10 eig':>9s} {'20x10 chol':>10s} {'20x100 eig':>10s} {'20x100 chol':>11s} "
+        f"{'peak MB':>7s}"
     )
     rows = []
     for dim in args.dims:
@@ -277,6 +279,7 @@ def proker_main(args: argparse.Namespace, rates: dict[str, float]) -> None:
         cmd += ["--dim", str(dim), "--views", str(args.views), "--val", str(args.val), "--test", str(args.test)]
         cmd += ["--grid", args.grid, "--proker-betas", str(args.proker_betas), "--proker-support", args.proker_support]
         cmd += ["--proker-budget", str(args.proker_budget)] + (["--hard"] if args.hard else [])
+        cmd += ["--proker-fit"] if args.proker_fit else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -294,14 +297,15 @@ def proker_main(args: argparse.Namespace, rates: dict[str, float]) -> None:
             f"{dim:5d} {r['support']:>11s} {r['points']:7d} {r['dtype']:>7s} {r['memory_gib']:6.2f} "
             f"{r['solve_s']:8.3f} {r['eigh_s']:8.3f} {r['eigh_s'] / r['solve_s']:10.1f} "
             f"{1e3 * r['per_lambda_s']:7.2f} {e10:9.2f} {c10:10.2f} {e100:10.2f} {c100:11.2f} "
-            f"{20 * e10:9.1f} {20 * c10:10.1f} {20 * e100:10.1f} {20 * c100:11.1f}"
+            f"{20 * e10:9.1f} {20 * c10:10.1f} {20 * e100:10.1f} {20 * c100:11.1f} {r['peak_mb']:7.0f}"
         )
-        s = r["search"]
-        rows.append(
-            f"      fit with the {args.grid} grid: solver '{s['solver']}', {s['evaluations']} points, "
-            f"{s['factorisations']} factorisations, {r['fit_cpu']:.2f} CPU s ({r['fit_s']:.2f} wall s), peak "
-            f"{r['peak_mb']:.0f} MB; val {r['val_acc']:.1f} %, test {r['test_acc']:.1f} %"
-        )
+        s = r.get("search")
+        if s:
+            rows.append(
+                f"      fit with the {args.grid} grid: solver '{s['solver']}', {s['evaluations']} points, "
+                f"{s['factorisations']} factorisations, {r['fit_cpu']:.2f} CPU s ({r['fit_s']:.2f} wall s), peak "
+                f"{r['peak_mb']:.0f} MB; val {r['val_acc']:.1f} %, test {r['test_acc']:.1f} %"
+            )
     print(header)
     print("-" * len(header))
     print("\n".join(rows))
@@ -335,8 +339,9 @@ def main() -> None:
     p.add_argument("--proker", action="store_true", help="ProKeR's grid search: its parts, per β and per grid point")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 1024], help="--proker: the feature dimensions")
     p.add_argument("--proker-support", default="views", help="--proker: the support policy tried first")
-    p.add_argument("--proker-betas", type=int, default=2, help="--proker: β values timed per λ axis")
-    p.add_argument("--proker-budget", type=float, default=600.0, help="--proker: CPU s above which the 100-point "
+    p.add_argument("--proker-fit", action="store_true", help="--proker: also time a whole fit with the grid")
+    p.add_argument("--proker-betas", type=int, default=1, help="--proker: β values timed per λ axis")
+    p.add_argument("--proker-budget", type=float, default=120.0, help="--proker: CPU s above which the 100-point "
                    "Cholesky axis is extrapolated from the 10-point one instead of run")  # fmt: skip
     p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--proker-worker", action="store_true", help=argparse.SUPPRESS)

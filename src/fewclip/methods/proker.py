@@ -272,8 +272,11 @@ class ProKeR(Method):
     def _memory(self, bundle: Bundle, points: int, dtype: torch.dtype | None = None) -> int:
         """Peak bytes of a fit with ``points`` kernel points (:func:`kernel_memory`), in ``dtype`` (default: the
         working precision)."""
-        search = self.selection == "val" and bundle.has_val
-        rows = int(bundle.val_labels.numel()) if search else 0
+        search = (self.selection == "val" and bundle.has_val) or self.selection == "cv"
+        if not search:
+            rows = 0
+        else:  # cv: the folds search on held-out support images, fewer than all of them
+            rows = int(bundle.val_labels.numel()) if self.selection == "val" else int(bundle.num_support)
         lambdas = int(self.search_step[1]) if search else 0
         itemsize = (dtype or self._dtype(points)).itemsize
         return kernel_memory(points, rows, bundle.num_classes, itemsize, lambdas)
