@@ -8,9 +8,9 @@ Every augmented view of every support image is a point (S [N_S, D], N_S = V·N, 
     Z(x) = n(x) Tᵀ + exp(−β(1 − n(x) Sᵀ)) A     logits: cosines plus the kernel correction
 
 λ is the released code's: an *inverse* regulariser. λ → 0 gives A → 0, the zero-shot classifier; λ → ∞ gives
-A → Y − Z_S, Tip-Adapter's unnormalised kernel sum of the residuals. (In a ridge written (K + ρI)⁻¹, ρ = 1/λ… up to
-the factor λ: ρ → ∞ is zero-shot.) ``fewclip`` keeps the released λ so that the published grids and values mean the
-same here.
+A → Y − Z_S, Tip-Adapter's unnormalised kernel sum of the residuals. With the regulariser ρ = 1/λ the same model
+reads A = (ρK + I)⁻¹ R, and strong regularisation (ρ → ∞) is zero-shot. ``fewclip`` keeps the released λ so that the
+published grids and values mean the same here.
 
 Selection (β, λ) on the validation split: the released grid search, β outer and λ inner, ties to the first point.
 Per β one eigendecomposition K = QΣQᵀ (float64 up to :data:`FLOAT64_MAX_POINTS` points), after which every λ is
@@ -34,7 +34,7 @@ Deviations from the released code (``ybendou/ProKeR`` as vendored at ``f2ecb3d``
 - ``selection="none"`` with ``init_beta``/``init_lambda`` unset uses the released per-shot "ImageNet transfer" values
   (``hyperparameters.json``): the authors tuned them on ImageNet's test set; they are "tuned elsewhere" for the other
   datasets, recorded as ``init_from``.
-- Float64 eigen form instead of a float32 solve per grid point (the same maths, better conditioned).
+- Float64 algebra up to 20,000 points (the released code solves in float32), and the eigen form for long λ axes.
 - Classes without support (base-to-new) are not a case of the released code: their one-hot target is 0 at every
   support point, so near the support their logit is pulled to 0 and far from it they keep their zero-shot cosine;
   the base class's calibrated stacking applies (``calibrate``).
