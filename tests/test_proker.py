@@ -211,8 +211,9 @@ def test_the_search_picks_what_a_naive_loop_of_fits_picks(data, solver):
 
 def test_memory_refusal_names_the_size_and_the_fallbacks_before_any_work(monkeypatch, data):
     """V·N = 240 points: the refusal gives the estimate in GiB, V and N, and the fallbacks that fit."""
-    need = kernel_memory(240, 120, 20, 8, lambdas=5)
-    assert need == 8 * (5 * 240**2 + 3 * 120 * 240 + 2 * 240 * 20 + 5 * (240 * 20 + 2 * 120 * 20))
+    kernel = kernel_memory(240, 120, 20, 8, lambdas=5)
+    assert kernel == 8 * (5 * 240**2 + 3 * 120 * 240 + 2 * 240 * 20 + 5 * (240 * 20 + 2 * 120 * 20))
+    need = kernel + 8 * 4 * 5  # and the int64 counts of the 4 × 5 grid
     monkeypatch.setattr(proker, "memory_limit", lambda: need - 1)
     monkeypatch.setattr(proker.ProKeR, "_fit", lambda self, b: pytest.fail("_fit ran"))
     with pytest.raises(MethodError) as info:
@@ -228,8 +229,8 @@ def test_memory_refusal_names_the_size_and_the_fallbacks_before_any_work(monkeyp
 
 
 def test_auto_support_falls_back_and_records_it(monkeypatch, data):
-    full = kernel_memory(240, 120, 20, 8, lambdas=5)
-    images = kernel_memory(80, 120, 20, 8, lambdas=5)
+    full = kernel_memory(240, 120, 20, 8, lambdas=5) + 8 * 4 * 5
+    images = kernel_memory(80, 120, 20, 8, lambdas=5) + 8 * 4 * 5
     assert fast(support="auto").fit(data).selected_["support_used"] == "views"
     monkeypatch.setattr(proker, "memory_limit", lambda: full - 1)
     model = fast(support="auto").fit(data)

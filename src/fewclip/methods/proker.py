@@ -56,7 +56,7 @@ from .base import Method
 from .cache import search_step
 from .params import Interval, Optional, Options, Real, SequenceOf, param
 from .registry import register
-from .search import first_argmax, memory_limit
+from .search import first_argmax, human_bytes, memory_limit
 
 #: how the support becomes kernel points: every view (released), one per image, one per class, or the first that fits
 SUPPORTS = ("views", "images", "class-means", "auto")
@@ -240,6 +240,16 @@ class ProKeR(Method):
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
+        if self.selection in ("val", "cv"):
+            nb, nl = (int(v) for v in self.search_step)
+            need, limit = 8 * (nb * nl + nb + nl), memory_limit()  # the counts grid and the grids, before any data
+            if need > limit:
+                default = list(type(self).default_params()["search_step"])
+                raise MethodError(
+                    f"{self.name}: search_step={list(self.search_step)} is a grid of {nb * nl:,} points whose search "
+                    f"would allocate about {human_bytes(need)}, more than this machine's {human_bytes(limit)}; use a "
+                    f"coarser step (fewer points per grid, e.g. the default search_step={default})."
+                )
         for key in ("search_beta", "search_lambda"):
             lo, hi = (float(v) for v in getattr(self, key))
             if lo > hi:
@@ -279,7 +289,8 @@ class ProKeR(Method):
             rows = int(bundle.val_labels.numel()) if self.selection == "val" else int(bundle.num_support)
         lambdas = int(self.search_step[1]) if search else 0
         itemsize = (dtype or self._dtype(points)).itemsize
-        return kernel_memory(points, rows, bundle.num_classes, itemsize, lambdas)
+        grid = 8 * int(self.search_step[0]) * lambdas  # the counts, int64 [B, L]
+        return kernel_memory(points, rows, bundle.num_classes, itemsize, lambdas) + grid
 
     def _memory_limit(self, bundle: Bundle) -> int:
         device = bundle.support_features.device
