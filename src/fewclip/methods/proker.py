@@ -62,8 +62,9 @@ from .search import first_argmax, human_bytes, memory_limit
 SUPPORTS = ("views", "images", "class-means", "auto")
 PRECISIONS = ("auto", "float64", "float32")
 SOLVERS = ("auto", "eigen", "cholesky")
-#: ``solver="auto"`` takes the eigen form from this many λ per β on (one eigendecomposition costs about this many
-#: Cholesky solves of the same size, measured on one CPU thread with N_S = 2,000-8,000: benchmarks/bench_fit.py)
+#: ``solver="auto"`` takes the eigen form from this many λ per β on: one eigendecomposition costs 12 (N_S = 1,600) to
+#: 19 (N_S = 3,200) Cholesky solves of the same size on one CPU thread, and the search per β breaks even at about 10
+#: and 18 λ (``python benchmarks/bench_fit.py --proker --threads 1``)
 EIGEN_MIN_LAMBDAS = 16
 #: ``precision="auto"`` works in float64 up to this many points, float32 above (spec §3.5 P3)
 FLOAT64_MAX_POINTS = 20_000
