@@ -94,7 +94,7 @@ def test_toy_case_by_hand():
 def test_toy_case_through_the_estimator():
     model = M.create("proker", selection="none", init_beta=1.0, init_lambda=1.0).fit(toy_bundle())
     assert model.selected_["support_used"] == "views" and model.selected_["points"] == 3
-    assert model.selected_["init_from"] == "init" and model.selected_["precision"] == "float64"
+    assert model.selected_["init_from"] == "init_beta, init_lambda" and model.selected_["precision"] == "float64"
     logits = model.predict_logits(QUERIES.float())
     assert torch.allclose(logits, torch.tensor(EXPECTED), atol=1e-6)
 
@@ -280,6 +280,7 @@ def test_val_selection_never_reads_test(data):
 def test_cv_sums_the_folds_counts_over_the_grid(data):
     model = fast(selection="cv").fit(data)
     assert model.selection_used_ == "cv" and model.selected_["cv_folds"] == 4
+    assert model.selected_["init_from"] == "init_beta, init_lambda"  # the values cv chose, fixed for the final fit
     train = data.without_test()
     k = cv_fold_count(train.shots_per_class())
     ids = cv_fold_ids(train.support_labels, train.num_classes, k, seed=0)

@@ -357,7 +357,7 @@ class ProKeR(Method):
     def _initial_values(self, bundle: Bundle) -> tuple[float, float, str]:
         """(β, λ) without search and where they came from."""
         if self.init_beta is not None and self.init_lambda is not None:
-            return float(self.init_beta), float(self.init_lambda), "init"
+            return float(self.init_beta), float(self.init_lambda), "init_beta, init_lambda"
         shots = bundle.shots_per_class()
         mean = float(shots[shots > 0].double().mean()) if bool((shots > 0).any()) else 1.0
         k = max([key for key in TRANSFER if key <= mean] or [1])
