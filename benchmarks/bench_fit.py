@@ -5,6 +5,15 @@
     python benchmarks/bench_fit.py --imagenet            # 1,000 classes, 4,000 val, APE's ImageNet grid
     python benchmarks/bench_fit.py --methods ape --classes 200
     python benchmarks/bench_fit.py --methods lp++ clap --dim 512 --threads 1   # LP++ and CLAP at their defaults
+    python benchmarks/bench_fit.py --proker --threads 1  # ProKeR's grid: one factorisation per β vs one per point
+    python benchmarks/bench_fit.py --proker --imagenet   # ImageNet shape: the memory refusal, then the fallback
+
+ProKeR (``--proker``, D 512 and 1024 unless ``--dims``) is timed by its parts on the support points the shape gives:
+building the kernel, one Cholesky solve of K/λ + I (what the released code does per grid point), one
+eigendecomposition (what ``solver="eigen"`` does per β), and the λ axis of the eigen form (one batched product per
+chunk of λ); then the search itself over ``--proker-betas`` β values of the λ axis of 10 and of 100 points, with each
+solver, per β and per grid point, and the whole published grids (20 × 10 and 20 × 100) extrapolated from them. A
+shape whose V·N kernel does not fit in memory prints the method's refusal and runs its ``support="auto"`` fallback.
 
 Each (shape, method) runs in a fresh subprocess, so "peak MB" is that process's maximum resident set size
 (bundle generation included; the bundle's own size is printed for reference). "CPU s" is the process's CPU time
@@ -43,12 +52,14 @@ GRIDS = {
         "tip-adapter": {"search_step": [200, 20]},
         "tip-adapter-f": {"search_step": [200, 20], "epochs": 20},
         "ape-t": {"search_step": [200, 20], "epochs": 20},
+        "proker": {"search_step": [20, 10]},
     },
     "imagenet": {
         "ape": {"preset": "imagenet"},
         "tip-adapter": {"preset": "imagenet"},
         "tip-adapter-f": {"preset": "imagenet"},
         "ape-t": {"preset": "imagenet"},
+        "proker": {"preset": "imagenet"},
     },
 }
 DEFAULT_METHODS = [
@@ -203,6 +214,142 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def _timed(function, *args, repeat: int = 1):
+    """(result, CPU seconds, wall seconds) of the fastest of ``repeat`` calls."""
+    best = None
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = function(*args)
+        spent = (time.process_time() - cpu, time.perf_counter() - wall)
+        best = spent if best is None or spent[0] < best[0] else best
+    return out, best[0], best[1]
+
+
+def proker_worker(args: argparse.Namespace) -> None:
+    """One shape and D: the refusal (if any), the parts, the search per β and per point with each solver."""
+    import torch.nn.functional as F
+
+    from fewclip import methods
+    from fewclip.errors import MethodError
+    from fewclip.features.synthetic import make_synthetic_bundle
+    from fewclip.methods import proker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = make_synthetic_bundle(
+        classes=args.classes,
+        shots=args.shots,
+        dim=args.dim,
+        views=args.views,
+        val_per_class=-(-args.val // args.classes),
+        test_per_class=-(-args.test // args.classes),
+        seed=1,
+        **DATA["hard" if args.hard else "default"],
+    )
+    out: dict = {"dim": args.dim, "refusal": None}
+    params = dict(GRIDS[args.grid]["proker"])
+    preset = params.pop("preset", None)
+    support = args.proker_support
+    try:  # the check fit runs first (the memory estimate), without fitting
+        methods.create("proker", preset=preset, support=support, **params)._check(bundle.without_test())
+    except MethodError as exc:
+        out["refusal"] = str(exc)
+        support = "auto"
+    model = methods.create("proker", preset=preset, support=support, **params)
+    support = model._resolve_support(bundle)
+    points, labels, _ = model._points(bundle, support)
+    dtype = model._dtype(points.shape[0])
+    work = points.to(dtype)
+    residual = proker.residual_targets(work, labels, bundle.text_weights)
+    x = F.normalize(bundle.val_features, dim=-1)
+    base, cosines = (x @ bundle.text_weights.T).to(dtype), x.to(dtype) @ work.T
+    out.update(support=support, points=int(points.shape[0]), dtype=str(dtype).removeprefix("torch."))
+    out["memory_gib"] = model._memory(bundle, points.shape[0]) / 2**30
+    gram, out["kernel_s"], _ = _timed(proker.kernel, work, work, 2.0)
+    _, out["solve_s"], _ = _timed(proker.proker_coefficients, gram, residual, 0.1, repeat=2)
+    (sigma, q), out["eigh_s"], _ = _timed(torch.linalg.eigh, gram)
+    projected, rotated = proker.kernel(x.to(dtype), work, 2.0) @ q, q.T @ residual
+    lambdas = torch.linspace(0.001, 1.0, 100, dtype=torch.float64)
+    filters = proker.eigen_filters(sigma, lambdas[:10])
+    _, product_s, _ = _timed(proker.grid_logits, base, projected, rotated, filters, repeat=2)
+    out["per_lambda_s"] = product_s / 10
+    del gram, q, projected
+    betas = torch.linspace(0.5, 3.0, args.proker_betas, dtype=torch.float64)
+    for solver in ("eigen", "cholesky"):
+        for steps in (10, 100):
+            if solver == "cholesky" and steps == 100 and out["solve_s"] * 100 * args.proker_betas > args.proker_budget:
+                continue  # extrapolated from the 10-point axis below
+            grid = torch.linspace(0.001, 1.0, steps, dtype=torch.float64)
+            _, cpu, wall = _timed(
+                proker.grid_counts, work, residual, cosines, base, bundle.val_labels, betas, grid, proker.count_correct,
+                None, solver,
+            )  # fmt: skip
+            out[f"{solver}_{steps}"] = {"cpu": cpu, "wall": wall, "per_beta": cpu / betas.numel()}
+    if args.proker_fit:
+        fitted = methods.create("proker", preset=preset, support=support, **params)
+        _, out["fit_cpu"], out["fit_s"] = _timed(fitted.fit, bundle)
+        out["search"] = fitted.search_
+        out["val_acc"], out["test_acc"] = fitted.val_accuracy_, fitted.score(bundle.test_features, bundle.test_labels)
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def proker_main(args: argparse.Namespace, rates: dict[str, float]) -> None:
+    print(
+        f"ProKeR: {args.classes} classes x {args.shots} shots x {args.views} views, {args.val} val rows, grid "
+        f"'{args.grid}'; {args.proker_betas} β timed per axis; {args.threads or torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'D':>5s} {'support':>11s} {'N_S':>7s} {'dtype':>7s} {'GiB':>6s} {'solve s':>8s} {'eigh s':>8s} "
+        f"{'eigh/solve':>10s} {'λ ms':>7s} {'eig/β 10λ':>9s} {'chol/β 10λ':>10s} {'eig/β 100λ':>10s} "
+        f"{'chol/β 100λ':>11s} {'20x10 eig':>9s} {'20x10 chol':>10s} {'20x100 eig':>10s} {'20x100 chol':>11s} "
+        f"{'peak MB':>7s}"
+    )
+    rows = []
+    for dim in args.dims:
+        cmd = [sys.executable, __file__, "--proker-worker", "--classes", str(args.classes), "--shots", str(args.shots)]
+        cmd += ["--dim", str(dim), "--views", str(args.views), "--val", str(args.val), "--test", str(args.test)]
+        cmd += ["--grid", args.grid, "--proker-betas", str(args.proker_betas), "--proker-support", args.proker_support]
+        cmd += ["--proker-budget", str(args.proker_budget)] + (["--hard"] if args.hard else [])
+        cmd += ["--proker-fit"] if args.proker_fit else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"D={dim} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if r["refusal"]:
+            print(
+                f"D={dim}, support='{args.proker_support}' refused:\n  {r['refusal']}\n"
+                f"  -> support='auto' runs '{r['support']}'"
+            )
+        e10, c10, e100 = (r[k]["per_beta"] for k in ("eigen_10", "cholesky_10", "eigen_100"))
+        c100 = r["cholesky_100"]["per_beta"] if "cholesky_100" in r else 10 * c10
+        rows.append(
+            f"{dim:5d} {r['support']:>11s} {r['points']:7d} {r['dtype']:>7s} {r['memory_gib']:6.2f} "
+            f"{r['solve_s']:8.3f} {r['eigh_s']:8.3f} {r['eigh_s'] / r['solve_s']:10.1f} "
+            f"{1e3 * r['per_lambda_s']:7.2f} {e10:9.2f} {c10:10.2f} {e100:10.2f} {c100:11.2f} "
+            f"{20 * e10:9.1f} {20 * c10:10.1f} {20 * e100:10.1f} {20 * c100:11.1f} {r['peak_mb']:7.0f}"
+        )
+        s = r.get("search")
+        if s:
+            rows.append(
+                f"      fit with the {args.grid} grid: solver '{s['solver']}', {s['evaluations']} points, "
+                f"{s['factorisations']} factorisations, {r['fit_cpu']:.2f} CPU s ({r['fit_s']:.2f} wall s), peak "
+                f"{r['peak_mb']:.0f} MB; val {r['val_acc']:.1f} %, test {r['test_acc']:.1f} %"
+            )
+    print(header)
+    print("-" * len(header))
+    print("\n".join(rows))
+    print(
+        "CPU seconds. solve: one Cholesky solve of K/λ + I with C right-hand sides (the released code's cost per grid "
+        "point); eigh: one eigendecomposition of K (solver='eigen''s cost per β); λ ms: one λ of the eigen form's "
+        "batched product; eig/β, chol/β: the measured search per β over a λ axis of 10 or 100 points (chol/β 100λ is "
+        "10 × the 10-point one when running it would exceed --proker-budget); 20xL: the published grids' search, "
+        "20 × per β."
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=100)
@@ -227,7 +374,15 @@ def main() -> None:
         help="train the methods that have epochs for this many (a shorter timing run: LP++'s and CLAP's cost per "
         "epoch is constant, so their full run costs default/this times as much)",
     )
+    p.add_argument("--proker", action="store_true", help="ProKeR's grid search: its parts, per β and per grid point")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 1024], help="--proker: the feature dimensions")
+    p.add_argument("--proker-support", default="views", help="--proker: the support policy tried first")
+    p.add_argument("--proker-fit", action="store_true", help="--proker: also time a whole fit with the grid")
+    p.add_argument("--proker-betas", type=int, default=1, help="--proker: β values timed per λ axis")
+    p.add_argument("--proker-budget", type=float, default=120.0, help="--proker: CPU s above which the 100-point "
+                   "Cholesky axis is extrapolated from the 10-point one instead of run")  # fmt: skip
     p.add_argument("--method", help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--proker-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.imagenet:
         args.classes, args.val, args.test, args.grid = 1000, 4000, 10000, "imagenet"
@@ -236,8 +391,14 @@ def main() -> None:
     if args.method:
         worker(args)
         return
+    if args.proker_worker:
+        proker_worker(args)
+        return
 
     rates = measured_rates()
+    if args.proker:
+        proker_main(args, rates)
+        return
     print(
         f"shape: {args.classes} classes x {args.shots} shots, D={args.dim}, V={args.views}, "
         f"{args.val} val, {args.test} test rows; grid '{args.grid}'; data '{'hard' if args.hard else 'default'}'; "

@@ -48,6 +48,7 @@ FAST = {
     "clip-lora": {"iterations": 4, "evaluations": 2, "lr": 1e-2, "batch_size": 4},
     "lp++": {"epochs": 30},
     "clap": {"epochs": 20, "text_norm": 1.0},  # synthetic bundles have no text_norms (that warning: test_lp_clap)
+    "proker": {"search_step": [4, 5]},
 }
 
 

@@ -31,7 +31,12 @@ DEMO_GRIDS = {
     "clip-lora": {"iterations": 12, "lr": 5e-3},  # 500 x K published; kept short so the demo stays within seconds
     "candle": {"epochs": 10},  # 50 published; the demo's 8-way task settles within 10
     "clip-adapter": {"epochs": 20},  # 50 published
+    # one kernel point per image (ProKeR's support="views" costs O((V·N)³) per grid point: 5 CPU s more here)
+    "proker": {"search_step": [10, 5], "support": "images"},
 }
+#: the bundle demo runs every method with its defaults, except those whose defaults take minutes on its 3,200 support
+#: vectors
+BUNDLE_DEMO_PARAMS = {"proker": DEMO_GRIDS["proker"]}
 PRETRAIN_PER_CLASS = 32
 PRETRAIN_STEPS = 30
 PRETRAIN_LR = 1e-3  # generated pretraining images per class, apart from the dataset's own images
@@ -181,7 +186,7 @@ def run_bundle_demo(args: argparse.Namespace) -> int:
         print(f"bundle written to {path} (try: fewclip fit {path} --method ape)")
     results = []
     for name in [m for m in methods.list_methods() if methods.get_class(m).inputs == "features"]:
-        model, res = fit_and_evaluate(bundle, name, None, {}, "val")
+        model, res = fit_and_evaluate(bundle, name, None, BUNDLE_DEMO_PARAMS.get(name, {}), "val")
         results.append(
             {
                 "method": name,

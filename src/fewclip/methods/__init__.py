@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     gda,
     linear_probe,
     lp_plus_plus,
+    proker,
     tip_adapter,
     tip_adapter_f,
     zero_shot,
