@@ -45,6 +45,18 @@ FAST = {
     "candle": {"epochs": 4, "batch_size": 32},
     "linear-probe": {"max_iter": 50},
     "clip-ft": {"scope": "last", "epochs": 2, "lr": 1e-3, "batch_size": 8},
+    # the generic image-method checks have no generated set: FLIER's real-images-only variant (tests/test_flier.py
+    # trains the generated path)
+    "flier": {
+        "blocks": 1,
+        "epochs": 2,
+        "warmup_epochs": 0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "augmentation": "dassl_train",
+        "ema_decay": 0.5,
+        "use_generated": False,
+    },
 }
 
 

@@ -75,7 +75,7 @@ def test_fit_preset_and_readable_output(capsys, bundle_file):
     [
         (
             ["--method", "nope"],
-            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, clip-ft, gda, linear-probe, "
+            "unknown method 'nope'; available: ape, ape-t, candle, clip-adapter, clip-ft, flier, gda, linear-probe, "
             "tip-adapter, tip-adapter-f, zero-shot",
         ),
         (["--method", "ape", "--preset", "mnist"], "unknown preset 'mnist'; valid presets: caltech101"),

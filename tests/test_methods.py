@@ -155,7 +155,7 @@ def test_presets_load_published_values_and_scale_channels(bundle):
 
 def test_unknown_names_list_valid_choices():
     with pytest.raises(
-        MethodError, match="unknown method 'apex'; available: ape, ape-t, candle, clip-adapter, clip-ft, gda"
+        MethodError, match="unknown method 'apex'; available: ape, ape-t, candle, clip-adapter, clip-ft, flier, gda"
     ):
         M.create("apex")
     with pytest.raises(MethodError, match="unknown preset 'mnist'; valid presets: caltech101"):

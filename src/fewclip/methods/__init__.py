@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     candle,
     clip_adapter,
     clip_ft,
+    flier,
     gda,
     linear_probe,
     tip_adapter,
@@ -19,7 +20,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     zero_shot,
 )
 from .base import Method
-from .image import ImageEpisode, ImageMethod
+from .image import ImageEpisode, ImageMethod, generated_for_episode
 from .registry import create, get_class, list_methods, list_presets, preset_params, register
 from .registry import load_model as load
 
@@ -30,6 +31,7 @@ __all__ = [
     "MethodError",
     "NotFittedError",
     "create",
+    "generated_for_episode",
     "get_class",
     "list_methods",
     "list_presets",
