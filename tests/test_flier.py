@@ -95,6 +95,12 @@ def env(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def fitted(env):
+    """FLIER with the FAST settings fitted once on the episode (several tests read it)."""
+    return make().fit(env.episode)
+
+
 def make(**kw):
     return M.create("flier", **{**FAST, **kw})
 
@@ -205,8 +211,8 @@ def test_draw_generated_takes_k_per_class_seeded():
 # --------------------------------------------------------------------------- training
 
 
-def test_flier_trains_both_branches(env):
-    model = make().fit(env.episode)
+def test_flier_trains_both_branches(env, fitted):
+    model = fitted
     base = TrainableBackbone(env.backbone, "all").trainable_state()
     changed = [k for k in base if not torch.equal(base[k], model.encoder_state_[k])]
     # the last block and what follows it trained; earlier blocks, embeddings and the patch embedding did not
@@ -243,8 +249,8 @@ def test_the_latent_branch_learns_a_separable_latent_set(env):
     assert float((g(gen.latents).argmax(1) == gen.labels).float().mean()) > 0.5
 
 
-def test_validation_picks_the_epoch_and_the_weights(env):
-    model = make(epochs=4).fit(env.episode)
+def test_validation_picks_the_epoch_and_the_weights(env, fitted):
+    model = fitted
     scores = [(r["val_accuracy_raw"], r["val_accuracy_ema"]) for r in model.history_]
     epoch, weights, accuracy = select_weights(scores)
     assert (model.best_epoch_, model.weights_, model.val_accuracy_) == (epoch, weights, pytest.approx(accuracy))
@@ -255,14 +261,30 @@ def test_validation_picks_the_epoch_and_the_weights(env):
     assert plain.weights_ == "raw" and all(r["val_accuracy_ema"] is None for r in plain.history_)
 
 
+def test_the_chosen_ema_weights_are_the_ones_kept(env, monkeypatch):
+    import fewclip.methods.flier as flier
+
+    # an EMA that barely moves (decay 1 − 1e-9) stays at the initial weights: pre-trained encoder, text head
+    monkeypatch.setattr(flier, "select_weights", lambda scores: (1, "ema", scores[0][1]))
+    model = make(epochs=1, ema_decay=1 - 1e-9).fit(env.episode)
+    base = TrainableBackbone(env.backbone, "all").trainable_state()
+    assert model.weights_ == "ema"
+    for k, v in base.items():
+        torch.testing.assert_close(model.encoder_state_[k], v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.head_weight_, env.episode.text_weights, rtol=0, atol=1e-6)
+    monkeypatch.setattr(flier, "select_weights", lambda scores: (1, "raw", scores[0][0]))
+    raw = make(epochs=1, ema_decay=1 - 1e-9).fit(env.episode)
+    assert raw.weights_ == "raw" and not torch.equal(raw.head_weight_, model.head_weight_)
+
+
 def test_without_validation_the_last_epoch_raw_weights(env):
     model = make(selection="none").fit(env.episode)
     assert model.best_epoch_ == FAST["epochs"] and model.weights_ == "raw" and model.selection_used_ == "none"
     assert all(r["val_accuracy"] is None for r in model.history_)
 
 
-def test_test_labels_do_not_influence_what_is_selected(env):
-    a = make().fit(env.episode)
+def test_test_labels_do_not_influence_what_is_selected(env, fitted):
+    a = fitted
     test = env.episode.test
     permuted = [replace(item, label=test[(i + 1) % len(test)].label) for i, item in enumerate(test)]
     b = make().fit(replace(env.episode, test=permuted))
@@ -299,8 +321,8 @@ def test_a_class_without_generated_samples_is_named(env):
     assert all(CLASSES[y] in str(p) for p, y in zip(sub.images, sub.labels.tolist()))
 
 
-def test_save_load_keeps_both_branches(env, tmp_path):
-    model = make(epochs=2).fit(env.episode)
+def test_save_load_keeps_both_branches(env, fitted, tmp_path):
+    model = fitted
     back = M.load(model.save(tmp_path / "flier.safetensors"))
     assert back.weights_ == model.weights_ and back.latent_shape_ == [4, 8, 8]
     for k, v in model.latent_state_.items():

@@ -409,7 +409,7 @@ class FLIER(ImageMethod):
         hook = _StepHook(optimizer, rate, trained, ema, float(self.ema_decay))
         augment, plain = model.train_transform(self.augmentation), model.eval_transform()
         unreadable: set[str] = set()
-        latent_loss: dict[int, list[float]] = {}
+        latent_loss: dict[int, list[float]] = {}  # epoch -> [Σ batch loss × rows, rows] of the latent branch
         epoch_now = [0]
 
         def head(features: torch.Tensor) -> torch.Tensor:
@@ -439,7 +439,9 @@ class FLIER(ImageMethod):
             latent_logits = None if latents is None else latent(latents.to(device))
             if latent_logits is not None:
                 part = F.cross_entropy(latent_logits.float(), labels, label_smoothing=float(self.smoothing))
-                latent_loss.setdefault(epoch_now[0], []).extend([float(part.detach()), labels.numel()])
+                sums = latent_loss.setdefault(epoch_now[0], [0.0, 0])
+                sums[0] += float(part.detach()) * labels.numel()
+                sums[1] += labels.numel()
             return flier_loss(
                 clip_logits,
                 labels,
@@ -501,10 +503,8 @@ class FLIER(ImageMethod):
                 p.copy_(result.state[prefix + name])
         for record, (raw, averaged) in zip(result.history, scores):
             record["val_accuracy_raw"], record["val_accuracy_ema"] = raw, averaged
-        for record in result.history:
-            values = latent_loss.get(record["epoch"], [])
-            weighted = sum(values[0::2][i] * values[1::2][i] for i in range(len(values) // 2))
-            count = sum(values[1::2])
+        for record in result.history:  # the latent branch's own CE_ε, row-weighted over the epoch's generated batches
+            weighted, count = latent_loss.get(record["epoch"], (0.0, 0))
             record["latent_loss"] = weighted / count if count else None
 
         self.head_weight_ = head_w.detach().float().cpu().clone()
