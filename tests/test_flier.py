@@ -225,6 +225,7 @@ def test_flier_trains_both_branches(env, fitted):
     assert model.generated_used_ == 6  # K = 2 per class, as the real support
     hp = model.hyperparameters()
     assert hp["generated_images"] == 6 and hp["weights"] in ("raw", "ema") and hp["epoch"] == model.best_epoch_
+    assert hp["latent_encoder"] == "trained jointly"
     # the test path is the CLIP branch alone: 100·n(f)·Wᵀ + b over the fine-tuned encoder's features
     out = extract(model.image_encoder(), env.splits.root, [i.path for i in env.splits.test], progress=False)
     expected = 100 * F.normalize(out.features, dim=-1) @ model.head_weight_.T + model.head_bias_
@@ -235,6 +236,7 @@ def test_released_behaviour_leaves_the_latent_encoder_untouched(env):
     model = make(train_latent_encoder=False, epochs=2).fit(env.episode)
     init = latent_init(model)
     assert all(torch.equal(init[k], model.latent_state_[k]) for k in init)
+    assert model.hyperparameters()["latent_encoder"] == "untrained (the released code's behaviour)"
     assert model.history_[-1]["latent_loss"] is not None  # its loss is still computed, as released
 
 

@@ -524,7 +524,13 @@ class FLIER(ImageMethod):
         self.weights_ = "ema" if chose_ema else "raw"
         self.history_ = result.history
         self.generated_used_ = len(gen_items)
-        listing = "\n".join(sorted(str(generated.images[r]) for r in rows.tolist())) if generated is not None else ""
+        if latent is None:
+            self.latent_encoder_used_ = "none (real images only)"
+        else:
+            trained_g = self.train_latent_encoder
+            self.latent_encoder_used_ = "trained jointly" if trained_g else "untrained (the released code's behaviour)"
+        drawn = [] if generated is None else [Path(generated.images[r]) for r in rows.tolist()]
+        listing = "\n".join(sorted(f"{p.parent.name}/{p.name}" for p in drawn))  # independent of the folder's place
         self.generated_sha256_ = hashlib.sha256(listing.encode("utf-8")).hexdigest() if gen_items else None
         if selecting:
             self._val_accuracy_ = float(result.best_accuracies[0])
@@ -533,7 +539,13 @@ class FLIER(ImageMethod):
                 self._val_accuracy_ = accuracy_now() if val else None
         model.eval()
         self._encoder_ = model.frozen()
-        return {"epoch": best, "weights": self.weights_, "generated_images": self.generated_used_}
+        return {
+            "epoch": best,
+            "weights": self.weights_,
+            "generated_images": self.generated_used_,
+            "generated_drawn_sha256": self.generated_sha256_,
+            "latent_encoder": self.latent_encoder_used_,
+        }
 
     def _init_head(self, data: ImageEpisode, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [C, D], b [C]): the zero-shot text rows and 0, or FT-CLIP's init (trunc-normal std 0.02, × 0.001)."""
