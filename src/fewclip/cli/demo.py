@@ -30,6 +30,16 @@ DEMO_GRIDS = {
     "clip-ft": {"scope": "last", "epochs": 3, "lr": 1e-3},  # the tiny model learns within a few epochs
     "candle": {"epochs": 10},  # 50 published; the demo's 8-way task settles within 10
     "clip-adapter": {"epochs": 20},  # 50 published
+    # the demo has no Stable Diffusion set: FLIER's real-images-only variant (the released "nosd" scripts), short
+    "flier": {
+        "use_generated": False,
+        "blocks": 1,
+        "epochs": 3,
+        "warmup_epochs": 0,
+        "lr": 1e-3,
+        "ema_decay": 0.5,
+        "augmentation": "dassl_train",
+    },
 }
 PRETRAIN_PER_CLASS = 32
 PRETRAIN_STEPS = 30
