@@ -367,6 +367,15 @@ def test_fewclip_run_names_missing_generated_classes(env, tmp_path, capsys):
     assert not (tmp_path / "out/folder").exists() or not list((tmp_path / "out/folder").rglob("shots_*.json"))
 
 
+def test_a_generated_set_no_method_uses_is_not_read_and_says_so(env, tmp_path):
+    from fewclip.errors import DataWarning
+
+    argv = _run_argv(env, tmp_path, "--generated", str(tmp_path / "absent"))
+    argv[argv.index("flier")] = "zero-shot"
+    with pytest.warns(DataWarning, match="none of the methods run .zero-shot. trains on generated images"):
+        assert main([a for a in argv if not a.startswith("--set=flier:")]) == 0
+
+
 @pytest.mark.slow
 def test_fewclip_run_base_to_new_trains_on_base_classes_only(env, tmp_path):
     partial = load_generated_set(env.gen_dir).for_classes(["amber", "azure"])  # the base classes of 3

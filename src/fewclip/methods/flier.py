@@ -409,7 +409,7 @@ class FLIER(ImageMethod):
         hook = _StepHook(optimizer, rate, trained, ema, float(self.ema_decay))
         augment, plain = model.train_transform(self.augmentation), model.eval_transform()
         unreadable: set[str] = set()
-        latent_loss: dict[int, list[float]] = {}  # epoch -> [Σ batch loss × rows, rows] of the latent branch
+        latent_loss: dict[int, list[Any]] = {}  # epoch -> [Σ batch loss × rows (a tensor), rows] of the latent branch
         epoch_now = [0]
 
         def head(features: torch.Tensor) -> torch.Tensor:
@@ -440,7 +440,7 @@ class FLIER(ImageMethod):
             if latent_logits is not None:
                 part = F.cross_entropy(latent_logits.float(), labels, label_smoothing=float(self.smoothing))
                 sums = latent_loss.setdefault(epoch_now[0], [0.0, 0])
-                sums[0] += float(part.detach()) * labels.numel()
+                sums[0] = sums[0] + part.detach() * labels.numel()  # on the device: no sync before backward
                 sums[1] += labels.numel()
             return flier_loss(
                 clip_logits,
@@ -505,7 +505,7 @@ class FLIER(ImageMethod):
             record["val_accuracy_raw"], record["val_accuracy_ema"] = raw, averaged
         for record in result.history:  # the latent branch's own CE_ε, row-weighted over the epoch's generated batches
             weighted, count = latent_loss.get(record["epoch"], (0.0, 0))
-            record["latent_loss"] = weighted / count if count else None
+            record["latent_loss"] = float(weighted) / count if count else None
 
         self.head_weight_ = head_w.detach().float().cpu().clone()
         self.head_bias_ = head_b.detach().float().cpu().clone()

@@ -359,6 +359,13 @@ def load_generated(plan: Plan) -> None:
         if getattr(method, "wants_generated", lambda: False)():
             wanting.append(name)
     if not wanting:
+        if config.data.generated:
+            warnings.warn(
+                f"--generated {config.data.generated}: none of the methods run ({', '.join(plan.methods)}) trains on "
+                "generated images, so the set is not read (flier does).",
+                DataWarning,
+                stacklevel=2,
+            )
         return
     if not config.data.generated:
         raise ResultsError(
