@@ -311,6 +311,16 @@ def test_errors_name_the_fix(env):
         make(blocks=5).fit(env.episode)
 
 
+def test_a_resnet_backbone_is_refused_by_name(env, tmp_path):
+    tiny = save_tiny_openclip(tmp_path / "rn", "resnet", name="fewclip-test-flier-rn", seed=0)
+    spec = BackboneSpec(f"local-dir:{tiny.folder}")
+    backbone = spec.load()
+    text = F.normalize(torch.randn(3, backbone.embed_dim), dim=-1)
+    episode = replace(env.episode, backbone=spec, loaded=backbone, text_weights=text)
+    with pytest.raises(MethodError, match="flier fine-tunes a ViT image tower.*ModifiedResNet.*ViT-B/16"):
+        make().fit(episode)
+
+
 def test_a_class_without_generated_samples_is_named(env):
     loaded = load_generated_set(env.gen_dir)
     partial = loaded.for_classes(["amber", "cobalt"])
