@@ -49,6 +49,18 @@ FAST = {
     "lp++": {"epochs": 30},
     "clap": {"epochs": 20, "text_norm": 1.0},  # synthetic bundles have no text_norms (that warning: test_lp_clap)
     "proker": {"search_step": [4, 5]},
+    # the generic image-method checks have no generated set: FLIER's real-images-only variant (tests/test_flier.py
+    # trains the generated path)
+    "flier": {
+        "blocks": 1,
+        "epochs": 2,
+        "warmup_epochs": 0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "augmentation": "dassl_train",
+        "ema_decay": 0.5,
+        "use_generated": False,
+    },
 }
 
 

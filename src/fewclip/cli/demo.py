@@ -33,6 +33,16 @@ DEMO_GRIDS = {
     "clip-adapter": {"epochs": 20},  # 50 published
     # one kernel point per image (ProKeR's support="views" costs O((V·N)³) per grid point: 5 CPU s more here)
     "proker": {"search_step": [10, 5], "support": "images"},
+    # the demo has no Stable Diffusion set: FLIER's real-images-only variant (the released "nosd" scripts), short
+    "flier": {
+        "use_generated": False,
+        "blocks": 1,
+        "epochs": 3,
+        "warmup_epochs": 0,
+        "lr": 1e-3,
+        "ema_decay": 0.5,
+        "augmentation": "dassl_train",
+    },
 }
 #: the bundle demo runs every method with its defaults, except those whose defaults take minutes on its 3,200 support
 #: vectors

@@ -84,7 +84,7 @@ def sections_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     sections = {
         "data": _given(
             dataset=get("name"), data_root=get("data_root"), path=get("path"), kind_options=kind_options or None,
-            prompts=get("prompts"), sampler=get("sampler"), val_kind=get("val_kind"),
+            prompts=get("prompts"), sampler=get("sampler"), val_kind=get("val_kind"), generated=get("generated"),
         ),
         "backbone": _given(
             model=get("model"), pretrained=get("pretrained"), backend=get("backend"), precision=get("precision"),
@@ -270,6 +270,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--sampler", choices=["dassl", "portable"], help="default: dassl for registered datasets")
     run.add_argument("--val-kind", choices=["fewshot", "full"], help="fewshot (default) or full")
+    run.add_argument(
+        "--generated",
+        metavar="DIR",
+        help="a generated set (fewclip generate: images and their latents) for methods that train on one (flier); "
+        "restricted to each episode's classes with support",
+    )
     add_extraction_arguments(run, defaults=False)
     run.add_argument("--out", default="results", help="results folder (default: results)")
     run.add_argument("--force", action="store_true", help="re-run results that exist already")

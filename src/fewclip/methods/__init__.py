@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     clip_adapter,
     clip_ft,
     clip_lora,
+    flier,
     gda,
     linear_probe,
     lp_plus_plus,
@@ -23,7 +24,7 @@ from . import (  # noqa: F401  (importing a method's module registers it)
     zero_shot,
 )
 from .base import Method
-from .image import ImageEpisode, ImageMethod
+from .image import ImageEpisode, ImageMethod, generated_for_episode
 from .registry import create, get_class, list_methods, list_presets, preset_params, register
 from .registry import load_model as load
 
@@ -34,6 +35,7 @@ __all__ = [
     "MethodError",
     "NotFittedError",
     "create",
+    "generated_for_episode",
     "get_class",
     "list_methods",
     "list_presets",

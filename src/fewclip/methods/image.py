@@ -28,6 +28,7 @@ from ..data import DatasetSplits, Episode, Item
 from ..errors import MethodError
 from ..features.extract import extract, load_image, seeded, view_seed
 from ..features.pipeline import ExtractionOptions
+from ..generation.types import GeneratedSet
 from ..models import Backbone, BackboneSpec, TrainableBackbone
 from .base import Method
 
@@ -45,6 +46,8 @@ class ImageEpisode:
     - ``text_weights`` [C, D]: the zero-shot classifier, one unit row per class of ``episode.classnames``.
     - ``test``: test items (removed in the copy ``fit`` sees); ``exclude``: paths of unreadable images left out.
     - ``options``: batch size, loader workers and progress bars for reading images.
+    - ``generated``: generated images with their latents (FLIER), labels in ``episode.classnames``, only for classes
+      with support (:func:`generated_for_episode`); None when the run has no generated set.
     """
 
     splits: DatasetSplits
@@ -55,6 +58,7 @@ class ImageEpisode:
     loaded: Backbone | None = None
     exclude: frozenset[str] = frozenset()
     options: ExtractionOptions = ExtractionOptions()
+    generated: GeneratedSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +98,23 @@ class ImageEpisode:
         if self.loaded is not None:
             return TrainableBackbone(self.loaded, scope, spec=self.backbone)
         return TrainableBackbone.from_spec(self.backbone, scope)
+
+
+def generated_for_episode(generated: GeneratedSet, episode: Episode) -> GeneratedSet:
+    """``generated`` restricted to the classes of ``episode`` that have support images (base classes only under
+    base-to-new), labelled in ``episode.classnames``. A class with support but no generated sample is an error
+    naming it (:meth:`GeneratedSet.for_classes`)."""
+    supported = sorted({item.label for item in episode.train})
+    names = [episode.classnames[c] for c in supported]
+    subset = generated.for_classes(names)
+    index = torch.tensor(supported, dtype=torch.long)
+    return GeneratedSet(
+        classnames=tuple(episode.classnames),
+        images=subset.images,
+        labels=index[subset.labels] if len(subset) else subset.labels,
+        latents=subset.latents,
+        prompts=subset.prompts,
+    )
 
 
 class _Images(torch.utils.data.Dataset):
@@ -172,6 +193,10 @@ class ImageMethod(Method):
     ``_encoder_``. The head is zero-shot's over the fine-tuned features: 100·n(f)·Wᵀ."""
 
     inputs = "images"
+
+    def wants_generated(self) -> bool:
+        """Whether ``fit`` needs :attr:`ImageEpisode.generated` (FLIER): the runner then loads ``--generated``."""
+        return False
 
     def _check_data(self, data: Any) -> None:
         if not isinstance(data, ImageEpisode):

@@ -54,6 +54,7 @@ class DataConfig:
     prompts: str = "single"
     sampler: str | None = None
     val_kind: str = "fewshot"
+    generated: str | None = None  # a generated set (fewclip generate) for methods that train on it (FLIER)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from ..features.extract import content_hashes, extract
 from ..features.pipeline import FeaturePool, encode_images_once, episode_bundle
 from ..features.store import FeatureStore
 from ..features.text import encode_text_classifier
-from ..methods import ImageEpisode, Method, create, get_class, list_methods, list_presets
+from ..generation.types import INDEX_FOLDER, GeneratedSet, load_generated_set
+from ..methods import ImageEpisode, Method, create, generated_for_episode, get_class, list_methods, list_presets
 from ..methods.registry import preset_key
 from ..models import Backbone
 from ..progress import progress
@@ -120,6 +121,8 @@ class Plan:
     digests: dict[Any, Any] = field(default_factory=dict)  # digests of episodes, test sets, prompts; resolved params
     #: why ``config.methods.selection`` became "cv" without being asked for (None: it was given, or is "val")
     selection_auto: str | None = None
+    generated: GeneratedSet | None = None  # the --generated set, when a method trains on it (FLIER)
+    generated_methods: frozenset[str] = frozenset()  # the methods that train on it
 
     @property
     def folder(self) -> Path:
@@ -311,6 +314,7 @@ def cell_setup(plan: Plan, cell: Cell) -> dict[str, Any]:
         "selection": config.methods.selection,
         "shots": cell.shots,
         "seed": cell.seed,
+        **({"generated_sha256": plan.digests["generated"]} if cell.method in plan.generated_methods else {}),
     }
 
 
@@ -361,7 +365,53 @@ def hash_images(plan: Plan) -> None:
     for name, (preset, params) in plan.methods.items():
         values = create_method(plan.config, plan.protocol, name, preset, params).get_params()
         plan.digests["params", name] = jsonable(values)
+    if plan.generated is not None:
+        plan.digests["generated"] = generated_digest(plan, memo)
     plan.weights = plan.config.backbone.weights_identity()
+
+
+def generated_digest(plan: Plan, memo: Any) -> str:
+    """SHA-256 of the generated set a method trains on: its index and latent shards (bytes) and every image's
+    content hash (through the file-hash memo), so a regenerated or replaced sample changes the results' setup."""
+    folder = Path(str(plan.config.data.generated)).expanduser()
+    hidden = folder / INDEX_FOLDER
+    files = sorted(p for p in hidden.iterdir() if p.is_file() and not p.name.startswith("."))
+    parts = [f"{p.name}\t{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in files]
+    paths = sorted(str(Path(i).relative_to(folder)) for i in plan.generated.images)  # type: ignore[union-attr]
+    shown = plan.config.extraction.progress
+    hashes = content_hashes(folder, paths, memo=memo, progress=shown, desc=f"{folder.name}: hashing generated images")
+    parts += [f"{p}\t{hashes.get(p) or 'unreadable'}" for p in paths]
+    return _digest("\n".join(parts))
+
+
+def load_generated(plan: Plan) -> None:
+    """Load ``--generated`` once when a method trains on it, and check before any image is encoded that every
+    episode's classes with support have generated samples (an error names the missing classes)."""
+    config = plan.config
+    wanting = []
+    for name, (preset, params) in plan.methods.items():
+        method = create_method(config, plan.protocol, name, preset, params)
+        if getattr(method, "wants_generated", lambda: False)():
+            wanting.append(name)
+    if not wanting:
+        if config.data.generated:
+            warnings.warn(
+                f"--generated {config.data.generated}: none of the methods run ({', '.join(plan.methods)}) trains on "
+                "generated images, so the set is not read (flier does).",
+                DataWarning,
+                stacklevel=2,
+            )
+        return
+    if not config.data.generated:
+        raise ResultsError(
+            f"{', '.join(wanting)} trains on generated images: pass --generated DIR (a set made by fewclip generate; "
+            f"[data] generated in a TOML file), or --set {wanting[0]}:use_generated=false to train on the real images "
+            "only."
+        )
+    plan.generated = load_generated_set(config.data.generated)
+    plan.generated_methods = frozenset(wanting)
+    for episode in plan.episodes.values():
+        generated_for_episode(plan.generated, episode)
 
 
 def known_hashes(plan: Plan, root: str | Path) -> dict[str, str]:
@@ -410,6 +460,7 @@ def plan(config: RunConfig, out_dir: str | Path) -> Plan:
     for k in shots:
         for seed in seeds:
             result.episodes[k, seed] = protocol.episode(splits, k, seed, sampler=data.sampler, val_kind=data.val_kind)
+    load_generated(result)
     hash_images(result)
     for k in shots:
         for seed in seeds:
@@ -635,7 +686,7 @@ def fit_and_score(
         model, fit_seconds, fallback = fitted[key]
     else:
         model = create_method(plan.config, protocol, cell.method, preset, params)
-        fit_data = image_episode(plan, data, features) if images else data.bundle
+        fit_data = image_episode(plan, data, features, cell.method) if images else data.bundle
         fallback = cv_fallback(model, fit_data) if plan.selection_auto is not None else None
         if fallback is not None:  # an automatic "cv" this method cannot run: what it does without validation
             model.selection = "none"
@@ -696,9 +747,13 @@ def fit_and_score(
     return result, predicted, truth, list(names)
 
 
-def image_episode(plan: Plan, data: CellData, features: Features) -> ImageEpisode:
+def image_episode(plan: Plan, data: CellData, features: Features, method: str | None = None) -> ImageEpisode:
     """What an image method is fitted on, for one cell: the episode's images, the backbone (already loaded in this
-    process), the cell's text rows, the images the extraction stage found unreadable left out."""
+    process), the cell's text rows, the images the extraction stage found unreadable left out, and, for a method
+    that trains on them, the generated samples of the episode's classes with support."""
+    generated = None
+    if plan.generated is not None and method in plan.generated_methods:
+        generated = generated_for_episode(plan.generated, data.episode)
     return ImageEpisode(
         splits=plan.splits,
         episode=data.episode,
@@ -707,6 +762,7 @@ def image_episode(plan: Plan, data: CellData, features: Features) -> ImageEpisod
         loaded=features.backbone,
         exclude=frozenset(features.pool.bad_paths()),
         options=plan.config.extraction,
+        generated=generated,
     )
 
 
