@@ -12,7 +12,7 @@ import torch
 import fewclip.methods as M
 from fewclip.features.synthetic import make_synthetic_bundle
 from fewclip.methods.registry import load_model
-from fewclip.methods.temperature import confidence_floor, fit_temperature, nll
+from fewclip.methods.temperature import confidence_floor, fit_temperature, logit_scale, nll
 from fewclip.metrics import expected_calibration_error
 
 
@@ -36,8 +36,12 @@ def test_fit_temperature_recovers_a_known_temperature_and_lowers_held_out_nll():
 def test_fit_temperature_edge_cases():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
     assert fit_temperature(torch.ones(5, 3), torch.zeros(5, dtype=torch.long)) == 1.0  # no signal at all
-    # perfectly separated rows: the NLL keeps falling as T → 0, so the maximum-likelihood T stops at its lower bound
-    assert fit_temperature(torch.eye(3), torch.arange(3), floor=False) == pytest.approx(1e-3)
+    # perfectly separated rows: the NLL keeps falling as T → 0, so the maximum-likelihood T stops at its lower bound,
+    # 1e-3 times the logits' scale (the std of the row-centred eye(3): √(2/9))
+    assert logit_scale(torch.eye(3)) == pytest.approx(math.sqrt(2 / 9))
+    assert fit_temperature(torch.eye(3), torch.arange(3), floor=False) == pytest.approx(
+        1e-3 * math.sqrt(2 / 9), rel=1e-3
+    )
     true, labels = sample(500, 2)
     assert fit_temperature(true, labels) == fit_temperature(true, labels)  # deterministic
 
@@ -121,3 +125,19 @@ def test_save_load_keeps_the_temperature(data, tmp_path):
     back = load_model(model.save(tmp_path / "m.safetensors"))
     assert back.temperature_ == model.temperature_ and back.temperature_fit_ == model.temperature_fit_
     assert torch.equal(back.predict_proba(data.test_features), model.predict_proba(data.test_features))
+
+
+def test_the_temperature_follows_the_logits_scale():
+    """Bounds relative to the logits' scale: T(s · z) = s · T(z) (to the 4 digits kept), so logits of a probe at a
+    tiny C are calibrated like any other instead of stopping at an absolute bound."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    logits = torch.randn(200, 5, generator=g) * 2.0
+    logits[torch.arange(200), labels] += 2.5  # informative but not separable: the NLL optimum is inside the bounds
+    base = fit_temperature(logits, labels)
+    for s in (1e-7, 1e-3, 1e4):
+        assert fit_temperature(logits * s, labels) == pytest.approx(base * s, rel=1e-3)
+    # a separable tiny-scale case keeps probabilities off one-hot through the (relative) floor
+    tiny = torch.eye(3)[[0, 1, 2]] * 1e-6
+    t = fit_temperature(tiny, torch.arange(3))
+    assert t == pytest.approx(1e-6 / math.log(8), rel=1e-3)

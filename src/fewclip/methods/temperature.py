@@ -22,8 +22,10 @@ import torch
 
 from ..metrics import expected_calibration_error
 
-#: bounds of the fitted temperature: logits separating the rows perfectly push T towards 0, ones carrying no signal
-#: towards ∞; either stops at a bound.
+#: bounds of the fitted temperature, relative to the logits' own scale (:func:`logit_scale`): logits separating the
+#: rows perfectly push T towards 0, ones carrying no signal towards ∞; either stops at a bound. Relative, so that a
+#: method whose logits are tiny (a linear probe at C = 1e-7) or huge is calibrated like any other: the fitted T is
+#: equivariant, T(s · logits) = s · T(logits).
 T_MIN, T_MAX = 1e-3, 1e3
 _STEPS = 80
 #: bisection steps of the floor: log T within [log T_MIN, log T_MAX] to 14/2^40, far below the 4 digits kept
@@ -40,20 +42,32 @@ def _mean_confidence(logits: torch.Tensor, temperature: float) -> float:
     return float(torch.softmax(logits / temperature, dim=1).max(dim=1).values.mean())
 
 
+def logit_scale(logits: torch.Tensor) -> float:
+    """The logits' scale: the standard deviation of the row-centred logits (1.0 when they are all equal, or none)."""
+    z = logits.detach().double().cpu()
+    if z.numel() == 0:
+        return 1.0
+    spread = float((z - z.mean(dim=1, keepdim=True)).std(correction=0))
+    return spread if math.isfinite(spread) and spread > 0.0 else 1.0
+
+
 def confidence_floor(logits: torch.Tensor) -> float:
-    """The smallest T in [T_MIN, T_MAX] at which the mean top probability of softmax(``logits`` / T) over the M rows
-    is at most (M + 1)/(M + 2) (the rule of succession's accuracy for M rows all right); T_MIN when even T_MIN keeps
-    it below. The mean top probability falls as T grows, so the floor is found by bisection on log T."""
+    """The smallest T in [T_MIN, T_MAX] · :func:`logit_scale` at which the mean top probability of
+    softmax(``logits`` / T) over the M rows is at most (M + 1)/(M + 2) (the rule of succession's accuracy for M rows
+    all right); the lower bound when even that keeps it below. The mean top probability falls as T grows, so the
+    floor is found by bisection on log T."""
     z = logits.detach().double().cpu()
     m = z.shape[0]
+    scale = logit_scale(z)
+    t_min, t_max = T_MIN * scale, T_MAX * scale
     if m == 0 or z.shape[1] < 2:
-        return T_MIN
+        return t_min
     target = (m + 1) / (m + 2)
-    lo, hi = math.log(T_MIN), math.log(T_MAX)
-    if _mean_confidence(z, T_MIN) <= target:
-        return T_MIN
-    if _mean_confidence(z, T_MAX) > target:
-        return T_MAX
+    lo, hi = math.log(t_min), math.log(t_max)
+    if _mean_confidence(z, t_min) <= target:
+        return t_min
+    if _mean_confidence(z, t_max) > target:
+        return t_max
     for _ in range(_FLOOR_STEPS):
         mid = 0.5 * (lo + hi)
         if _mean_confidence(z, math.exp(mid)) > target:
@@ -64,10 +78,10 @@ def confidence_floor(logits: torch.Tensor) -> float:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, floor: bool = True) -> float:
-    """The temperature T in [T_MIN, T_MAX] minimising the NLL of softmax(logits / T) for ``logits`` [M, C] and
-    ``labels`` [M], and (``floor``) at least :func:`confidence_floor`; 1.0 without rows or when the logits do not
-    depend on the class (every T is as good). Rounded to 4 significant digits: finer digits carry no calibration and
-    would follow the float32 rounding of the logits (a permuted support set must record the same T)."""
+    """The temperature T in [T_MIN, T_MAX] · :func:`logit_scale` minimising the NLL of softmax(logits / T) for
+    ``logits`` [M, C] and ``labels`` [M], and (``floor``) at least :func:`confidence_floor`; 1.0 without rows or when
+    the logits do not depend on the class (every T is as good). Rounded to 4 significant digits: finer digits carry no
+    calibration and would follow the float32 rounding of the logits (a permuted support set must record the same T)."""
     t = _nll_temperature(logits, labels)
     if floor and labels.numel():
         t = max(t, confidence_floor(logits))
@@ -83,11 +97,12 @@ def _nll_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     y = labels.detach().long().cpu()
     if float(z.abs().max()) == 0.0:
         return 1.0
-    lo, hi = -math.log(T_MAX), -math.log(T_MIN)  # log β
+    scale = logit_scale(z)
+    lo, hi = -math.log(T_MAX * scale), -math.log(T_MIN * scale)  # log β
     if _nll_slope(z, y, math.exp(lo)) >= 0.0:
-        return T_MAX
+        return T_MAX * scale
     if _nll_slope(z, y, math.exp(hi)) <= 0.0:
-        return T_MIN
+        return T_MIN * scale
     for _ in range(_STEPS):
         mid = 0.5 * (lo + hi)
         if _nll_slope(z, y, math.exp(mid)) < 0.0:
