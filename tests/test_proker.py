@@ -23,6 +23,7 @@ from fewclip.methods.cv import cv_fold_count, cv_fold_ids, fold_bundle
 from fewclip.methods.proker import (
     TRANSFER,
     eigen_filters,
+    eigen_pays,
     grid_counts,
     grid_logits,
     kernel,
@@ -163,6 +164,14 @@ def test_eigen_form_equals_a_direct_solve(beta):
         assert torch.allclose(q @ (filters[l, :, None] * rotated), direct, atol=1e-10)
         assert torch.allclose(proker_coefficients(gram, residual, lam), direct, atol=1e-10)
         assert torch.allclose(batched[l], base + kernel(queries, points, beta) @ direct, atol=1e-10)
+
+
+def test_auto_solver_takes_the_eigen_form_for_long_lambda_axes(data):
+    assert not eigen_pays(10, 1600) and eigen_pays(16, 1600) and eigen_pays(100, 16000)
+    assert not eigen_pays(20, 8000) and eigen_pays(27, 8000)  # measured break-even about 25 λ at 8,000 points
+    assert fast(search_step=[2, 5]).fit(data).search_["solver"] == "cholesky"
+    long = fast(search_step=[2, 16]).fit(data)
+    assert long.search_["solver"] == "eigen" and long.search_["factorisations"] == 2
 
 
 @pytest.mark.parametrize("solver", ["eigen", "cholesky"])

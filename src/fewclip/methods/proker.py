@@ -16,9 +16,9 @@ Selection (β, λ) on the validation split: the released grid search, β outer a
 Per β one eigendecomposition K = QΣQᵀ (float64 up to :data:`FLOAT64_MAX_POINTS` points), after which every λ is
 A(λ) = Q diag(λ/(σ + λ)) Qᵀ R and the validation logits of a whole chunk of λ are one batched product
 Z₀ + (k(X, S) Q) diag(λ/(σ + λ)) (Qᵀ R): the λ axis costs matrix products, not solves. An eigendecomposition costs
-as much as about :data:`EIGEN_MIN_LAMBDAS` Cholesky solves of the same size, so for a short λ axis (the released
-grids have 5, 10, 20 or 100 points) ``solver="auto"`` solves per point instead, as released; both give the same
-counts. The final A is one Cholesky solve of the well-conditioned K/λ + I (eigenvalues ≥ 1), as with
+as much as 12-25 Cholesky solves of the same size on a CPU (more as N_S grows), so for a short λ axis (the released
+grids have 5, 10, 20 or 100 points) ``solver="auto"`` solves per point instead, as released (:func:`eigen_pays`);
+both give the same counts. The final A is one Cholesky solve of the well-conditioned K/λ + I (eigenvalues ≥ 1), as with
 ``selection="none"``.
 
 Memory is O(N_S²): the fit refuses, with its estimate, data whose kernel would not fit in memory, and names the
@@ -62,10 +62,19 @@ from .search import first_argmax, human_bytes, memory_limit
 SUPPORTS = ("views", "images", "class-means", "auto")
 PRECISIONS = ("auto", "float64", "float32")
 SOLVERS = ("auto", "eigen", "cholesky")
-#: ``solver="auto"`` takes the eigen form from this many λ per β on: one eigendecomposition costs 12 (N_S = 1,600) to
-#: 19 (N_S = 3,200) Cholesky solves of the same size on one CPU thread, and the search per β breaks even at about 10
-#: and 18 λ (``python benchmarks/bench_fit.py --proker --threads 1``)
+#: ``solver="auto"`` takes the eigen form from max(16, 0.3·√N_S) λ per β on: one eigendecomposition costs 12, 19 and
+#: 25 Cholesky solves of the same size at N_S = 1,600, 3,200 and 8,000 (one CPU thread), and the search per β breaks
+#: even at about 10, 18 and 25 λ (``python benchmarks/bench_fit.py --proker --threads 1``)
 EIGEN_MIN_LAMBDAS = 16
+EIGEN_LAMBDAS_PER_ROOT_POINT = 0.3
+
+
+def eigen_pays(lambdas: int, points: int) -> bool:
+    """Whether one eigendecomposition per β costs less than ``lambdas`` Cholesky solves of ``points`` points (the
+    ratio grows about as √N_S on a CPU: see :data:`EIGEN_MIN_LAMBDAS`)."""
+    return lambdas >= max(EIGEN_MIN_LAMBDAS, round(EIGEN_LAMBDAS_PER_ROOT_POINT * points**0.5))
+
+
 #: ``precision="auto"`` works in float64 up to this many points, float32 above (spec §3.5 P3)
 FLOAT64_MAX_POINTS = 20_000
 #: the released per-shot (β, λ) of ``configs/RN50/configs_proker/hyperparameters.json`` ("pre-computed hps and averaged
@@ -236,7 +245,7 @@ class ProKeR(Method):
         Options(SOLVERS),
         doc="how the grid is searched: 'eigen' one eigendecomposition per β, then every λ is a matrix product; "
         "'cholesky' one Cholesky solve per (β, λ), as released; 'auto' eigen from "
-        f"{EIGEN_MIN_LAMBDAS} λ values on (the two give the same counts)",
+        f"max({EIGEN_MIN_LAMBDAS}, {EIGEN_LAMBDAS_PER_ROOT_POINT}·√points) λ values on (the two give the same counts)",
     )
 
     # ------------------------------------------------------------------ checks
@@ -406,7 +415,7 @@ class ProKeR(Method):
 
         solver = self.solver
         if solver == "auto":
-            solver = "eigen" if lambdas.numel() >= EIGEN_MIN_LAMBDAS else "cholesky"
+            solver = "eigen" if eigen_pays(lambdas.numel(), work.shape[0]) else "cholesky"
         score = calibrated if calibrating else count_correct
         with progress(betas.numel(), f"{self.name} search", "β", leave=False) as bar:
             counts = grid_counts(work, residual, cosines, base, labels, betas, lambdas, score, bar, solver)
