@@ -32,7 +32,7 @@ from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols.deploy import load_classifier
 from fewclip.protocols.results import read_predictions, read_result
-from fewclip.protocols.runner import default_selection
+from fewclip.protocols.runner import cv_fallback, default_selection
 
 ADAPTERS = ["candle", "clip-adapter", "tip-adapter-f", "ape-t"]
 
@@ -213,6 +213,17 @@ def splits_with(source: str, val: bool, standard: bool = False):
     )  # fmt: skip
 
 
+def test_automatic_cv_falls_back_at_one_shot_and_runs_from_two():
+    """At K = 1 every fold holds out some classes' only support image, so an automatic cv would choose for classes
+    without support: the method keeps its initial values, with the reason; from K = 2 (leave one out per class) it
+    cross-validates. A method without a choice never falls back."""
+    one = make_synthetic_bundle(classes=5, shots=1, dim=16, views=2, seed=0)
+    two = make_synthetic_bundle(classes=5, shots=2, dim=16, views=2, seed=0)
+    assert "1 support image" in cv_fallback(M.create("tip-adapter"), one)
+    assert cv_fallback(M.create("tip-adapter"), two) is None
+    assert cv_fallback(M.create("zero-shot"), one) is None
+
+
 def test_default_selection_is_cv_only_without_a_validation_split_of_ones_own():
     generated = splits_with("generated 50/20/30 per class, seed 1", val=True)
     assert default_selection("folder", generated)[0] == "cv"
@@ -260,6 +271,8 @@ def test_auto_cv_on_a_folder_records_cv_in_every_result_and_falls_back_per_metho
             assert r["selection_used"] == "none" and fallback is None  # nothing to select
         elif method == "clip-ft" or (method == "linear-probe" and shots == 1):
             assert r["selection_used"] == "none" and "selection='cv'" in fallback
+        elif shots == 1:  # folds would hold out classes' only support image: the initial values, recorded
+            assert r["selection_used"] == "none" and "1 support image" in fallback
         else:
             assert r["selection_used"] == "cv" and fallback is None and r["selected"]["cv_folds"] == 2
     assert "K ≥ 2" in shop.results["linear-probe", 1][1]["selection_fallback"]

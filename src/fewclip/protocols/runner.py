@@ -202,6 +202,15 @@ def cv_fallback(model: Method, data: Any) -> str | None:
         model._check_cv(data)
     except MethodError as exc:
         return str(exc)
+    shots = data.shots_per_class()
+    if bool((shots > 0).any()) and int(shots[shots > 0].min()) < 2:
+        # every fold would hold out some classes' only support image, so the folds would choose values for classes
+        # without support (a cache or kernel term switched off), not for the K-shot model that is fitted afterwards
+        return (
+            f"{model.name}: a class has 1 support image, so every cross-validation fold would hold out its only one "
+            "and choose for classes without support; the method keeps its initial values (selection 'none'). An "
+            "explicit --selection cv still cross-validates."
+        )
     return None
 
 
