@@ -223,5 +223,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the cells, what is cached and what would be encoded")
     r.add_argument("--force", action="store_true", help="re-run cells that have results already")
     r.add_argument("--wait", action="store_true", help="wait for another run writing into the same folders")
-    r.add_argument("--save-models", action="store_true", help="a classifier file beside each feature method's result")
+    r.add_argument(
+        "--save-models", action="store_true", help="a classifier file beside each method's result (for fewclip predict)"
+    )
     p.set_defaults(func=cmd_sweep)
