@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from ..data import Item, fill_template
 from ..errors import MethodError
-from ..features.extract import load_image, seeded, view_seed
 from ..features.pipeline import ExtractionOptions
 from ..models import AUGMENT_PRESETS, Backbone, BackboneSpec
 from ..models.lora import (
@@ -57,7 +56,7 @@ from ..models.lora import (
     training_copy,
 )
 from ..models.trainable import state_sha256
-from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, _collate, _Images, image_batches
+from .image import LOGIT_SCALE, ImageEpisode, ImageItems, ImageMethod, checked_batches, collate_images, image_batches
 from .params import Constraint, Integral, Interval, Optional, Options, Real, param
 from .registry import register
 from .training import BATCH_SIZE, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -121,18 +120,12 @@ def support_schedule(num: int, batch_size: int, total: int, generator: torch.Gen
     return out  # pragma: no cover - the loop returns
 
 
-class _SupportViews(_Images):
+class _SupportViews(ImageItems):
     """Support image i under augmentation draw d, for the key (i, d); a failure returned, not raised."""
 
     def __getitem__(self, key: tuple[int, int]):  # type: ignore[override]
         index, draw = key
-        item = self.items[index]
-        try:
-            image = load_image(self.root / item.path)
-            with seeded(view_seed(int(self.seed), item.path, draw)):
-                return self.transform(image), item.label, item.path, None
-        except Exception as exc:  # any decoding or transform failure marks the image unreadable
-            return None, item.label, item.path, f"{type(exc).__name__}: {exc}"
+        return self.read(self.items[index], draw)
 
 
 def loader_workers(requested: int | None, device: torch.device, images: int) -> int:
@@ -163,17 +156,9 @@ def support_batches(
         _SupportViews(root, items, transform, seed),
         batch_sampler=keys,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
     )
-    for images, labels, bad in loader:
-        if bad and not options.skip_bad_images:
-            path, error = bad[0]
-            raise MethodError(
-                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
-            )
-        unreadable.update(path for path, _ in bad)
-        if images is not None:
-            yield images, labels
+    yield from checked_batches(loader, root, options, unreadable)
 
 
 @register("clip-lora")
