@@ -56,7 +56,16 @@ from ..models.lora import (
     training_copy,
 )
 from ..models.trainable import state_sha256
-from .image import LOGIT_SCALE, ImageEpisode, ImageItems, ImageMethod, checked_batches, collate_images, image_batches
+from .image import (
+    LOGIT_SCALE,
+    ImageEpisode,
+    ImageItems,
+    ImageMethod,
+    checked_batches,
+    collate_images,
+    image_batches,
+    readable_accuracy,
+)
 from .params import Constraint, Integral, Interval, Optional, Options, Real, param
 from .registry import register
 from .training import BATCH_SIZE, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -259,11 +268,10 @@ class CLIPLoRA(ImageMethod):
         def val_accuracy() -> float:
             set_lora_training(model, False)
             text = fixed_text if fixed_text is not None else text_features()
-            hits = 0
-            for images, labels in image_batches(root, val, plain, val_options, 128, unreadable=unreadable):
-                hits += int(((image_features(images) @ text.T).argmax(1).cpu() == labels).sum())
+            batches = image_batches(root, val, plain, val_options, 128, unreadable=unreadable)
+            accuracy = readable_accuracy(batches, lambda images: image_features(images) @ text.T, val, unreadable)
             set_lora_training(model, True)
-            return 100.0 * hits / max(1, len(val) - len(unreadable.intersection(i.path for i in val)))
+            return accuracy
 
         optimizer = adamw(list(params.values()), lr=float(self.lr), weight_decay=float(self.weight_decay))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=float(self.eta_min))

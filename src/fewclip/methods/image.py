@@ -204,6 +204,21 @@ def image_batches(
     yield from checked_batches(loader, root, options, unreadable)
 
 
+def readable_accuracy(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    items: Sequence[Item],
+    unreadable: set[str],
+) -> float:
+    """Top-1 accuracy (%) of ``predict`` (images → scores [B, C]) over ``batches``, the (images, labels) of ``items``
+    as :func:`image_batches` reads them with ``unreadable``: the hits over the items that could be read (an image
+    left out, recorded in ``unreadable`` while reading, counts neither way; 0 when none could be)."""
+    hits = 0
+    for images, labels in batches:
+        hits += int((predict(images).argmax(1).cpu() == labels).sum())
+    return 100.0 * hits / max(1, len(items) - len(unreadable.intersection(i.path for i in items)))
+
+
 class ImageMethod(Method):
     """Base of the methods fitted on images. A subclass implements ``_fit(episode: ImageEpisode)``, which sets
     ``text_`` (the head's text rows), ``encoder_state_`` (the fine-tuned trainable parameters), ``encoder_scope_``,
