@@ -335,15 +335,7 @@ class CLIPLoRA(ImageMethod):
             return backbone
         return merged_backbone(backbone, self.encoder_state_, {"scope": SCOPE, "sha256": self.encoder_sha256_})
 
-    def image_encoder(self, device: str | torch.device | None = None) -> Backbone:
+    def _build_encoder(self, spec: BackboneSpec) -> Backbone:
         """The image encoder with the merged LoRA weights, a plain inference :class:`~fewclip.models.Backbone`
-        (rebuilt from the spec and ``encoder_state_`` after :func:`~fewclip.methods.load`), on ``device``."""
-        self._check_fitted()
-        cached = getattr(self, "_encoder_", None)
-        if cached is not None and (device is None or torch.device(device) == cached.device):
-            return cached
-        spec = BackboneSpec.from_dict(self.backbone_spec_)
-        if device is not None:
-            spec = dataclasses.replace(spec, device=str(device))
-        self._encoder_ = self._merged(spec.load())
-        return self._encoder_
+        (the backbone of ``spec`` with ``encoder_state_``; no LoRA code path)."""
+        return self._merged(spec.load())

@@ -281,6 +281,11 @@ class ImageMethod(Method):
         spec = BackboneSpec.from_dict(self.backbone_spec_)
         if device is not None:
             spec = dataclasses.replace(spec, device=str(device))
-        encoder = TrainableBackbone.from_spec(spec, self.encoder_scope_, state=self.encoder_state_).frozen()
+        encoder = self._build_encoder(spec)
         self._encoder_ = encoder
         return encoder
+
+    def _build_encoder(self, spec: BackboneSpec) -> Backbone:
+        """The fine-tuned encoder built from ``spec`` and the fitted state (:meth:`image_encoder` caches it): the
+        pre-trained backbone with ``encoder_state_`` loaded into its trainable ``encoder_scope_``, frozen."""
+        return TrainableBackbone.from_spec(spec, self.encoder_scope_, state=self.encoder_state_).frozen()
