@@ -138,17 +138,11 @@ def cost_model(method: str, model, bundle) -> dict[str, float] | None:
     return None
 
 
-def worker(args: argparse.Namespace) -> None:
-    from fewclip import methods
+def synthetic_bundle(args: argparse.Namespace):
+    """The benchmark's synthetic bundle for ``args`` (val and test sizes rounded up to whole rows per class)."""
     from fewclip.features.synthetic import make_synthetic_bundle
-    from fewclip.methods import cache as cache_module
-    from fewclip.methods import gda as gda_module
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    # val and test sizes are rounded up to whole rows per class
-    bundle = make_synthetic_bundle(
+    return make_synthetic_bundle(
         classes=args.classes,
         shots=args.shots,
         dim=args.dim,
@@ -158,6 +152,18 @@ def worker(args: argparse.Namespace) -> None:
         seed=1,
         **DATA["hard" if args.hard else "default"],
     )
+
+
+def worker(args: argparse.Namespace) -> None:
+    from fewclip import methods
+    from fewclip.features import synthetic  # noqa: F401  (imported before gen_s starts)
+    from fewclip.methods import cache as cache_module
+    from fewclip.methods import gda as gda_module
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    bundle = synthetic_bundle(args)
     if args.method == "clap":  # synthetic bundles have no raw text norms; the timing does not depend on them
         bundle = replace(bundle, text_norms=torch.ones(bundle.num_classes))
     gen_s = time.perf_counter() - t0
@@ -231,21 +237,11 @@ def proker_worker(args: argparse.Namespace) -> None:
 
     from fewclip import methods
     from fewclip.errors import MethodError
-    from fewclip.features.synthetic import make_synthetic_bundle
     from fewclip.methods import proker
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle = make_synthetic_bundle(
-        classes=args.classes,
-        shots=args.shots,
-        dim=args.dim,
-        views=args.views,
-        val_per_class=-(-args.val // args.classes),
-        test_per_class=-(-args.test // args.classes),
-        seed=1,
-        **DATA["hard" if args.hard else "default"],
-    )
+    bundle = synthetic_bundle(args)
     out: dict = {"dim": args.dim, "refusal": None}
     params = dict(GRIDS[args.grid]["proker"])
     preset = params.pop("preset", None)

@@ -184,3 +184,20 @@ def test_an_unreadable_support_image_is_named_or_skipped_and_recorded(env, tmp_p
         make("clip-ft").fit(episode)
     model = make("clip-ft").fit(replace(episode, options=ExtractionOptions(skip_bad_images=True)))
     assert model.skipped_images_ == [broken] and model.best_epoch_ >= 1
+
+
+def test_readable_accuracy_counts_only_the_images_that_could_be_read():
+    """4 items, one unreadable (recorded while reading): 2 hits of 3 readable = 66.7 %, not 2 of 4."""
+    from fewclip.data import Item
+    from fewclip.methods.image import readable_accuracy
+
+    items = [Item(f"{i}.png", y, "") for i, y in enumerate([0, 1, 1, 0])]
+    unreadable: set[str] = set()
+
+    def batches():  # what image_batches yields: item 2 left out, its path recorded
+        yield torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 1])  # items 0 (miss) and 1 (hit)
+        unreadable.add("2.png")
+        yield torch.tensor([[1.0, 0.0]]), torch.tensor([0])  # item 3 (hit)
+
+    assert readable_accuracy(batches(), lambda scores: scores, items, unreadable) == pytest.approx(200 / 3)
+    assert readable_accuracy(iter([]), lambda scores: scores, [], set()) == 0.0

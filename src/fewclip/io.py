@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tomllib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,18 @@ def default_cache_dir() -> Path:
     """``$FEWCLIP_CACHE`` or ``~/.cache/fewclip``: features, converted checkpoints."""
     env = os.environ.get("FEWCLIP_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fewclip"
+
+
+def read_toml(path: str | os.PathLike, *, what: str, error: type[FewclipError]) -> dict[str, Any]:
+    """The top-level table of a TOML file. A missing file or one that is not valid UTF-8 TOML raises ``error``
+    naming the file (and the parser's message); ``what`` ("sweep", "configuration", ...) names the kind of file."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not a valid TOML file ({exc}).") from None
 
 
 def read_safetensors(

@@ -97,9 +97,7 @@ def sweep_sections(args: argparse.Namespace) -> dict[str, Any]:
 
 def grid_from_args(args: argparse.Namespace):
     """The :class:`~fewclip.protocols.sweep.SweepConfig` of ``--config`` (if given) with the options over it."""
-    import tomllib
-    from pathlib import Path
-
+    from ..io import read_toml
     from ..protocols.config import merge_sections
     from ..protocols.sweep import SweepConfig
 
@@ -109,12 +107,7 @@ def grid_from_args(args: argparse.Namespace):
     where = "the command line"
     if args.config:
         where = args.config
-        try:
-            base = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CLIError(f"{args.config}: no such sweep file.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise CLIError(f"{args.config}: not a valid TOML file ({exc}).") from None
+        base = read_toml(args.config, what="sweep", error=CLIError)
         if "backbones" in sections:  # --model replaces the file's backbones
             base = {k: v for k, v in base.items() if k not in ("backbone", "backbones")}
         if "datasets" in sections.get("data", {}) and isinstance(base.get("data"), dict):

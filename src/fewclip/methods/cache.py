@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import MethodError
 from ..features.bundle import Bundle
 from ..progress import progress
 from .base import Method
@@ -24,9 +23,9 @@ from .search import (
     ClassLayout,
     cache_search,
     first_argmax,
-    human_bytes,
     memory_limit,
     phi,
+    refuse_search_memory,
     search_memory,
     search_row_chunk,
     tip_grid,
@@ -82,14 +81,8 @@ class CacheMethod(Method):
         if self.selection != "val":
             return
         step = [int(s) for s in self.search_step]
-        need, limit = search_memory(step, **sizes), memory_limit()
-        if need > limit:
-            default = list(type(self).default_params()["search_step"])
-            raise MethodError(
-                f"{self.name}: search_step={list(self.search_step)} is a grid of {math.prod(step):,} points whose "
-                f"search would allocate about {human_bytes(need)}, more than this machine's {human_bytes(limit)} of "
-                f"memory; use a coarser step (fewer points per grid, e.g. the default search_step={default})."
-            )
+        default = type(self).default_params()["search_step"]
+        refuse_search_memory(self.name, self.search_step, default, search_memory(step, **sizes), memory_limit())
 
     def _layout(self) -> ClassLayout:
         """The class layout of the cache keys (a private fitted cache, ``_layout_``)."""

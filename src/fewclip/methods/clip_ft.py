@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import AUGMENT_PRESETS, SCOPES
-from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, image_batches
+from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, image_batches, readable_accuracy
 from .params import Options, param
 from .registry import register
 from .training import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -76,12 +76,11 @@ class CLIPFineTune(ImageMethod):
 
         def val_accuracy() -> float:
             model.eval()
-            hits = 0
-            for images, labels in image_batches(root, val, plain, options, max(batch, 64), unreadable=unreadable):
-                logits = model.image_features(images) @ text.T  # the arg-max of the cosines: no need to normalise
-                hits += int((logits.argmax(1).cpu() == labels).sum())
+            batches = image_batches(root, val, plain, options, max(batch, 64), unreadable=unreadable)
+            # the arg-max of the cosines: no need to normalise
+            accuracy = readable_accuracy(batches, lambda images: model.image_features(images) @ text.T, val, unreadable)
             model.train()
-            return 100.0 * hits / max(1, len(val) - len(unreadable.intersection(i.path for i in val)))
+            return accuracy
 
         result = fit_epochs(
             params,

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from ..data import Item, fill_template
 from ..errors import MethodError
-from ..features.extract import load_image, seeded, view_seed
 from ..features.pipeline import ExtractionOptions
 from ..models import AUGMENT_PRESETS, Backbone, BackboneSpec
 from ..models.lora import (
@@ -57,7 +56,16 @@ from ..models.lora import (
     training_copy,
 )
 from ..models.trainable import state_sha256
-from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, _collate, _Images, image_batches
+from .image import (
+    LOGIT_SCALE,
+    ImageEpisode,
+    ImageItems,
+    ImageMethod,
+    checked_batches,
+    collate_images,
+    image_batches,
+    readable_accuracy,
+)
 from .params import Constraint, Integral, Interval, Optional, Options, Real, param
 from .registry import register
 from .training import BATCH_SIZE, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -121,18 +129,12 @@ def support_schedule(num: int, batch_size: int, total: int, generator: torch.Gen
     return out  # pragma: no cover - the loop returns
 
 
-class _SupportViews(_Images):
+class _SupportViews(ImageItems):
     """Support image i under augmentation draw d, for the key (i, d); a failure returned, not raised."""
 
     def __getitem__(self, key: tuple[int, int]):  # type: ignore[override]
         index, draw = key
-        item = self.items[index]
-        try:
-            image = load_image(self.root / item.path)
-            with seeded(view_seed(int(self.seed), item.path, draw)):
-                return self.transform(image), item.label, item.path, None
-        except Exception as exc:  # any decoding or transform failure marks the image unreadable
-            return None, item.label, item.path, f"{type(exc).__name__}: {exc}"
+        return self.read(self.items[index], draw)
 
 
 def loader_workers(requested: int | None, device: torch.device, images: int) -> int:
@@ -163,17 +165,9 @@ def support_batches(
         _SupportViews(root, items, transform, seed),
         batch_sampler=keys,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
     )
-    for images, labels, bad in loader:
-        if bad and not options.skip_bad_images:
-            path, error = bad[0]
-            raise MethodError(
-                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
-            )
-        unreadable.update(path for path, _ in bad)
-        if images is not None:
-            yield images, labels
+    yield from checked_batches(loader, root, options, unreadable)
 
 
 @register("clip-lora")
@@ -274,11 +268,10 @@ class CLIPLoRA(ImageMethod):
         def val_accuracy() -> float:
             set_lora_training(model, False)
             text = fixed_text if fixed_text is not None else text_features()
-            hits = 0
-            for images, labels in image_batches(root, val, plain, val_options, 128, unreadable=unreadable):
-                hits += int(((image_features(images) @ text.T).argmax(1).cpu() == labels).sum())
+            batches = image_batches(root, val, plain, val_options, 128, unreadable=unreadable)
+            accuracy = readable_accuracy(batches, lambda images: image_features(images) @ text.T, val, unreadable)
             set_lora_training(model, True)
-            return 100.0 * hits / max(1, len(val) - len(unreadable.intersection(i.path for i in val)))
+            return accuracy
 
         optimizer = adamw(list(params.values()), lr=float(self.lr), weight_decay=float(self.weight_decay))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=float(self.eta_min))
@@ -342,15 +335,7 @@ class CLIPLoRA(ImageMethod):
             return backbone
         return merged_backbone(backbone, self.encoder_state_, {"scope": SCOPE, "sha256": self.encoder_sha256_})
 
-    def image_encoder(self, device: str | torch.device | None = None) -> Backbone:
+    def _build_encoder(self, spec: BackboneSpec) -> Backbone:
         """The image encoder with the merged LoRA weights, a plain inference :class:`~fewclip.models.Backbone`
-        (rebuilt from the spec and ``encoder_state_`` after :func:`~fewclip.methods.load`), on ``device``."""
-        self._check_fitted()
-        cached = getattr(self, "_encoder_", None)
-        if cached is not None and (device is None or torch.device(device) == cached.device):
-            return cached
-        spec = BackboneSpec.from_dict(self.backbone_spec_)
-        if device is not None:
-            spec = dataclasses.replace(spec, device=str(device))
-        self._encoder_ = self._merged(spec.load())
-        return self._encoder_
+        (the backbone of ``spec`` with ``encoder_state_``; no LoRA code path)."""
+        return self._merged(spec.load())

@@ -44,7 +44,7 @@ from ..data import Item
 from ..errors import MethodError
 from ..generation.types import GeneratedSet
 from ..models import AUGMENT_PRESETS
-from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, image_batches
+from .image import LOGIT_SCALE, ImageEpisode, ImageMethod, image_batches, readable_accuracy
 from .params import Boolean, Integral, Interval, Options, Real, param
 from .registry import register
 from .training import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, WEIGHT_DECAY, adamw, fit_epochs
@@ -452,11 +452,10 @@ class FLIER(ImageMethod):
 
         def accuracy_now() -> float:
             model.eval()
-            hits = 0
-            for images, labels in image_batches(root, val, plain, options, max(batch, 64), unreadable=unreadable):
-                hits += int((head(model.image_features(images)).argmax(1).cpu() == labels).sum())
+            batches = image_batches(root, val, plain, options, max(batch, 64), unreadable=unreadable)
+            accuracy = readable_accuracy(batches, lambda images: head(model.image_features(images)), val, unreadable)
             model.train()
-            return 100.0 * hits / max(1, len(val) - len(unreadable.intersection(i.path for i in val)))
+            return accuracy
 
         scores: list[tuple[float, float | None]] = []
 

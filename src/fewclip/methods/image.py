@@ -117,10 +117,11 @@ def generated_for_episode(generated: GeneratedSet, episode: Episode) -> Generate
     )
 
 
-class _Images(torch.utils.data.Dataset):
+class ImageItems(torch.utils.data.Dataset):
     """Item i: (transformed image or None, label, path, error). With ``seed`` the random transform of image p is
     drawn from a generator seeded by (seed, p, ``draw``), so the pixels do not depend on batching, workers or the
-    order of the items. A failure is returned, not raised, so the main process can name the file."""
+    order of the items. A failure is returned, not raised, so the main process can name the file. A subclass may
+    index by other keys and call :meth:`read` with its own draw (CLIP-LoRA's (support index, pass) keys)."""
 
     def __init__(self, root: Path, items: Sequence[Item], transform: Callable, seed: int | None = None, draw: int = 0):
         self.root, self.items, self.transform, self.seed, self.draw = root, list(items), transform, seed, draw
@@ -129,22 +130,48 @@ class _Images(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, str | None]:
-        item = self.items[i]
+        return self.read(self.items[i], self.draw)
+
+    def read(self, item: Item, draw: int) -> tuple[torch.Tensor | None, int, str, str | None]:
+        """``item`` opened and transformed (under augmentation draw ``draw`` when seeded), or its error."""
         try:
             image = load_image(self.root / item.path)
             if self.seed is None:
                 return self.transform(image), item.label, item.path, None
-            with seeded(view_seed(self.seed, item.path, self.draw)):
+            with seeded(view_seed(self.seed, item.path, draw)):
                 return self.transform(image), item.label, item.path, None
         except Exception as exc:  # any decoding or transform failure marks the image unreadable
             return None, item.label, item.path, f"{type(exc).__name__}: {exc}"
 
 
-def _collate(rows: list[tuple[torch.Tensor | None, int, str, str | None]]):
+def collate_images(rows: list[tuple[torch.Tensor | None, int, str, str | None]]):
+    """A loader's ``collate_fn`` for :class:`ImageItems`: (images [B, 3, S, S] of the readable rows or None,
+    labels [B], [(path, error) of each unreadable row])."""
     good = [(t, y) for t, y, _, error in rows if error is None]
     bad = [(path, error) for _, _, path, error in rows if error is not None]
     images = torch.stack([t for t, _ in good]) if good else None
     return images, torch.tensor([y for _, y in good], dtype=torch.long), bad
+
+
+def checked_batches(
+    loader: Iterable[tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]],
+    root: Path,
+    options: ExtractionOptions,
+    unreadable: set[str] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) batches of ``loader`` (collated by :func:`collate_images`, paths relative to ``root``).
+    An image that cannot be read is an error naming the file, unless ``options.skip_bad_images``: then it is left
+    out of its batch and its path added to ``unreadable``; a batch with no readable image is skipped."""
+    for images, labels, bad in loader:
+        if bad and not options.skip_bad_images:
+            path, error = bad[0]
+            raise MethodError(
+                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
+            )
+        if unreadable is not None:
+            unreadable.update(path for path, _ in bad)
+        if images is not None:
+            yield images, labels
 
 
 def image_batches(
@@ -168,22 +195,28 @@ def image_batches(
     """
     items = list(items) if order is None else [items[i] for i in order]
     loader = torch.utils.data.DataLoader(
-        _Images(root, items, transform, seed, draw),
+        ImageItems(root, items, transform, seed, draw),
         batch_size=batch_size,
         shuffle=False,
         num_workers=options.num_workers or 0,
-        collate_fn=_collate,
+        collate_fn=collate_images,
     )
-    for images, labels, bad in loader:
-        if bad and not options.skip_bad_images:
-            path, error = bad[0]
-            raise MethodError(
-                f"{root / path}: cannot be read ({error}); replace or delete it, or run with --skip-bad-images."
-            )
-        if unreadable is not None:
-            unreadable.update(path for path, _ in bad)
-        if images is not None:
-            yield images, labels
+    yield from checked_batches(loader, root, options, unreadable)
+
+
+def readable_accuracy(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    items: Sequence[Item],
+    unreadable: set[str],
+) -> float:
+    """Top-1 accuracy (%) of ``predict`` (images → scores [B, C]) over ``batches``, the (images, labels) of ``items``
+    as :func:`image_batches` reads them with ``unreadable``: the hits over the items that could be read (an image
+    left out, recorded in ``unreadable`` while reading, counts neither way; 0 when none could be)."""
+    hits = 0
+    for images, labels in batches:
+        hits += int((predict(images).argmax(1).cpu() == labels).sum())
+    return 100.0 * hits / max(1, len(items) - len(unreadable.intersection(i.path for i in items)))
 
 
 class ImageMethod(Method):
@@ -248,6 +281,11 @@ class ImageMethod(Method):
         spec = BackboneSpec.from_dict(self.backbone_spec_)
         if device is not None:
             spec = dataclasses.replace(spec, device=str(device))
-        encoder = TrainableBackbone.from_spec(spec, self.encoder_scope_, state=self.encoder_state_).frozen()
+        encoder = self._build_encoder(spec)
         self._encoder_ = encoder
         return encoder
+
+    def _build_encoder(self, spec: BackboneSpec) -> Backbone:
+        """The fine-tuned encoder built from ``spec`` and the fitted state (:meth:`image_encoder` caches it): the
+        pre-trained backbone with ``encoder_state_`` loaded into its trainable ``encoder_scope_``, frozen."""
+        return TrainableBackbone.from_spec(spec, self.encoder_scope_, state=self.encoder_state_).frozen()

@@ -56,7 +56,7 @@ from .base import Method
 from .cache import search_step
 from .params import Interval, Optional, Options, Real, SequenceOf, param
 from .registry import register
-from .search import first_argmax, human_bytes, memory_limit
+from .search import first_argmax, memory_limit, refuse_search_memory
 
 #: how the support becomes kernel points: every view (released), one per image, one per class, or the first that fits
 SUPPORTS = ("views", "images", "class-means", "auto")
@@ -252,14 +252,9 @@ class ProKeR(Method):
     def _check_params(self) -> None:
         if self.selection in ("val", "cv"):
             nb, nl = (int(v) for v in self.search_step)
-            need, limit = 8 * (nb * nl + nb + nl), memory_limit()  # the counts grid and the grids, before any data
-            if need > limit:
-                default = list(type(self).default_params()["search_step"])
-                raise MethodError(
-                    f"{self.name}: search_step={list(self.search_step)} is a grid of {nb * nl:,} points whose search "
-                    f"would allocate about {human_bytes(need)}, more than this machine's {human_bytes(limit)}; use a "
-                    f"coarser step (fewer points per grid, e.g. the default search_step={default})."
-                )
+            need = 8 * (nb * nl + nb + nl)  # the counts grid and the grids, before any data
+            default = type(self).default_params()["search_step"]
+            refuse_search_memory(self.name, self.search_step, default, need, memory_limit())
         for key in ("search_beta", "search_lambda"):
             lo, hi = (float(v) for v in getattr(self, key))
             if lo > hi:

@@ -13,11 +13,14 @@ data.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+from ..errors import MethodError
 from .calibration import apply_offset
 
 # --------------------------------------------------------------------------- grids
@@ -386,6 +389,18 @@ def memory_limit() -> int:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         return 16 << 30
+
+
+def refuse_search_memory(name: str, step: Sequence[int], default: Sequence[int], need: int, limit: int) -> None:
+    """Refuse (:class:`~fewclip.errors.MethodError`) a ``search_step`` of method ``name`` whose search would allocate
+    ``need`` bytes, more than ``limit`` (:func:`memory_limit`); the message gives both sizes and the ``default``
+    step as the fix."""
+    if need > limit:
+        raise MethodError(
+            f"{name}: search_step={list(step)} is a grid of {math.prod(int(s) for s in step):,} points whose "
+            f"search would allocate about {human_bytes(need)}, more than this machine's {human_bytes(limit)} of "
+            f"memory; use a coarser step (fewer points per grid, e.g. the default search_step={list(default)})."
+        )
 
 
 def human_bytes(n: float) -> str:

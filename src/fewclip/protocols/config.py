@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 from ..errors import ResultsError
 from ..features.pipeline import ExtractionOptions
+from ..io import read_toml
 from ..models import BackboneSpec
 
 PROTOCOLS = ("fewshot", "base2new", "base2new-imbalanced", "longtail", "transfer")
@@ -168,14 +168,8 @@ SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
     """Read a TOML run configuration; ``overrides`` (section → key → value, e.g. from command-line options) win
     over the file's values."""
-    path = Path(path)
-    try:
-        obj = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such configuration file.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: not a valid TOML file ({exc}).") from None
-    return RunConfig.from_dict(merge_sections(obj, overrides or {}), where=str(path))
+    obj = read_toml(path, what="configuration", error=ResultsError)
+    return RunConfig.from_dict(merge_sections(obj, overrides or {}), where=str(Path(path)))
 
 
 def merge_sections(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

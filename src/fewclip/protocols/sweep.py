@@ -54,6 +54,7 @@ from ..data import Episode
 from ..errors import FewclipError, ResultsError
 from ..features.pipeline import ExtractionOptions, encode_images_once
 from ..features.store import FeatureStore
+from ..io import read_toml
 from ..methods import get_class
 from ..models import BackboneSpec
 from ..progress import progress
@@ -206,19 +207,11 @@ def _describe_run(run: RunConfig) -> str:
 def load_sweep(path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> SweepConfig:
     """Read a sweep's TOML file (``None``: none, ``overrides`` alone) with ``overrides`` (sections of plain data,
     e.g. from command-line options) laid over it, tables merged key by key."""
-    import tomllib
-
     obj: dict[str, Any] = {}
     where = "the command line"
     if path is not None:
-        path = Path(path)
-        where = str(path)
-        try:
-            obj = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ResultsError(f"{path}: no such sweep file.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ResultsError(f"{path}: not a valid TOML file ({exc}).") from None
+        where = str(Path(path))
+        obj = read_toml(path, what="sweep", error=ResultsError)
     return SweepConfig.from_dict(merge_sections(obj, overrides or {}), where=where)
 
 
