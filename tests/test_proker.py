@@ -223,7 +223,7 @@ def test_memory_refusal_names_the_size_and_the_fallbacks_before_any_work(monkeyp
     kernel = kernel_memory(240, 120, 20, 8, lambdas=5)
     assert kernel == 8 * (5 * 240**2 + 3 * 120 * 240 + 2 * 240 * 20 + 5 * (240 * 20 + 2 * 120 * 20))
     need = kernel + 8 * 4 * 5  # and the int64 counts of the 4 × 5 grid
-    monkeypatch.setattr(proker, "memory_limit", lambda: need - 1)
+    monkeypatch.setattr(proker, "memory_limit", lambda: (need - 1) / proker.MEMORY_FRACTION)  # the share planned for
     monkeypatch.setattr(proker.ProKeR, "_fit", lambda self, b: pytest.fail("_fit ran"))
     with pytest.raises(MethodError) as info:
         fast().fit(data)
@@ -241,13 +241,36 @@ def test_auto_support_falls_back_and_records_it(monkeypatch, data):
     full = kernel_memory(240, 120, 20, 8, lambdas=5) + 8 * 4 * 5
     images = kernel_memory(80, 120, 20, 8, lambdas=5) + 8 * 4 * 5
     assert fast(support="auto").fit(data).selected_["support_used"] == "views"
-    monkeypatch.setattr(proker, "memory_limit", lambda: full - 1)
+    monkeypatch.setattr(proker, "memory_limit", lambda: (full - 1) / proker.MEMORY_FRACTION)
     model = fast(support="auto").fit(data)
     assert model.hyperparameters()["support_used"] == "images" and model.selected_["points"] == 80
     assert model.hyperparameters()["support"] == "auto"
-    monkeypatch.setattr(proker, "memory_limit", lambda: images - 1)
+    monkeypatch.setattr(proker, "memory_limit", lambda: (images - 1) / proker.MEMORY_FRACTION)
     model = fast(support="auto").fit(data)
     assert model.selected_["support_used"] == "class-means" and model.selected_["points"] == 20
+
+
+def test_cv_resolves_auto_support_once_on_all_the_support(monkeypatch, data):
+    """Under cv a fold holds fewer images, so 'auto' could pick every view there while the final fit, on all the
+    support, falls back to one point per image: β and λ would be tuned for another kernel. The policy is resolved
+    once on all the support and fixed for the folds."""
+    train = data.without_test()
+    full = fast(selection="cv")._memory(train, 240)
+    fold = fast(selection="cv")._memory(fold_bundle(train, cv_fold_ids(train.support_labels, 20, 4, 0) == 0), 180)
+    assert fold < full
+    monkeypatch.setattr(proker, "memory_limit", lambda: (full - 1) / proker.MEMORY_FRACTION)  # the folds' would fit
+    used = []
+    real_fit = proker.ProKeR._fit
+
+    def spy(self, bundle):
+        out = real_fit(self, bundle)
+        used.append(out["support_used"])
+        return out
+
+    monkeypatch.setattr(proker.ProKeR, "_fit", spy)
+    model = fast(support="auto", selection="cv").fit(data)
+    assert model.selected_["support_used"] == "images" and model.support == "auto"
+    assert len(used) > 4 and set(used) == {"images"}  # every fold probe, the out-of-fold copies and the final fit
 
 
 def test_fallback_points(data):

@@ -91,7 +91,7 @@ POSITIVE = Interval(Real, 0, None, closed="neither")
 
 def kernel(a: torch.Tensor, b: torch.Tensor, beta: float) -> torch.Tensor:
     """k(a, b) = exp(−β(1 − a bᵀ)) [Na, Nb] for unit rows a [Na, D], b [Nb, D] (= exp(−(β/2)‖a − b‖²))."""
-    return torch.exp(beta * (a @ b.T - 1.0))
+    return (a @ b.T).sub_(1.0).mul_(beta).exp_()  # in place: one [Na, Nb] buffer at the peak, not three
 
 
 def residual_targets(points: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -178,6 +178,10 @@ def grid_counts(
     return counts
 
 
+#: the share of the machine's (or GPU's) memory a ProKeR fit plans to use at its peak
+MEMORY_FRACTION = 0.8
+
+
 def kernel_memory(points: int, val_rows: int, classes: int, itemsize: int, lambdas: int = 0) -> int:
     """Bytes a fit holds at its peak for ``points`` kernel points (N_S) of ``itemsize`` bytes, C ``classes``.
 
@@ -185,9 +189,10 @@ def kernel_memory(points: int, val_rows: int, classes: int, itemsize: int, lambd
     eigenvectors and the eigensolver's workspace (LAPACK's divide-and-conquer takes about 2·N_S² more), five
     [N_S, N_S]; the validation cosines, kernel and P, three [M, N_S]; Qᵀ R and R, two [N_S, C]; one chunk of the λ
     axis, its scaled targets [L, N_S, C] and two [L, M, C] logits. Without a search: the kernel, K/λ + I and its
-    Cholesky factor, three [N_S, N_S], and two [N_S, C]."""
+    Cholesky factor, three [N_S, N_S], plus one more for the factorisation's workspace and the allocator (4.1–4.3·N_S²
+    measured before the kernel was computed in place), and two [N_S, C]."""
     if lambdas <= 0:
-        return itemsize * (3 * points * points + 2 * points * classes)
+        return itemsize * (4 * points * points + 2 * points * classes)
     chunk = min(lambdas, max(1, CHUNK_ELEMENTS // max(1, points * classes + val_rows * classes)))
     total = 5 * points * points + 3 * val_rows * points + 2 * points * classes
     return itemsize * (total + chunk * (points * classes + 2 * val_rows * classes))
@@ -298,10 +303,12 @@ class ProKeR(Method):
         return kernel_memory(points, rows, bundle.num_classes, itemsize, lambdas) + grid
 
     def _memory_limit(self, bundle: Bundle) -> int:
+        """The bytes a fit may plan for: :data:`MEMORY_FRACTION` of the device's memory (the process, the bundle and
+        the allocator's slack hold the rest)."""
         device = bundle.support_features.device
         if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return memory_limit()
+            return int(MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+        return int(MEMORY_FRACTION * memory_limit())
 
     def _resolve_support(self, bundle: Bundle) -> str:
         """The support policy that runs: ``support``, or under 'auto' the first that fits. Refuses, with the estimate
@@ -369,6 +376,17 @@ class ProKeR(Method):
         beta = float(self.init_beta) if self.init_beta is not None else beta
         lam = float(self.init_lambda) if self.init_lambda is not None else lam
         return beta, lam, f"imagenet-transfer {k}-shot (released; tuned on ImageNet test by the authors)"
+
+    def _fit_cv(self, data: Bundle) -> dict[str, Any]:
+        """Cross-validation on the point set the final fit uses: ``support='auto'`` is resolved once on all the
+        support (each fold holds fewer images and could otherwise pick a denser set, tuning β and λ for another
+        kernel), then fixed for the folds and the final fit; the constructor value is restored afterwards."""
+        chosen, asked = self._resolve_support(data), self.support
+        self.support = chosen
+        try:
+            return super()._fit_cv(data)
+        finally:
+            self.support = asked
 
     def _fit(self, bundle: Bundle) -> dict[str, Any]:
         support = self._resolve_support(bundle)
