@@ -448,6 +448,15 @@ def test_test_images_and_labels_never_reach_the_fit(env, tmp_path):
         assert torch.equal(b.text_, a.text_)
 
 
+def test_without_validation_images_selection_val_keeps_the_final_iterate_as_released(env):
+    """No validation split: clip-lora does not refuse the data, it keeps the final iterate (the released behaviour)
+    and records that nothing was selected; the same weights as an explicit selection='none'."""
+    episode = replace(env.episode, episode=replace(env.episode.episode, val=[]))
+    model = make().fit(episode)
+    assert model.selection == "val" and model.selection_used_ == "none" and model.val_accuracy_ is None
+    assert model.encoder_sha256_ == make(selection="none").fit(episode).encoder_sha256_
+
+
 def test_selection_cv_is_refused_naming_the_fallback(env):
     with pytest.raises(MethodError, match="selection='cv' is not implemented.*selection='none'"):
         make(selection="cv").fit(env.episode)

@@ -173,6 +173,10 @@ def support_batches(
 @register("clip-lora")
 @dataclass(kw_only=True, repr=False, eq=False)
 class CLIPLoRA(ImageMethod):
+    #: without a validation split, ``selection="val"`` keeps the final iterate (the released behaviour), recorded as
+    #: ``selection_used_ = "none"``, instead of refusing the data
+    falls_back_without_validation = True
+
     rank: int = param(2, Interval(Integral, 1, None, closed="left"), doc="LoRA rank r")
     lora_alpha: float = param(
         1.0, Interval(Real, 0, None, closed="neither"), doc="LoRA α; the branch is scaled by s = α/√r (rsLoRA)"

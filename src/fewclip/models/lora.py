@@ -179,6 +179,11 @@ class LoRAAttention(nn.Module):
         super().__init__()
         if not getattr(base, "_qkv_same_embed_dim", True) or base.in_proj_weight is None:
             raise BackboneError("LoRA needs an nn.MultiheadAttention with a packed in_proj_weight (kdim = vdim = E).")
+        if getattr(base, "bias_k", None) is not None or getattr(base, "add_zero_attn", False):
+            raise BackboneError(
+                "LoRA: this nn.MultiheadAttention has add_bias_kv or add_zero_attn, which the LoRA attention does not "
+                "compute (CLIP's towers set neither); use a model without them."
+            )
         unknown = sorted(set(targets) - set(TARGETS))
         if unknown:
             raise BackboneError(f"LoRA targets {unknown} are unknown; choose among {list(TARGETS)}.")
