@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -219,6 +220,52 @@ def test_the_api_key_is_never_written_to_a_file_or_a_log(endpoint, tmp_path, mon
     assert KEY.encode() not in written  # ... and hold no trace of it, nor does any output or log line
     assert KEY not in captured.out + captured.err + caplog.text
     assert "***" in caplog.text  # the 500's body was logged, masked
+
+
+def test_a_key_with_a_line_break_is_stripped_or_refused_and_never_shown(endpoint, tmp_path, monkeypatch, capsys):
+    # the reviewer's scenario: a trailing newline pasted into the variable made http.client raise a ValueError
+    # whose traceback showed b'Bearer <key>\n'; stripped, the key works
+    (tmp_path / "classes.txt").write_text("beagle\n")
+    monkeypatch.setenv("OPENAI_BASE_URL", endpoint.url)
+    monkeypatch.setenv("FEWCLIP_DESCRIBE_MODEL", "fake-gpt")
+    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"), "-n", "3",
+            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache"), "--retries", "0"]  # fmt: skip
+    monkeypatch.setenv("OPENAI_API_KEY", f" {KEY}\n")
+    assert main(argv) == 0
+    assert endpoint.requests[-1][0]["Authorization"] == f"Bearer {KEY}"
+    # a control character inside the key: refused before any request, naming the variable and not the key
+    for bad in (f"{KEY[:6]}\n{KEY[6:]}", f"{KEY[:6]}\x07{KEY[6:]}", f"{KEY[:6]} {KEY[6:]}", f"{KEY}\u00e9"):
+        monkeypatch.setenv("OPENAI_API_KEY", bad)
+        sent = len(endpoint.requests)
+        assert main([*argv[:4], str(tmp_path / "e.json"), *argv[5:]]) == 2
+        captured = capsys.readouterr()
+        assert "OPENAI_API_KEY" in captured.err and "cannot be sent in an HTTP header" in captured.err
+        assert KEY[6:] not in captured.out + captured.err and KEY[:6] + "\n" not in captured.err
+        assert len(endpoint.requests) == sent and not (tmp_path / "e.json").exists()
+    with pytest.raises(GenerationError, match="MY_KEY holds a line break") as err:
+        ChatEndpoint.from_environment(model="m", api_key_env="MY_KEY", environ={"MY_KEY": f"{KEY}\r\nX-Evil: 1"})
+    assert KEY not in str(err.value)
+    with pytest.raises(GenerationError, match="api_key option holds a space") as err:
+        ChatEndpoint.from_environment(model="m", api_key=f"Bearer {KEY}", environ={})
+    assert KEY not in str(err.value)
+    with pytest.raises(GenerationError, match="api_key given to ChatEndpoint holds a line break") as err:
+        ChatEndpoint(endpoint.url, "m", f"{KEY}\nX")
+    assert KEY not in str(err.value)
+    assert ChatEndpoint(endpoint.url, "m", f"  {KEY}\n").api_key == KEY
+    assert ChatEndpoint(endpoint.url, "m", " \n").api_key is None
+
+
+def test_a_request_that_cannot_be_built_is_an_endpoint_error_with_the_key_masked(endpoint, monkeypatch):
+    client = client_for(endpoint)
+
+    def refuse(request, *args, **kwargs):  # what http.client raises for a header value it cannot send
+        raise ValueError(f"Invalid header value {request.get_header('Authorization').encode()!r}")
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(EndpointError, match="could not be sent .ValueError: Invalid header value") as err:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert KEY not in str(err.value) and "***" in str(err.value) and client.requests == 1  # not retried
 
 
 def test_a_description_file_missing_classes_is_an_error_listing_every_one(tmp_path):
