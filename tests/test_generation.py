@@ -3,6 +3,7 @@ Stable Diffusion store with a tiny random pipeline saved to disk and loaded back
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -258,14 +258,68 @@ def test_a_key_with_a_line_break_is_stripped_or_refused_and_never_shown(endpoint
 def test_a_request_that_cannot_be_built_is_an_endpoint_error_with_the_key_masked(endpoint, monkeypatch):
     client = client_for(endpoint)
 
-    def refuse(request, *args, **kwargs):  # what http.client raises for a header value it cannot send
-        raise ValueError(f"Invalid header value {request.get_header('Authorization').encode()!r}")
-
-    monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    # http.client's own check, made to refuse the Authorization value: it raises ValueError("Invalid header value
+    # b'Bearer <key>'"), as it does for a key holding a line break
+    monkeypatch.setattr(http.client, "_is_illegal_header_value", lambda value: value.startswith(b"Bearer"))
     with pytest.raises(EndpointError, match="could not be sent .ValueError: Invalid header value") as err:
         client.chat([{"role": "user", "content": "hi"}])
     assert KEY not in str(err.value) and "***" in str(err.value) and client.requests == 1  # not retried
+
+
+class Recorder:
+    """A server on 127.0.0.1 that records every request it gets (any method: method, path, headers) and answers
+    ``reply(path)`` = (status, headers) with an empty body, or a chat completion when the status is 200."""
+
+    def __init__(self, reply):
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                outer.seen.append((self.command, self.path, dict(self.headers)))
+                if self.headers.get("Content-Length"):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                status, headers = reply(self.path)
+                body = (
+                    json.dumps({"choices": [{"message": {"content": '["a", "b"]'}}]}).encode() if status == 200 else b""
+                )
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_so_the_key_never_reaches_another_host(status):
+    other = Recorder(lambda path: (200, {}))  # the address a hostile or misconfigured endpoint points to
+    first = Recorder(lambda path: (status, {"Location": f"{other.url}/steal"}))
+    try:
+        ep = ChatEndpoint.from_environment(base_url=f"{first.url}/v1", model="m", api_key=KEY, environ={})
+        client = ChatClient(ep, retries=3, sleep=lambda s: None)
+        with pytest.raises(EndpointError, match=rf"HTTP {status} .*a redirect to {other.url}/steal") as err:
+            client.chat([{"role": "user", "content": "hi"}])
+        assert "follows no redirect" in str(err.value) and KEY not in str(err.value)
+        assert other.seen == []  # the other server received nothing, so not the key
+        assert [(m, p) for m, p, _ in first.seen] == [("POST", "/v1/chat/completions")]  # asked once, not retried
+        assert first.seen[0][2]["Authorization"] == f"Bearer {KEY}"
+    finally:
+        first.close()
+        other.close()
 
 
 def test_a_description_file_missing_classes_is_an_error_listing_every_one(tmp_path):

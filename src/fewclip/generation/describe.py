@@ -241,9 +241,19 @@ class EndpointError(GenerationError):
     """The endpoint refused a request, or kept failing after every retry."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib would re-send a redirected POST as a GET to the new address with every header,
+    the API key's ``Authorization`` included, to whatever host the ``Location`` names. Returning None leaves the
+    3xx answer to be raised as an :class:`urllib.error.HTTPError`, which :meth:`ChatClient.chat` reports."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        return None
+
+
 class ChatClient:
-    """POSTs chat requests with urllib; transient failures (429, 408, 5xx, dropped or refused connections,
-    timeouts) are retried up to ``retries`` times, waiting ``backoff * 2**attempt`` seconds (at most
+    """POSTs chat requests with urllib, following no redirect (an :class:`EndpointError` naming the status and the
+    ``Location``: the key is never sent to another address); transient failures (429, 408, 5xx, dropped or refused
+    connections, timeouts) are retried up to ``retries`` times, waiting ``backoff * 2**attempt`` seconds (at most
     ``max_backoff``; a server's ``Retry-After`` when it says so). ``sleep`` is injectable for tests; ``requests``
     counts HTTP requests sent."""
 
@@ -260,6 +270,7 @@ class ChatClient:
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.sleep = sleep if sleep is not None else time.sleep
         self.requests = 0
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def _redact(self, text: str) -> str:
         """``text`` with the API key masked, as written and as Python shows it escaped in a str or bytes repr."""
@@ -272,8 +283,8 @@ class ChatClient:
         return text
 
     def _send(self, request: urllib.request.Request) -> bytes:
-        """The body of the answer to ``request`` (urllib's exceptions propagate)."""
-        with urllib.request.urlopen(request, timeout=self.endpoint.timeout) as response:
+        """The body of the answer to ``request`` (urllib's exceptions propagate; a redirect is an HTTPError)."""
+        with self._opener.open(request, timeout=self.endpoint.timeout) as response:
             return response.read()
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
@@ -306,6 +317,14 @@ class ChatClient:
             try:
                 payload = self._send(request)
             except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:
+                    location = self._redact(str(exc.headers.get("Location", "")) if exc.headers else "")
+                    raise EndpointError(
+                        f"{url}: the endpoint answered HTTP {exc.code} {exc.reason}, a redirect to "
+                        f"{location or '(no Location given)'}. fewclip follows no redirect, so that the API key is "
+                        "never sent to another address; if that address is the endpoint you mean, pass it as "
+                        "--base-url (or OPENAI_BASE_URL)."
+                    ) from None
                 detail = self._redact(_error_body(exc))
                 last = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
                 if exc.code not in _TRANSIENT_STATUS and exc.code < 500:
