@@ -322,6 +322,41 @@ def test_a_redirect_is_refused_so_the_key_never_reaches_another_host(status):
         other.close()
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "null", "3", '{"format": "other"}'])
+def test_a_cache_entry_that_is_not_a_record_is_asked_again_with_a_warning(endpoint, tmp_path, caplog, content):
+    client = client_for(endpoint)
+    first = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                             show_progress=False)  # fmt: skip
+    (entry,) = (tmp_path / "descriptions").glob("*.json")
+    entry.write_text(content)  # valid JSON, not a description record: AttributeError on a list before
+    caplog.set_level("WARNING", logger="fewclip.generation")
+    again = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                             show_progress=False)  # fmt: skip
+    assert again.requests == 1 and again.cached == 0 and again.descriptions == first.descriptions
+    assert str(entry) in caplog.text and "not a fewclip description record" in caplog.text
+    assert json.loads(entry.read_text())["sentences"] == first.descriptions["beagle"]  # rewritten
+
+
+def test_an_unparsed_answer_that_echoes_the_key_is_shown_masked(endpoint, tmp_path, monkeypatch, capsys):
+    endpoint.script["beagle"] = [(200, f"Cannot comply; your key {KEY} is logged.")]
+    client = client_for(endpoint)
+    result = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                              show_progress=False)  # fmt: skip
+    assert KEY not in result.failed["beagle"] and "your key *** is logged" in result.failed["beagle"]
+    (tmp_path / "classes.txt").write_text("beagle\n")
+    monkeypatch.setenv("MY_KEY", KEY)
+    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"),
+            "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY", "-n", "3",
+            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "'beagle'" in captured.err and "***" in captured.err and KEY not in captured.out + captured.err
+    # an answer that parses but echoes the key is cached with the key masked
+    endpoint.script["beagle"] = [(200, json.dumps(["A dog.", "A hound.", f"Key {KEY}."]))]
+    assert main(argv) == 0
+    assert KEY.encode() not in all_file_bytes(tmp_path) and KEY not in capsys.readouterr().out
+
+
 def test_a_description_file_missing_classes_is_an_error_listing_every_one(tmp_path):
     path = tmp_path / "cupl.json"
     path.write_text(json.dumps({"Abyssinian": ["A slender cat."], "great pyrenees": ["A big white dog."]}))

@@ -272,7 +272,7 @@ class ChatClient:
         self.requests = 0
         self._opener = urllib.request.build_opener(_RefuseRedirects)
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         """``text`` with the API key masked, as written and as Python shows it escaped in a str or bytes repr."""
         key = self.endpoint.api_key
         if not key:
@@ -318,14 +318,14 @@ class ChatClient:
                 payload = self._send(request)
             except urllib.error.HTTPError as exc:
                 if 300 <= exc.code < 400:
-                    location = self._redact(str(exc.headers.get("Location", "")) if exc.headers else "")
+                    location = self.redact(str(exc.headers.get("Location", "")) if exc.headers else "")
                     raise EndpointError(
                         f"{url}: the endpoint answered HTTP {exc.code} {exc.reason}, a redirect to "
                         f"{location or '(no Location given)'}. fewclip follows no redirect, so that the API key is "
                         "never sent to another address; if that address is the endpoint you mean, pass it as "
                         "--base-url (or OPENAI_BASE_URL)."
                     ) from None
-                detail = self._redact(_error_body(exc))
+                detail = self.redact(_error_body(exc))
                 last = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
                 if exc.code not in _TRANSIENT_STATUS and exc.code < 500:
                     hint = " (check the API key variable)" if exc.code in (401, 403) else ""
@@ -333,10 +333,10 @@ class ChatClient:
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
-                last = f"{type(exc).__name__}: {self._redact(str(reason))}"
+                last = f"{type(exc).__name__}: {self.redact(str(reason))}"
             except ValueError as exc:  # the request could not be built (a bad header or URL): not transient
                 raise EndpointError(
-                    f"{url}: the request could not be sent ({type(exc).__name__}: {self._redact(str(exc))})."
+                    f"{url}: the request could not be sent ({type(exc).__name__}: {self.redact(str(exc))})."
                 ) from None
             else:
                 return self._choices(payload, url)
@@ -351,9 +351,10 @@ class ChatClient:
             obj = json.loads(payload)
             return [str(c["message"]["content"] or "") for c in obj["choices"]]
         except (ValueError, KeyError, TypeError) as exc:
-            shown = self._redact(payload[:200].decode("utf-8", "replace"))
+            shown = self.redact(payload[:200].decode("utf-8", "replace"))
+            reason = self.redact(str(exc))
             raise EndpointError(
-                f"{url}: the answer is not an OpenAI chat completion ({type(exc).__name__}: {exc}); it starts "
+                f"{url}: the answer is not an OpenAI chat completion ({type(exc).__name__}: {reason}); it starts "
                 f"{shown!r}."
             ) from None
 
@@ -463,7 +464,8 @@ def describe_classes(
                 bar.update(1)
                 continue
             prompt = fill_prompt(template, c, n)
-            answer = client.chat([{"role": "user", "content": prompt}])[0]
+            # the key masked at once: an answer echoing it shows it nowhere (errors, sentences, the cache)
+            answer = client.redact(client.chat([{"role": "user", "content": prompt}])[0])
             sentences = parse_sentences(answer)
             if not sentences:
                 failed[c] = " ".join(answer.split())[:120]
@@ -501,7 +503,9 @@ def _read_cached(path: Path) -> list[str] | None:
     except (OSError, ValueError) as exc:
         logger.warning("description cache %s is unreadable (%s); asking again", path, exc)
         return None
-    sentences = record.get("sentences") if isinstance(record, dict) else None
+    if not isinstance(record, dict):  # valid JSON, but not a record (a list, a number, null)
+        record = {}
+    sentences = record.get("sentences")
     if record.get("format") != DESCRIPTIONS_FORMAT or not isinstance(sentences, list) or not sentences:
         logger.warning("description cache %s is not a fewclip description record; asking again", path)
         return None
