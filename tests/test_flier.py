@@ -333,6 +333,31 @@ def test_a_class_without_generated_samples_is_named(env):
     assert all(CLASSES[y] in str(p) for p, y in zip(sub.images, sub.labels.tolist()))
 
 
+def test_two_classes_of_one_name_each_train_on_that_name_s_generated_images(env, monkeypatch):
+    import fewclip.methods.flier as flier
+
+    # ImageNet has two classes named 'missile': here class 2 ('cobalt') is renamed 'amber', like the first class;
+    # the generated set holds 'amber' once, and both labels must get its samples (the first one got none before)
+    names = ["amber", "azure", "amber"]
+    episode = replace(env.episode.episode, classnames=names)
+    sub = generated_for_episode(load_generated_set(env.gen_dir), episode)
+    assert sub.classnames == tuple(names) and torch.bincount(sub.labels, minlength=3).tolist() == [8, 8, 8]
+    assert all(Path(p).parent.name == names[y] for p, y in zip(sub.images, sub.labels.tolist()))
+    assert torch.equal(sub.latents[sub.labels == 0], sub.latents[sub.labels == 2])  # the same rows, repeated
+    # FLIER draws K = 2 per class from the repeated rows: every class gets its two
+    drawn: list = []
+    real = flier.generated_items
+    monkeypatch.setattr(flier, "generated_items", lambda g, rows: drawn.extend(real(g, rows)) or drawn)
+    model = make(epochs=1, selection="none").fit(replace(env.episode, episode=episode, generated=sub))
+    assert model.generated_used_ == 6
+    assert sorted((item.classname, Path(item.path).parent.name) for item in drawn) == [
+        ("amber", "amber"), ("amber", "amber"), ("amber", "amber"), ("amber", "amber"), ("azure", "azure"),
+        ("azure", "azure"),
+    ]  # fmt: skip
+    labels = sub.labels[draw_generated(sub.labels, torch.tensor([2, 2, 2]), torch.Generator().manual_seed(0))]
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def test_save_load_keeps_both_branches(env, fitted, tmp_path):
     model = fitted
     back = M.load(model.save(tmp_path / "flier.safetensors"))

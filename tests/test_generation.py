@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from fewclip.cli.main import main
+from fewclip.errors import DataError
 from fewclip.generation import load_generated_set
 from fewclip.generation.describe import (
     ChatClient,
@@ -604,6 +605,32 @@ def test_write_generated_set_round_trips_and_its_checksum_catches_a_flipped_byte
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="checksum"):
         load_generated_set(tmp_path / "set")
+
+
+def test_a_class_name_listed_twice_gets_the_samples_of_that_name_for_each_label(tmp_path):
+    from fewclip.generation import GeneratedSet
+
+    # ImageNet names two classes 'missile' (and two 'sunglasses'): the set holds the name once, both labels need it
+    images = tuple(Path(f"/gen/{n}.png") for n in ("m0", "m1", "c0", "c1", "m2"))
+    latents = torch.arange(5.0)[:, None, None, None].expand(5, 4, 2, 2).clone()
+    gen = GeneratedSet(("missile", "cat"), images, torch.tensor([0, 0, 1, 1, 0]), latents, ("pm0", "pm1", "pc0",
+                       "pc1", "pm2"))  # fmt: skip
+    sub = gen.for_classes(["missile", "cat", "missile"])
+    assert torch.bincount(sub.labels, minlength=3).tolist() == [3, 2, 3]  # before: [0, 2, 3], the first missile lost
+    # each row once per label, in the set's order; images, latents and prompts stay aligned with the labels
+    assert [(p.stem, y) for p, y in zip(sub.images, sub.labels.tolist())] == [
+        ("m0", 0), ("m0", 2), ("m1", 0), ("m1", 2), ("c0", 1), ("c1", 1), ("m2", 0), ("m2", 2),
+    ]  # fmt: skip
+    assert [int(z[0, 0, 0]) for z in sub.latents] == [0, 0, 1, 1, 2, 3, 4, 4]
+    assert all(prompt == "p" + path.stem for prompt, path in zip(sub.prompts, sub.images))
+    # a name the set lacks is still named, once per class of that name; missing_ok keeps the others
+    with pytest.raises(DataError, match="no generated samples for 2 class.*'dog', 'dog'"):
+        gen.for_classes(["dog", "cat", "dog"])
+    partial = gen.for_classes(["dog", "missile", "dog", "missile"], missing_ok=True)
+    assert torch.bincount(partial.labels, minlength=4).tolist() == [0, 3, 0, 3]
+    # without repeated names nothing changes: each row once, in order
+    assert [p.stem for p in gen.for_classes(["cat", "missile"]).images] == ["m0", "m1", "c0", "c1", "m2"]
+    assert gen.for_classes(["cat", "missile"]).labels.tolist() == [1, 1, 0, 0, 1] and len(gen.for_classes([])) == 0
 
 
 def test_model_loading_errors_name_the_fix(tmp_path, monkeypatch):
