@@ -302,6 +302,18 @@ def test_random_head_and_real_images_only(env):
         model.latent_encoder()
 
 
+def test_a_random_head_is_refused_when_a_class_has_no_support(env):
+    # base-to-new / cross-dataset: class 'azure' has no support image; its random head row would never train
+    base_only = replace(env.episode.episode, train=[i for i in env.episode.episode.train if i.label != 1])
+    episode = replace(env.episode, episode=base_only, generated=generated_for_episode(
+        load_generated_set(env.gen_dir), base_only))  # fmt: skip
+    with pytest.raises(MethodError, match=r"head_init='random' with 1 class.*'azure'.*chance.*head_init='text'"):
+        make(head_init="random", epochs=1).fit(episode)
+    with pytest.raises(MethodError, match="head_init='random'"):
+        make(head_init="random", use_generated=False, epochs=1).fit(episode)
+    assert make(head_init="text", epochs=1, selection="none").fit(episode).generated_used_ == 4  # the fix works
+
+
 def test_errors_name_the_fix(env):
     with pytest.raises(MethodError, match="--generated DIR.*use_generated=false"):
         make().fit(replace(env.episode, generated=None))
