@@ -424,15 +424,26 @@ def test_a_generated_set_no_method_uses_is_not_read_and_says_so(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_fewclip_run_base_to_new_trains_on_base_classes_only(env, tmp_path):
-    partial = load_generated_set(env.gen_dir).for_classes(["amber", "azure"])  # the base classes of 3
-    write_generated_set(tmp_path / "base", partial)
-    argv = _run_argv(env, tmp_path, "--generated", str(tmp_path / "base"), "--protocol", "base2new")
+def test_fewclip_run_base_to_new_trains_on_base_classes_only(env, tmp_path, monkeypatch):
+    import fewclip.methods.flier as flier
+
+    # the generated set covers ALL classes, new ones included, so a new class's generated image leaking into
+    # training would show: every drawn image must be of a base class ('amber', 'azure'; 'cobalt' is new)
+    assert set(load_generated_set(env.gen_dir).labels.tolist()) == {0, 1, 2}
+    drawn: list = []
+    real = flier.generated_items
+    monkeypatch.setattr(flier, "generated_items", lambda g, rows: drawn.extend(real(g, rows)) or drawn)
+    # generated_shots=2 (not 0, "as many as the real support"): new classes would get 2 each unless kept out
+    argv = _run_argv(env, tmp_path, "--generated", str(env.gen_dir), "--protocol", "base2new", "--set",
+                     "flier:generated_shots=2")  # fmt: skip
     assert main(argv) == 0
     path = tmp_path / "out/folder/local-dir-model/base2new/flier/shots_2-seed_1.json"
     result = json.loads(path.read_text())
     assert result["status"] == "ok" and result["hyperparameters"]["generated_images"] == 4
     assert {"base", "new", "harmonic_mean"} <= set(result["accuracy"])
+    assert len(drawn) == 4  # K = 2 for each of the two base classes
+    assert sorted(item.classname for item in drawn) == ["amber", "amber", "azure", "azure"]
+    assert all(Path(item.path).parent.name == item.classname for item in drawn)  # each image of the class it trains
 
 
 def test_presets_are_the_released_scripts_values():
