@@ -302,6 +302,18 @@ def test_random_head_and_real_images_only(env):
         model.latent_encoder()
 
 
+def test_a_random_head_is_refused_when_a_class_has_no_support(env):
+    # base-to-new / cross-dataset: class 'azure' has no support image; its random head row would never train
+    base_only = replace(env.episode.episode, train=[i for i in env.episode.episode.train if i.label != 1])
+    episode = replace(env.episode, episode=base_only, generated=generated_for_episode(
+        load_generated_set(env.gen_dir), base_only))  # fmt: skip
+    with pytest.raises(MethodError, match=r"head_init='random' with 1 class.*'azure'.*chance.*head_init='text'"):
+        make(head_init="random", epochs=1).fit(episode)
+    with pytest.raises(MethodError, match="head_init='random'"):
+        make(head_init="random", use_generated=False, epochs=1).fit(episode)
+    assert make(head_init="text", epochs=1, selection="none").fit(episode).generated_used_ == 4  # the fix works
+
+
 def test_errors_name_the_fix(env):
     with pytest.raises(MethodError, match="--generated DIR.*use_generated=false"):
         make().fit(replace(env.episode, generated=None))
@@ -331,6 +343,31 @@ def test_a_class_without_generated_samples_is_named(env):
     sub = generated_for_episode(partial, base_only)
     assert sub.classnames == CLASSES and set(sub.labels.tolist()) == {0, 2}
     assert all(CLASSES[y] in str(p) for p, y in zip(sub.images, sub.labels.tolist()))
+
+
+def test_two_classes_of_one_name_each_train_on_that_name_s_generated_images(env, monkeypatch):
+    import fewclip.methods.flier as flier
+
+    # ImageNet has two classes named 'missile': here class 2 ('cobalt') is renamed 'amber', like the first class;
+    # the generated set holds 'amber' once, and both labels must get its samples (the first one got none before)
+    names = ["amber", "azure", "amber"]
+    episode = replace(env.episode.episode, classnames=names)
+    sub = generated_for_episode(load_generated_set(env.gen_dir), episode)
+    assert sub.classnames == tuple(names) and torch.bincount(sub.labels, minlength=3).tolist() == [8, 8, 8]
+    assert all(Path(p).parent.name == names[y] for p, y in zip(sub.images, sub.labels.tolist()))
+    assert torch.equal(sub.latents[sub.labels == 0], sub.latents[sub.labels == 2])  # the same rows, repeated
+    # FLIER draws K = 2 per class from the repeated rows: every class gets its two
+    drawn: list = []
+    real = flier.generated_items
+    monkeypatch.setattr(flier, "generated_items", lambda g, rows: drawn.extend(real(g, rows)) or drawn)
+    model = make(epochs=1, selection="none").fit(replace(env.episode, episode=episode, generated=sub))
+    assert model.generated_used_ == 6
+    assert sorted((item.classname, Path(item.path).parent.name) for item in drawn) == [
+        ("amber", "amber"), ("amber", "amber"), ("amber", "amber"), ("amber", "amber"), ("azure", "azure"),
+        ("azure", "azure"),
+    ]  # fmt: skip
+    labels = sub.labels[draw_generated(sub.labels, torch.tensor([2, 2, 2]), torch.Generator().manual_seed(0))]
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_save_load_keeps_both_branches(env, fitted, tmp_path):
@@ -387,15 +424,26 @@ def test_a_generated_set_no_method_uses_is_not_read_and_says_so(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_fewclip_run_base_to_new_trains_on_base_classes_only(env, tmp_path):
-    partial = load_generated_set(env.gen_dir).for_classes(["amber", "azure"])  # the base classes of 3
-    write_generated_set(tmp_path / "base", partial)
-    argv = _run_argv(env, tmp_path, "--generated", str(tmp_path / "base"), "--protocol", "base2new")
+def test_fewclip_run_base_to_new_trains_on_base_classes_only(env, tmp_path, monkeypatch):
+    import fewclip.methods.flier as flier
+
+    # the generated set covers ALL classes, new ones included, so a new class's generated image leaking into
+    # training would show: every drawn image must be of a base class ('amber', 'azure'; 'cobalt' is new)
+    assert set(load_generated_set(env.gen_dir).labels.tolist()) == {0, 1, 2}
+    drawn: list = []
+    real = flier.generated_items
+    monkeypatch.setattr(flier, "generated_items", lambda g, rows: drawn.extend(real(g, rows)) or drawn)
+    # generated_shots=2 (not 0, "as many as the real support"): new classes would get 2 each unless kept out
+    argv = _run_argv(env, tmp_path, "--generated", str(env.gen_dir), "--protocol", "base2new", "--set",
+                     "flier:generated_shots=2")  # fmt: skip
     assert main(argv) == 0
     path = tmp_path / "out/folder/local-dir-model/base2new/flier/shots_2-seed_1.json"
     result = json.loads(path.read_text())
     assert result["status"] == "ok" and result["hyperparameters"]["generated_images"] == 4
     assert {"base", "new", "harmonic_mean"} <= set(result["accuracy"])
+    assert len(drawn) == 4  # K = 2 for each of the two base classes
+    assert sorted(item.classname for item in drawn) == ["amber", "amber", "azure", "azure"]
+    assert all(Path(item.path).parent.name == item.classname for item in drawn)  # each image of the class it trains
 
 
 def test_presets_are_the_released_scripts_values():

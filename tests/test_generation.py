@@ -3,6 +3,7 @@ Stable Diffusion store with a tiny random pipeline saved to disk and loaded back
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from fewclip.cli.main import main
+from fewclip.errors import DataError
 from fewclip.generation import load_generated_set
 from fewclip.generation.describe import (
     ChatClient,
@@ -219,6 +221,141 @@ def test_the_api_key_is_never_written_to_a_file_or_a_log(endpoint, tmp_path, mon
     assert KEY.encode() not in written  # ... and hold no trace of it, nor does any output or log line
     assert KEY not in captured.out + captured.err + caplog.text
     assert "***" in caplog.text  # the 500's body was logged, masked
+
+
+def test_a_key_with_a_line_break_is_stripped_or_refused_and_never_shown(endpoint, tmp_path, monkeypatch, capsys):
+    # the reviewer's scenario: a trailing newline pasted into the variable made http.client raise a ValueError
+    # whose traceback showed b'Bearer <key>\n'; stripped, the key works
+    (tmp_path / "classes.txt").write_text("beagle\n")
+    monkeypatch.setenv("OPENAI_BASE_URL", endpoint.url)
+    monkeypatch.setenv("FEWCLIP_DESCRIBE_MODEL", "fake-gpt")
+    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"), "-n", "3",
+            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache"), "--retries", "0"]  # fmt: skip
+    monkeypatch.setenv("OPENAI_API_KEY", f" {KEY}\n")
+    assert main(argv) == 0
+    assert endpoint.requests[-1][0]["Authorization"] == f"Bearer {KEY}"
+    # a control character inside the key: refused before any request, naming the variable and not the key
+    for bad in (f"{KEY[:6]}\n{KEY[6:]}", f"{KEY[:6]}\x07{KEY[6:]}", f"{KEY[:6]} {KEY[6:]}", f"{KEY}\u00e9"):
+        monkeypatch.setenv("OPENAI_API_KEY", bad)
+        sent = len(endpoint.requests)
+        assert main([*argv[:4], str(tmp_path / "e.json"), *argv[5:]]) == 2
+        captured = capsys.readouterr()
+        assert "OPENAI_API_KEY" in captured.err and "cannot be sent in an HTTP header" in captured.err
+        assert KEY[6:] not in captured.out + captured.err and KEY[:6] + "\n" not in captured.err
+        assert len(endpoint.requests) == sent and not (tmp_path / "e.json").exists()
+    with pytest.raises(GenerationError, match="MY_KEY holds a line break") as err:
+        ChatEndpoint.from_environment(model="m", api_key_env="MY_KEY", environ={"MY_KEY": f"{KEY}\r\nX-Evil: 1"})
+    assert KEY not in str(err.value)
+    with pytest.raises(GenerationError, match="api_key option holds a space") as err:
+        ChatEndpoint.from_environment(model="m", api_key=f"Bearer {KEY}", environ={})
+    assert KEY not in str(err.value)
+    with pytest.raises(GenerationError, match="api_key given to ChatEndpoint holds a line break") as err:
+        ChatEndpoint(endpoint.url, "m", f"{KEY}\nX")
+    assert KEY not in str(err.value)
+    assert ChatEndpoint(endpoint.url, "m", f"  {KEY}\n").api_key == KEY
+    assert ChatEndpoint(endpoint.url, "m", " \n").api_key is None
+
+
+def test_a_request_that_cannot_be_built_is_an_endpoint_error_with_the_key_masked(endpoint, monkeypatch):
+    client = client_for(endpoint)
+
+    # http.client's own check, made to refuse the Authorization value: it raises ValueError("Invalid header value
+    # b'Bearer <key>'"), as it does for a key holding a line break
+    monkeypatch.setattr(http.client, "_is_illegal_header_value", lambda value: value.startswith(b"Bearer"))
+    with pytest.raises(EndpointError, match="could not be sent .ValueError: Invalid header value") as err:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert KEY not in str(err.value) and "***" in str(err.value) and client.requests == 1  # not retried
+
+
+class Recorder:
+    """A server on 127.0.0.1 that records every request it gets (any method: method, path, headers) and answers
+    ``reply(path)`` = (status, headers) with an empty body, or a chat completion when the status is 200."""
+
+    def __init__(self, reply):
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                outer.seen.append((self.command, self.path, dict(self.headers)))
+                if self.headers.get("Content-Length"):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                status, headers = reply(self.path)
+                body = (
+                    json.dumps({"choices": [{"message": {"content": '["a", "b"]'}}]}).encode() if status == 200 else b""
+                )
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_so_the_key_never_reaches_another_host(status):
+    other = Recorder(lambda path: (200, {}))  # the address a hostile or misconfigured endpoint points to
+    first = Recorder(lambda path: (status, {"Location": f"{other.url}/steal"}))
+    try:
+        ep = ChatEndpoint.from_environment(base_url=f"{first.url}/v1", model="m", api_key=KEY, environ={})
+        client = ChatClient(ep, retries=3, sleep=lambda s: None)
+        with pytest.raises(EndpointError, match=rf"HTTP {status} .*a redirect to {other.url}/steal") as err:
+            client.chat([{"role": "user", "content": "hi"}])
+        assert "follows no redirect" in str(err.value) and KEY not in str(err.value)
+        assert other.seen == []  # the other server received nothing, so not the key
+        assert [(m, p) for m, p, _ in first.seen] == [("POST", "/v1/chat/completions")]  # asked once, not retried
+        assert first.seen[0][2]["Authorization"] == f"Bearer {KEY}"
+    finally:
+        first.close()
+        other.close()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "null", "3", '{"format": "other"}'])
+def test_a_cache_entry_that_is_not_a_record_is_asked_again_with_a_warning(endpoint, tmp_path, caplog, content):
+    client = client_for(endpoint)
+    first = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                             show_progress=False)  # fmt: skip
+    (entry,) = (tmp_path / "descriptions").glob("*.json")
+    entry.write_text(content)  # valid JSON, not a description record: AttributeError on a list before
+    caplog.set_level("WARNING", logger="fewclip.generation")
+    again = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                             show_progress=False)  # fmt: skip
+    assert again.requests == 1 and again.cached == 0 and again.descriptions == first.descriptions
+    assert str(entry) in caplog.text and "not a fewclip description record" in caplog.text
+    assert json.loads(entry.read_text())["sentences"] == first.descriptions["beagle"]  # rewritten
+
+
+def test_an_unparsed_answer_that_echoes_the_key_is_shown_masked(endpoint, tmp_path, monkeypatch, capsys):
+    endpoint.script["beagle"] = [(200, f"Cannot comply; your key {KEY} is logged.")]
+    client = client_for(endpoint)
+    result = describe_classes(["beagle"], client, n=3, template=prompt_template(), cache_dir=tmp_path,
+                              show_progress=False)  # fmt: skip
+    assert KEY not in result.failed["beagle"] and "your key *** is logged" in result.failed["beagle"]
+    (tmp_path / "classes.txt").write_text("beagle\n")
+    monkeypatch.setenv("MY_KEY", KEY)
+    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"),
+            "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY", "-n", "3",
+            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "'beagle'" in captured.err and "***" in captured.err and KEY not in captured.out + captured.err
+    # an answer that parses but echoes the key is cached with the key masked
+    endpoint.script["beagle"] = [(200, json.dumps(["A dog.", "A hound.", f"Key {KEY}."]))]
+    assert main(argv) == 0
+    assert KEY.encode() not in all_file_bytes(tmp_path) and KEY not in capsys.readouterr().out
 
 
 def test_a_description_file_missing_classes_is_an_error_listing_every_one(tmp_path):
@@ -468,6 +605,32 @@ def test_write_generated_set_round_trips_and_its_checksum_catches_a_flipped_byte
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="checksum"):
         load_generated_set(tmp_path / "set")
+
+
+def test_a_class_name_listed_twice_gets_the_samples_of_that_name_for_each_label(tmp_path):
+    from fewclip.generation import GeneratedSet
+
+    # ImageNet names two classes 'missile' (and two 'sunglasses'): the set holds the name once, both labels need it
+    images = tuple(Path(f"/gen/{n}.png") for n in ("m0", "m1", "c0", "c1", "m2"))
+    latents = torch.arange(5.0)[:, None, None, None].expand(5, 4, 2, 2).clone()
+    gen = GeneratedSet(("missile", "cat"), images, torch.tensor([0, 0, 1, 1, 0]), latents, ("pm0", "pm1", "pc0",
+                       "pc1", "pm2"))  # fmt: skip
+    sub = gen.for_classes(["missile", "cat", "missile"])
+    assert torch.bincount(sub.labels, minlength=3).tolist() == [3, 2, 3]  # before: [0, 2, 3], the first missile lost
+    # each row once per label, in the set's order; images, latents and prompts stay aligned with the labels
+    assert [(p.stem, y) for p, y in zip(sub.images, sub.labels.tolist())] == [
+        ("m0", 0), ("m0", 2), ("m1", 0), ("m1", 2), ("c0", 1), ("c1", 1), ("m2", 0), ("m2", 2),
+    ]  # fmt: skip
+    assert [int(z[0, 0, 0]) for z in sub.latents] == [0, 0, 1, 1, 2, 3, 4, 4]
+    assert all(prompt == "p" + path.stem for prompt, path in zip(sub.prompts, sub.images))
+    # a name the set lacks is still named, once per class of that name; missing_ok keeps the others
+    with pytest.raises(DataError, match="no generated samples for 2 class.*'dog', 'dog'"):
+        gen.for_classes(["dog", "cat", "dog"])
+    partial = gen.for_classes(["dog", "missile", "dog", "missile"], missing_ok=True)
+    assert torch.bincount(partial.labels, minlength=4).tolist() == [0, 3, 0, 3]
+    # without repeated names nothing changes: each row once, in order
+    assert [p.stem for p in gen.for_classes(["cat", "missile"]).images] == ["m0", "m1", "c0", "c1", "m2"]
+    assert gen.for_classes(["cat", "missile"]).labels.tolist() == [1, 1, 0, 0, 1] and len(gen.for_classes([])) == 0
 
 
 def test_model_loading_errors_name_the_fix(tmp_path, monkeypatch):

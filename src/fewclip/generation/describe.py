@@ -11,7 +11,8 @@ class's answer is cached in ``<cache>/descriptions/<key>.json``, key = SHA-256 o
 temperature, max_tokens), as soon as it arrives: a rerun asks nothing twice and an interrupted run resumes where it
 stopped. 429, 5xx and dropped connections are retried with exponential back-off (``Retry-After`` is honoured). The
 API key is sent in the ``Authorization`` header and nowhere else: it is not part of any cache key or file, and any
-text from the server that is shown in an error has it masked.
+text from the server that is shown in an error has it masked. A key with a line break or other character that cannot
+go in a header is refused naming its variable, not the key.
 """
 
 from __future__ import annotations
@@ -170,6 +171,29 @@ def write_descriptions(path: str | os.PathLike, descriptions: Mapping[str, Seque
 # --------------------------------------------------------------------------- the chat endpoint
 
 
+def clean_api_key(key: str | None, source: str) -> str | None:
+    """``key`` without surrounding whitespace (None when that leaves nothing). A key holding anything but visible
+    ASCII characters (a line break, another control character, a space, a non-ASCII letter: a copy-paste accident)
+    cannot go in an HTTP header and is refused with a :class:`GenerationError` naming ``source`` (where the key
+    came from) and the position of the first such character, never the key itself."""
+    if key is None:
+        return None
+    key = key.strip()
+    for position, char in enumerate(key, 1):
+        if not "!" <= char <= "~":
+            if char == " ":
+                kind = "a space"
+            elif char.isascii():
+                kind = "a line break or other control character"
+            else:
+                kind = "a non-ASCII character"
+            raise GenerationError(
+                f"the API key in {source} holds {kind} (character {position}), which cannot be sent in an HTTP "
+                "header; set it to the key alone, without quotes, spaces or line breaks pasted in."
+            )
+    return key or None
+
+
 @dataclass(frozen=True)
 class ChatEndpoint:
     """Where and how to ask: an OpenAI-compatible ``/chat/completions`` endpoint. ``api_key`` is never shown."""
@@ -180,6 +204,9 @@ class ChatEndpoint:
     temperature: float = DEFAULT_TEMPERATURE
     max_tokens: int | None = None
     timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key", clean_api_key(self.api_key, "the api_key given to ChatEndpoint"))
 
     @classmethod
     def from_environment(
@@ -194,7 +221,7 @@ class ChatEndpoint:
     ) -> ChatEndpoint:
         """Options first, then ``OPENAI_BASE_URL`` (default the OpenAI API), ``FEWCLIP_DESCRIBE_MODEL`` or
         ``OPENAI_MODEL``, and the key from the variable ``api_key_env`` (none: no Authorization header, as local
-        servers accept)."""
+        servers accept), checked by :func:`clean_api_key` (an error names the variable, never the key)."""
         url = base_url or environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         name = model or environ.get("FEWCLIP_DESCRIBE_MODEL") or environ.get("OPENAI_MODEL")
         if not name:
@@ -203,7 +230,10 @@ class ChatEndpoint:
             )
         if not url.startswith(("http://", "https://")):
             raise GenerationError(f"base URL {url!r} must start with http:// or https:// (e.g. {DEFAULT_BASE_URL}).")
-        key = api_key if api_key is not None else environ.get(api_key_env) or None
+        if api_key is not None:
+            key = clean_api_key(api_key, "the api_key option")
+        else:
+            key = clean_api_key(environ.get(api_key_env), f"the environment variable {api_key_env}")
         return cls(url.rstrip("/"), name, key, **options)
 
 
@@ -211,9 +241,19 @@ class EndpointError(GenerationError):
     """The endpoint refused a request, or kept failing after every retry."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib would re-send a redirected POST as a GET to the new address with every header,
+    the API key's ``Authorization`` included, to whatever host the ``Location`` names. Returning None leaves the
+    3xx answer to be raised as an :class:`urllib.error.HTTPError`, which :meth:`ChatClient.chat` reports."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        return None
+
+
 class ChatClient:
-    """POSTs chat requests with urllib; transient failures (429, 408, 5xx, dropped or refused connections,
-    timeouts) are retried up to ``retries`` times, waiting ``backoff * 2**attempt`` seconds (at most
+    """POSTs chat requests with urllib, following no redirect (an :class:`EndpointError` naming the status and the
+    ``Location``: the key is never sent to another address); transient failures (429, 408, 5xx, dropped or refused
+    connections, timeouts) are retried up to ``retries`` times, waiting ``backoff * 2**attempt`` seconds (at most
     ``max_backoff``; a server's ``Retry-After`` when it says so). ``sleep`` is injectable for tests; ``requests``
     counts HTTP requests sent."""
 
@@ -230,10 +270,22 @@ class ChatClient:
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.sleep = sleep if sleep is not None else time.sleep
         self.requests = 0
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
+        """``text`` with the API key masked, as written and as Python shows it escaped in a str or bytes repr."""
         key = self.endpoint.api_key
-        return text.replace(key, "***") if key else text
+        if not key:
+            return text
+        forms = {key, repr(key)[1:-1], repr(key.encode("utf-8", "backslashreplace"))[2:-1]}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
+
+    def _send(self, request: urllib.request.Request) -> bytes:
+        """The body of the answer to ``request`` (urllib's exceptions propagate; a redirect is an HTTPError)."""
+        with self._opener.open(request, timeout=self.endpoint.timeout) as response:
+            return response.read()
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
         delay = min(self.backoff * 2**attempt, self.max_backoff)
@@ -263,11 +315,17 @@ class ChatClient:
             self.requests += 1
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=ep.timeout) as response:
-                    payload = response.read()
-                return self._choices(payload, url)
+                payload = self._send(request)
             except urllib.error.HTTPError as exc:
-                detail = self._redact(_error_body(exc))
+                if 300 <= exc.code < 400:
+                    location = self.redact(str(exc.headers.get("Location", "")) if exc.headers else "")
+                    raise EndpointError(
+                        f"{url}: the endpoint answered HTTP {exc.code} {exc.reason}, a redirect to "
+                        f"{location or '(no Location given)'}. fewclip follows no redirect, so that the API key is "
+                        "never sent to another address; if that address is the endpoint you mean, pass it as "
+                        "--base-url (or OPENAI_BASE_URL)."
+                    ) from None
+                detail = self.redact(_error_body(exc))
                 last = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
                 if exc.code not in _TRANSIENT_STATUS and exc.code < 500:
                     hint = " (check the API key variable)" if exc.code in (401, 403) else ""
@@ -275,7 +333,13 @@ class ChatClient:
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
-                last = f"{type(exc).__name__}: {self._redact(str(reason))}"
+                last = f"{type(exc).__name__}: {self.redact(str(reason))}"
+            except ValueError as exc:  # the request could not be built (a bad header or URL): not transient
+                raise EndpointError(
+                    f"{url}: the request could not be sent ({type(exc).__name__}: {self.redact(str(exc))})."
+                ) from None
+            else:
+                return self._choices(payload, url)
             if attempt < self.retries:
                 delay = self._wait(attempt, retry_after)
                 logger.warning("%s: %s; retrying in %.1f s (%d/%d)", url, last, delay, attempt + 1, self.retries)
@@ -287,9 +351,10 @@ class ChatClient:
             obj = json.loads(payload)
             return [str(c["message"]["content"] or "") for c in obj["choices"]]
         except (ValueError, KeyError, TypeError) as exc:
-            shown = self._redact(payload[:200].decode("utf-8", "replace"))
+            shown = self.redact(payload[:200].decode("utf-8", "replace"))
+            reason = self.redact(str(exc))
             raise EndpointError(
-                f"{url}: the answer is not an OpenAI chat completion ({type(exc).__name__}: {exc}); it starts "
+                f"{url}: the answer is not an OpenAI chat completion ({type(exc).__name__}: {reason}); it starts "
                 f"{shown!r}."
             ) from None
 
@@ -399,7 +464,8 @@ def describe_classes(
                 bar.update(1)
                 continue
             prompt = fill_prompt(template, c, n)
-            answer = client.chat([{"role": "user", "content": prompt}])[0]
+            # the key masked at once: an answer echoing it shows it nowhere (errors, sentences, the cache)
+            answer = client.redact(client.chat([{"role": "user", "content": prompt}])[0])
             sentences = parse_sentences(answer)
             if not sentences:
                 failed[c] = " ".join(answer.split())[:120]
@@ -437,7 +503,9 @@ def _read_cached(path: Path) -> list[str] | None:
     except (OSError, ValueError) as exc:
         logger.warning("description cache %s is unreadable (%s); asking again", path, exc)
         return None
-    sentences = record.get("sentences") if isinstance(record, dict) else None
+    if not isinstance(record, dict):  # valid JSON, but not a record (a list, a number, null)
+        record = {}
+    sentences = record.get("sentences")
     if record.get("format") != DESCRIPTIONS_FORMAT or not isinstance(sentences, list) or not sentences:
         logger.warning("description cache %s is not a fewclip description record; asking again", path)
         return None

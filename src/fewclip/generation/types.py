@@ -83,8 +83,9 @@ class GeneratedSet:
         return tuple(int(s) for s in self.latents.shape[1:])  # type: ignore[return-value]
 
     def for_classes(self, classnames: Sequence[str], *, missing_ok: bool = False) -> GeneratedSet:
-        """The samples of ``classnames``, relabelled to their order there. A class with no sample is an error naming
-        the classes (or, with ``missing_ok``, simply has none)."""
+        """The samples of ``classnames``, relabelled to their order there; a name listed twice (two classes of that
+        name) gives both labels the same samples, each sample once per label. A class with no sample is an error
+        naming the classes (or, with ``missing_ok``, simply has none)."""
         own = {name: i for i, name in enumerate(self.classnames)}
         counts = torch.bincount(self.labels, minlength=len(self.classnames))
         missing = [c for c in classnames if c not in own or int(counts[own[c]]) == 0]
@@ -95,19 +96,33 @@ class GeneratedSet:
                 f"generated set: no generated samples for {len(missing)} class(es): {shown}{more}. Generate them "
                 "(fewclip generate) for these classes, or pass the generated set made for this dataset."
             )
-        new_label = torch.full((len(self.classnames),), -1, dtype=torch.long)
-        for j, name in enumerate(classnames):
-            if name in own:
-                new_label[own[name]] = j
-        mapped = new_label[self.labels] if len(self) else self.labels
-        keep = (mapped >= 0).nonzero().flatten()
+        # a name may label several classes (ImageNet has two 'missile's, two 'sunglasses'): each gets every sample
+        # of that name, its rows repeated once per label, in the set's row order then label order
+        source = torch.tensor([own[name] for name in classnames if name in own], dtype=torch.long)
+        target = torch.tensor([j for j, name in enumerate(classnames) if name in own], dtype=torch.long)
+        rows, labels = _repeat_per_label(self.labels, source, target, len(self.classnames))
         return GeneratedSet(
             classnames=tuple(classnames),
-            images=tuple(self.images[i] for i in keep.tolist()),
-            labels=mapped[keep],
-            latents=self.latents[keep],
-            prompts=tuple(self.prompts[i] for i in keep.tolist()),
+            images=tuple(self.images[i] for i in rows.tolist()),
+            labels=labels,
+            latents=self.latents[rows],
+            prompts=tuple(self.prompts[i] for i in rows.tolist()),
         )
+
+
+def _repeat_per_label(
+    labels: torch.Tensor, source: torch.Tensor, target: torch.Tensor, num_source: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, new labels): each row i of ``labels`` [n] (classes 0..num_source-1) once for every pair k with
+    ``source[k] == labels[i]``, labelled ``target[k]``; rows in order, a row's copies in the order of the pairs. Rows of
+    a class in no pair are dropped. O(n + pairs) memory."""
+    count = torch.bincount(source, minlength=num_source)  # labels each class of the set goes to
+    grouped = target[torch.argsort(source, stable=True)]  # the pairs' targets, grouped by source class
+    first = torch.cumsum(count, 0) - count  # where a source class's targets start in ``grouped``
+    copies = count[labels]
+    rows = torch.repeat_interleave(torch.arange(labels.numel()), copies)
+    nth = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(copies, 0) - copies, copies)
+    return rows, grouped[first[labels[rows]] + nth]
 
 
 def _index_path(folder: Path) -> Path:

@@ -284,7 +284,8 @@ class FLIER(ImageMethod):
     head_init: str = param(
         "text",
         Options(HEAD_INITS),
-        doc="classification head from the zero-shot text classifier, or FT-CLIP's random init (as released)",
+        doc="classification head from the zero-shot text classifier, or FT-CLIP's random init (as released; refused "
+        "when a class has no support images, base-to-new or cross-dataset, as its rows would stay random)",
     )
     train_latent_encoder: bool = param(
         True,
@@ -322,6 +323,17 @@ class FLIER(ImageMethod):
         return bool(self.use_generated)
 
     def _check(self, data: ImageEpisode) -> None:
+        if self.head_init == "random":
+            unseen = (data.shots_per_class() == 0).nonzero().flatten().tolist()
+            if unseen:
+                names = ", ".join(repr(data.classnames[c]) for c in unseen[:5])
+                more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+                raise MethodError(
+                    f"flier: head_init='random' with {len(unseen)} class(es) without support images ({names}{more}; "
+                    "base-to-new or cross-dataset): nothing trains their head rows, so they would stay at the random "
+                    "init and be predicted at chance. Use head_init='text' (the default; --set flier:head_init=text), "
+                    "whose rows for those classes are the zero-shot text classifier."
+                )
         generated = getattr(data, "generated", None)
         if self.use_generated and generated is None:
             raise MethodError(
