@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,17 @@ from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols import runner
 from fewclip.protocols.results import read_predictions, read_result
-from fewclip.protocols.sweep import Distributed, SweepConfig, load_sweep, shard_of, sweep, task_groups
+from fewclip.protocols.sweep import (
+    Distributed,
+    SweepConfig,
+    load_sweep,
+    run_cells,
+    shard_of,
+    sweep,
+    task_device,
+    task_groups,
+    worker_context,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BB = "local-dir-model"
@@ -356,6 +367,33 @@ def test_torchrun_extraction_gives_the_single_process_cache(env, tmp_path):
     assert results_of(multi / "out") == results_of(single / "out")
     # both ranks encoded a share: rank 1 says how much, rank 0 read it from the cache
     assert int(done.stdout.split("rank 1: encoded ")[1].split()[0]) > 0
+
+
+def test_a_fitting_worker_without_a_gpu_fits_on_the_cpu_from_a_warm_cache(env, serial, monkeypatch):
+    # the grid names --device cuda; this task has no GPU (none on this machine, or Ray reserved none for it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = grid(env, serial[2], METHODS).runs[0]
+    config = replace(config, backbone=replace(config.backbone, device="cuda"))
+    out = str(serial[2] / "out")
+    cells = [c for c in runner.plan(config, out).cells if c.method == "tip-adapter" and c.shots == 2]
+    outcomes, encoded = run_cells(config, out, cells)
+    assert [o.error for o in outcomes] == [None] * len(cells) and len(cells) == 2 and encoded == 0
+    assert str(worker_context(config, out)[2].backbone.device) == "cpu"
+
+
+def test_task_device_is_the_gpu_the_task_was_given_or_the_cpu(monkeypatch):
+    cuda3 = BackboneSpec("RN50", device="cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert task_device(cuda3).device == "cpu" and task_device(BackboneSpec("RN50")).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task_device(cuda3).device == "cuda:3"  # --jobs workers, torchrun ranks: the device named
+    gpus: list = []
+    context = SimpleNamespace(get_task_id=lambda: "task")
+    fake = SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context, get_gpu_ids=lambda: gpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert task_device(cuda3).device == "cpu"  # a Ray task that reserved no GPU
+    gpus.append(3)
+    assert task_device(cuda3).device == "cuda"  # Ray exposes its one GPU as cuda (cuda:0)
 
 
 def test_ray_missing_is_a_clear_error(env, tmp_path, monkeypatch, capsys):

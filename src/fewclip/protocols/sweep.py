@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections import deque
@@ -303,6 +304,28 @@ def _backbone(spec: BackboneSpec):
     return _BACKBONES[spec]
 
 
+def _ray_gpu_ids() -> list | None:
+    """The GPUs Ray gave this task (``[]``: none), or None outside a Ray task."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_task_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def task_device(spec: BackboneSpec) -> BackboneSpec:
+    """``spec`` on the device this task actually has: a CUDA device only where a GPU is there for it (in a Ray task:
+    one Ray assigned, which it exposes as ``cuda``, whatever ``cuda:N`` the driver named); else the CPU, so that a
+    fitting task with no GPU reserved neither fails nor takes GPU memory it was not given."""
+    if not str(spec.device).startswith("cuda"):
+        return spec
+    import torch
+
+    gpus = _ray_gpu_ids()
+    if not torch.cuda.is_available() or gpus == []:
+        return replace(spec, device="cpu")
+    return replace(spec, device="cuda") if gpus else spec
+
+
 def worker_context(config: RunConfig, out_dir: str | Path) -> tuple[Plan, dict, Features, dict[str, Any], list[int]]:
     """(plan, episodes, features, common record, [image views encoded not yet reported]) of a unit, rebuilt in this
     process from its config and the feature cache, and kept for the unit's next cells (the last
@@ -313,7 +336,7 @@ def worker_context(config: RunConfig, out_dir: str | Path) -> tuple[Plan, dict, 
             warnings.simplefilter("ignore")
             the_plan = plan(config, out_dir)
         episodes = draw_episodes(the_plan, the_plan.cells, save=False)
-        features = encode(the_plan, episodes, FeatureStore(config.cache_dir), _backbone(config.backbone))
+        features = encode(the_plan, episodes, FeatureStore(config.cache_dir), _backbone(task_device(config.backbone)))
         while len(_CONTEXTS) >= _KEEP_CONTEXTS:
             _CONTEXTS.pop(next(iter(_CONTEXTS)))
         _CONTEXTS[key] = (the_plan, episodes, features, common_record(the_plan, features), [features.encoded])
