@@ -396,6 +396,33 @@ def test_task_device_is_the_gpu_the_task_was_given_or_the_cpu(monkeypatch):
     assert task_device(cuda3).device == "cuda"  # Ray exposes its one GPU as cuda (cuda:0)
 
 
+@pytest.mark.slow
+def test_torchrun_a_backbone_failing_on_one_rank_is_reported_by_all_not_a_hang(env, tmp_path):
+    # rank 1 cannot load the backbone (a sitecustomize breaks BackboneSpec.load there); rank 0 can
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from fewclip.errors import BackboneError\n"
+        "    from fewclip.models import BackboneSpec\n"
+        "    def load(self):\n"
+        "        raise BackboneError('rank 1 cannot load it, on purpose')\n"
+        "    BackboneSpec.load = load\n"
+    )
+    environ = subprocess_env()
+    environ["PYTHONPATH"] = os.pathsep.join([str(hook), environ["PYTHONPATH"]])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "fewclip", *argv(env, tmp_path / "out", tmp_path / "cache"), "--method", "zero-shot", "--shots", "1",
+               "--seeds", "1"]  # fmt: skip
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=240)
+    text = done.stdout + done.stderr
+    assert "rank 1 cannot load it, on purpose" in text  # rank 1 says why
+    assert "cannot be loaded on another rank" in text  # rank 0 says it skipped the backbone with rank 1
+    assert "0 passed, 1 failed" in text and done.returncode != 0  # rank 0 reports it (rank 1 exits 0)
+    assert "sweep rank 1: encoded 0" in done.stdout
+
+
 def test_ray_missing_is_a_clear_error(env, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     assert main([*argv(env, tmp_path / "o", tmp_path / "c", "--method", "zero-shot"), "--ray", "local"]) == 2

@@ -271,6 +271,10 @@ class SweepReport:
 
     @property
     def exit_status(self) -> int:
+        """Rank 0's alone under torchrun: it knows every failure (the ranks agree on them); another rank ending
+        first with an error would make torchrun stop rank 0 before it reports."""
+        if self.rank:
+            return 0
         return EXIT_FAILED if self.failed or self.unit_errors else 0
 
     def last_lines(self) -> str:
@@ -415,6 +419,16 @@ def _barrier() -> None:
     dist.barrier()
 
 
+def _all_ranks_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (an all-reduce of one flag, which gloo carries on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _init_distributed() -> None:
     import datetime
 
@@ -526,7 +540,8 @@ def sweep(
         t1 = time.perf_counter()
         _extract_all(report, out_dir, ray=ray, keep=jobs == 1 and ray is None and leader, dist=dist, log=log)
         report.seconds["extraction"] = time.perf_counter() - t1
-        if not leader:
+        if not leader:  # wait for rank 0's fits: a rank that ends first (with a failure) would make torchrun stop it
+            _barrier()
             _finish_distributed()
             return report
         t2 = time.perf_counter()
@@ -544,6 +559,7 @@ def sweep(
             report.failed += unit.cell_count() - len(unit.done)
     report.seconds["total"] = time.perf_counter() - t0
     if dist is not None:
+        _barrier()  # the other ranks wait here for the fits
         _finish_distributed()
     return report
 
@@ -569,25 +585,32 @@ def _extract_all(
     for unit in units:
         by_backbone.setdefault(unit.config.backbone, []).append(unit)
     for spec, group in by_backbone.items():
+        error = None
         try:
             backbone = spec.load()
         except FewclipError as exc:
+            error = f"the backbone {spec.model} cannot be loaded: {type(exc).__name__}: {exc}"
+        if dist is not None and not _all_ranks_ok(error is None):  # torchrun: every rank skips it, none waits
+            error = error or f"the backbone {spec.model} cannot be loaded on another rank (its log says why)"
+        if error is not None:
             for unit in group:
-                unit.error = f"the backbone {spec.model} cannot be loaded: {type(exc).__name__}: {exc}"
-            log(f"{spec.model}: cannot be loaded ({exc}); its {len(group)} dataset(s) are skipped.")
+                unit.error = error
+            log(f"{spec.model}: {error}; its {len(group)} dataset(s) are skipped.")
             continue
         if dist is not None:  # torchrun: every rank its share of every dataset, then rank 0 alone
-            for unit in group:
-                episodes = draw_episodes(unit.plan, unit.todo, save=False)
-                store = FeatureStore(unit.config.cache_dir)
-                try:
-                    share = encode_share(unit.plan, episodes, store, backbone, dist.rank, dist.world)
-                except FewclipError as exc:
-                    share = 0
-                    log(f"{unit.name}: rank {dist.rank} could not encode its share ({exc}); rank 0 will.")
-                unit.encoded += share
-                report.encoded += share
-            _barrier()
+            try:
+                for unit in group:
+                    episodes = draw_episodes(unit.plan, unit.todo, save=False)
+                    store = FeatureStore(unit.config.cache_dir)
+                    try:
+                        share = encode_share(unit.plan, episodes, store, backbone, dist.rank, dist.world)
+                    except FewclipError as exc:
+                        share = 0
+                        log(f"{unit.name}: rank {dist.rank} could not encode its share ({exc}); rank 0 will.")
+                    unit.encoded += share
+                    report.encoded += share
+            finally:
+                _barrier()  # every rank reaches it, whatever its share did
             if dist.rank != 0:
                 continue
         for unit in group:
