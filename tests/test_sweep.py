@@ -337,6 +337,41 @@ def test_jobs_2_gives_the_serial_results(env, serial, tmp_path):
 
 
 @pytest.mark.slow
+def test_jobs_a_dead_worker_costs_only_the_group_that_kills_it_twice(env, serial, tmp_path, monkeypatch):
+    # in the spawned workers: gda 2-shot seed 1 kills its process every time; tip-adapter 1-shot seed 2 only once
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "from pathlib import Path\n"
+        "from fewclip.protocols import sweep\n"
+        "real = sweep.run_cells\n"
+        "def run_cells(config, out_dir, cells, save_models=False):\n"
+        "    c = cells[0]\n"
+        "    once = Path(os.environ['FEWCLIP_TEST_ONCE'])\n"
+        "    if (c.method, c.shots, c.seed) == ('gda', 2, 1):\n"
+        "        os._exit(1)\n"
+        "    if (c.method, c.shots, c.seed) == ('tip-adapter', 1, 2) and not once.exists():\n"
+        "        once.touch()\n"
+        "        os._exit(1)\n"
+        "    return real(config, out_dir, cells, save_models)\n"
+        "sweep.run_cells = run_cells\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(SRC), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FEWCLIP_TEST_ONCE", str(tmp_path / "once"))
+    lines: list[str] = []
+    report = sweep(grid(env, serial[2], METHODS), tmp_path / "out", jobs=2, log=lines.append)
+    assert (report.passed, report.failed) == (11, 1) and (tmp_path / "once").exists()
+    assert any("a fitting worker died" in line for line in lines)
+    failed = tmp_path / "out" / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"
+    record = read_result(failed)
+    assert record["status"] == "failed" and "died twice" in record["error"]["message"]
+    failed.unlink()
+    ours = results_of(tmp_path / "out")
+    assert ours == {k: v for k, v in serial[1].items() if k in ours} and len(ours) == 11
+
+
+@pytest.mark.slow
 def test_ray_local_gives_the_serial_results(env, serial, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     # a cold cache for Ray: its extraction task encodes, its fitting tasks read what it wrote

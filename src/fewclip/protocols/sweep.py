@@ -679,12 +679,14 @@ def _fit_all_units(
     queue: deque[Future] = deque()
     # one thread publishes, in order: results are written by this process only, one at a time, as in a run
     with bar, ThreadPoolExecutor(1, thread_name_prefix="fewclip-publish") as publisher:
-        _fit_stage(units, out_dir, jobs, ray, save_models, publish, lost)
+        _fit_stage(units, out_dir, jobs, ray, save_models, publish, lost, log)
         while queue:
             queue.popleft().result()
 
 
-def _fit_stage(units: list[Unit], out_dir, jobs: int, ray: str | None, save_models: bool, publish, lost) -> None:
+def _fit_stage(
+    units: list[Unit], out_dir, jobs: int, ray: str | None, save_models: bool, publish, lost, log: Log = print
+) -> None:
     """The fitting itself: Ray tasks, one process, or ``jobs`` spawned processes; outcomes go to ``publish``."""
     if ray is not None:
         _fit_with_ray(units, out_dir, ray, save_models, publish, lost)
@@ -704,29 +706,81 @@ def _fit_stage(units: list[Unit], out_dir, jobs: int, ray: str | None, save_mode
                 publish(unit, outcomes)
             unit.features = None
     else:
-        _fit_with_processes(units, out_dir, jobs, save_models, publish, lost)
+        _fit_with_processes(units, out_dir, jobs, save_models, publish, lost, log)
 
 
-def _fit_with_processes(units, out_dir, jobs: int, save_models: bool, publish, lost) -> None:
+def _run_group(marks: str, index: int, config: RunConfig, out_dir: str, cells: Sequence[Cell], save_models: bool):
+    """:func:`run_cells` in a ``--jobs`` worker, with a mark file ``marks/index`` while it runs: the marks left when
+    the pool breaks name the groups its dead worker may have been fitting."""
+    mark = Path(marks, str(index))
+    mark.touch()
+    try:
+        return run_cells(config, out_dir, cells, save_models)
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _fit_with_processes(units, out_dir, jobs: int, save_models: bool, publish, lost, log: Log = print) -> None:
+    """Fit the groups in ``jobs`` spawned processes. When a worker dies (the pool breaks: killed for memory, a crash
+    in native code), the pool is rebuilt for the groups not finished, and each group that was running when it broke
+    is run once more alone: only one that breaks its own pool too is recorded failed, with the error."""
+    todo = [(unit, cells) for unit in units for cells in task_groups(unit.todo)]
+    while todo:
+        todo, suspects, error = _fit_in_pool(todo, out_dir, jobs, save_models, publish, lost)
+        if not suspects:
+            continue
+        log(
+            f"sweep: a fitting worker died ({error}); {len(suspects)} group(s) it may have been fitting are run again "
+            f"alone, {len(todo)} other(s) in a new pool."
+        )
+        for group in suspects:
+            rest, suspect, error = _fit_in_pool([group], out_dir, 1, save_models, publish, lost)
+            for unit, cells in rest + suspect:  # it broke its own pool too: its cells fail, with the error
+                cause = ResultsError(
+                    f"the process fitting it died twice, once alone (a crash in native code, or killed for memory): "
+                    f"{type(error).__name__}: {error}"
+                )
+                lost(unit, cells, cause)
+
+
+def _fit_in_pool(groups, out_dir, jobs: int, save_models: bool, publish, lost) -> tuple[list, list, Exception | None]:
+    """Run ``groups`` in one pool of ``jobs`` processes; (groups not finished and not suspect, groups running when
+    the pool broke, the error that broke it); ([], [], None) when it did not break."""
     import multiprocessing
+    import tempfile
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        pending: dict[Future, tuple[Unit, list[Cell]]] = {}
-        for unit in units:
-            for cells in task_groups(unit.todo):
-                pending[pool.submit(run_cells, unit.config, str(out_dir), cells, save_models)] = (unit, cells)
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                unit, cells = pending.pop(future)
-                try:
-                    outcomes, encoded = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker's failure is its cells' failure
-                    lost(unit, cells, exc)
-                    continue
-                publish(unit, outcomes, encoded)
+    unfinished: dict[int, tuple[Unit, list[Cell]]] = {}
+    broken: Exception | None = None
+    with tempfile.TemporaryDirectory(prefix="fewclip-jobs-") as marks:
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            pending: dict[Future, int] = {}
+            for index, (unit, cells) in enumerate(groups):
+                job = pool.submit(_run_group, marks, index, unit.config, str(out_dir), cells, save_models)
+                pending[job] = index
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    unit, cells = groups[index]
+                    try:
+                        outcomes, encoded = future.result()
+                    except BrokenProcessPool as exc:
+                        broken = exc
+                        unfinished[index] = (unit, cells)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - a worker's failure is its cells' failure
+                        lost(unit, cells, exc)
+                        continue
+                    publish(unit, outcomes, encoded)
+        running = {int(p.name) for p in Path(marks).iterdir()} & set(unfinished)
+    if broken is None:
+        return [], [], None
+    running = running or set(unfinished)  # it broke outside any group (starting a worker): every one is a suspect
+    rest = [g for i, g in unfinished.items() if i not in running]
+    return rest, [unfinished[i] for i in sorted(running)], broken
 
 
 # --------------------------------------------------------------------------- Ray
