@@ -267,6 +267,28 @@ def test_sweep_encodes_once_per_backbone_records_a_failing_cell_and_resumes(env,
     assert read_result(failed)["status"] == "ok" and again.exit_status == 0
 
 
+def test_save_models_on_a_finished_grid_runs_again_the_cells_without_a_classifier_file(env, tmp_path):
+    g = grid(env, tmp_path, ("zero-shot",), shots=[1], seeds=[1, 2])
+    out = tmp_path / "out"
+    assert sweep(g, out, log=lambda m: None).passed == 2
+    paths = sorted(out.rglob("shots_1-seed_*.json"))
+    assert len(paths) == 2 and not any("classifier_file" in read_result(p) for p in paths)
+    shown: list[str] = []
+    sweep(g, out, dry_run=True, save_models=True, log=lambda m: None, out=shown.append)
+    assert sum("no classifier file: run again (--save-models)" in line for line in shown) == 2
+    again = sweep(g, out, save_models=True, log=lambda m: None)
+    assert (again.passed, again.skipped) == (2, 0)
+    for path in paths:
+        assert runner.has_classifier(path, read_result(path))
+    # with the files there, a third --save-models sweep has nothing to do; fewclip run decides the same way
+    assert (sweep(g, out, save_models=True, log=lambda m: None).skipped, len(runner.partition(runner.plan(
+        g.runs[0], out), save_models=True)[0])) == (2, 0)  # fmt: skip
+    path = paths[0]
+    path.with_name(read_result(path)["classifier_file"]).unlink()
+    assert runner.partition(runner.plan(g.runs[0], out), save_models=True)[0] == [runner.Cell("zero-shot", 1, 1)]
+    assert runner.partition(runner.plan(g.runs[0], out))[0] == []  # without --save-models: finished
+
+
 def test_a_unit_that_cannot_be_planned_is_reported_and_the_rest_runs(env, tmp_path, capsys):
     g = grid(env, tmp_path, ("zero-shot",), datasets=["oxford_pets", "dtd"])
     report = sweep(g, tmp_path / "out", log=print)

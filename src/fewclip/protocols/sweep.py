@@ -73,6 +73,7 @@ from .runner import (
     encode,
     error_record,
     fit_cell,
+    has_classifier,
     known_hashes,
     partition,
     plan,
@@ -521,7 +522,7 @@ def sweep(
     if dry_run:
         for unit in units:
             if unit.plan is not None:
-                unit.todo, unit.done = _partition_or_error(unit, force, log)
+                unit.todo, unit.done = _partition_or_error(unit, force, log, save_models)
         print_dry_run(report, out)
         return report
     leader = dist is None or dist.rank == 0
@@ -531,7 +532,7 @@ def sweep(
                 continue
             if leader:
                 locks.enter_context(results_lock(unit.plan.folder, wait=wait, log=log))
-            unit.todo, unit.done = _partition_or_error(unit, force, log)
+            unit.todo, unit.done = _partition_or_error(unit, force, log, save_models)
             unit.report = RunReport(unit.plan, [], [], [unit.plan.paths[c] for c in unit.done], [])
             unit.results = dict(unit.done)
             report.skipped += len(unit.done)
@@ -564,9 +565,11 @@ def sweep(
     return report
 
 
-def _partition_or_error(unit: Unit, force: bool, log: Log) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
+def _partition_or_error(
+    unit: Unit, force: bool, log: Log, save_models: bool = False
+) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
     try:
-        return partition(unit.plan, force)
+        return partition(unit.plan, force, save_models)
     except ResultsError as exc:  # a result of another setup in the way: this unit stops, the others go on
         unit.error = str(exc)
         log(f"{unit.name}: {exc}")
@@ -917,6 +920,8 @@ def print_dry_run(report: SweepReport, out: Callable[[str], None]) -> None:
                 state = "done"
             elif (old := read_result(the_plan.paths[cell])) is not None and old.get("status") == "failed":
                 state = "failed before: run again"
+            elif old is not None and cell in unit.todo and not has_classifier(the_plan.paths[cell], old):
+                state = "done, no classifier file: run again (--save-models)"
             else:
                 state = "to run" if cell in unit.todo else "blocked"
             target = f" -> {cell.target}" if cell.target else ""
