@@ -300,7 +300,9 @@ def test_ours_beside_published_with_the_difference(tmp_path):
     assert "| ImageNet | gda | val (fewshot) | 16 | top-1 | 71.00 ± 1.00 (2 seeds) | 63.82 | +7.18 |" in part
     assert "mrflogs/ICLR24" in part and "confirmed" in part
     assert "Published numbers of methods not in these results" in part and "APE-T" in part  # references
-    assert "unconfirmed published number(s) for RN50 left out" not in part or "--include-unconfirmed" in part
+    # RN50 few-shot has unconfirmed published numbers (LP++'s): left out, and the note says how to show them
+    assert "unconfirmed published number(s) for RN50 left out (--include-unconfirmed shows them, marked)" in part
+    assert "(unconfirmed)" not in part
     # not compared: another backbone, or a partial average
     other = tmp_path / "vit-laion"
     write(other, record("dtd", "gda", 16, 1, 50.0, backbone="ViT-B-16-laion", model="ViT-B-16", pretrained="laion"))
