@@ -438,6 +438,24 @@ def test_a_fitting_worker_without_a_gpu_fits_on_the_cpu_from_a_warm_cache(env, s
     assert str(worker_context(config, out)[2].backbone.device) == "cpu"
 
 
+def test_an_image_method_in_a_worker_without_a_gpu_trains_and_scores_on_the_cpu(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    g = SweepConfig.from_dict(
+        {
+            "data": {"data_root": str(env.data_root), "datasets": ["oxford_pets"]},
+            "backbones": [{"model": env.model, "device": "cuda"}],
+            "methods": {"names": ["clip-ft"], "overrides": {"clip-ft": {"epochs": 1, "scope": "last"}}},
+            "protocol": {"shots": [1], "seeds": [1]},
+            "extraction": {"views": 1, "progress": False},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    config, out = g.runs[0], str(tmp_path / "out")
+    assert config.backbone.device == "cuda"
+    outcomes, _ = run_cells(config, out, runner.plan(config, out).cells, save_models=True)
+    assert [o.error for o in outcomes] == [None] and outcomes[0].classifier
+
+
 def test_task_device_is_the_gpu_the_task_was_given_or_the_cpu(monkeypatch):
     cuda3 = BackboneSpec("RN50", device="cuda:3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
