@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import fewclip.methods as M
 from conftest import FAST
@@ -317,6 +319,26 @@ def test_pretrained_override_of_a_moved_weights_folder_is_hash_checked(shop, tmp
         assert next(csv.DictReader(fh))["class"] == expected[0]["class"]
     with pytest.raises(ClassifierError, match="give the folder it moved to"):
         load_classifier(classifier, pretrained=tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_an_image_classifier_without_its_encoder_hash_is_refused_naming_the_file(shop, tmp_path):
+    _, _, classifier = image_cell(shop)
+    with safe_open(str(classifier), "pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if "encoder_state" in k and tensors[k].is_floating_point())
+    tensors[key] = tensors[key] + 1.0  # damaged parameters ...
+    method = json.loads(meta["method"])
+    fitted = json.loads(method["fitted"])
+    assert fitted.pop("encoder_sha256_")  # ... and the hash that would have caught them gone
+    method["fitted"] = json.dumps(fitted)
+    meta["method"] = json.dumps(method)
+    forged = tmp_path / "forged.classifier.safetensors"
+    save_file(tensors, str(forged), metadata=meta)
+    image = str(shop.root / shop.splits.test[0].path)
+    with pytest.raises(ClassifierError, match="damaged or not written by fewclip") as err:
+        load_classifier(forged).predict_images([image], progress=False)
+    assert str(forged) in str(err.value) and "--save-models" in str(err.value)
 
 
 # --------------------------------------------------------------------------- an image method's temperature

@@ -300,7 +300,9 @@ def test_ours_beside_published_with_the_difference(tmp_path):
     assert "| ImageNet | gda | val (fewshot) | 16 | top-1 | 71.00 ± 1.00 (2 seeds) | 63.82 | +7.18 |" in part
     assert "mrflogs/ICLR24" in part and "confirmed" in part
     assert "Published numbers of methods not in these results" in part and "APE-T" in part  # references
-    assert "unconfirmed published number(s) for RN50 left out" not in part or "--include-unconfirmed" in part
+    # RN50 few-shot has unconfirmed published numbers (LP++'s): left out, and the note says how to show them
+    assert "unconfirmed published number(s) for RN50 left out (--include-unconfirmed shows them, marked)" in part
+    assert "(unconfirmed)" not in part
     # not compared: another backbone, or a partial average
     other = tmp_path / "vit-laion"
     write(other, record("dtd", "gda", 16, 1, 50.0, backbone="ViT-B-16-laion", model="ViT-B-16", pretrained="laion"))
@@ -551,3 +553,28 @@ def test_published_as_compares_openai_weights_loaded_from_a_file(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Compared as CLIP RN50" in md and "| ImageNet | gda | val (fewshot) | 16 | top-1 |" in md
     assert "| 63.82 | -0.82 |" in md
+
+
+def test_results_of_different_setups_are_never_averaged_and_their_rows_say_how(tmp_path):
+    # the same method, dataset and shots, seeds 1 and 2, but seed 2 ran with one view instead of two
+    for seed, views, acc in [(1, 2, 60.0), (2, 1, 70.0)]:
+        rec = record("dtd", "tip-adapter", 16, seed, acc)
+        rec["setup"]["views"] = views
+        write(tmp_path, rec)
+    write(tmp_path, record("dtd", "zero-shot", 16, 1, 40.0))
+    items = summaries(tmp_path)
+    tips = sorted((s.name, s.n, s.means["test_accuracy"]) for s in items if s.method == "tip-adapter")
+    assert tips == [("tip-adapter <views=1>", 1, 70.0), ("tip-adapter <views=2>", 1, 60.0)]
+    assert one(items, method="zero-shot").name == "zero-shot"  # one setup: no tag
+    md = write_report([tmp_path], tmp_path / "report", plots=False).markdown.read_text()
+    assert "tip-adapter <views=2>" in md and "tip-adapter <views=1>" in md
+    # the same setup in a second dataset: one variant, averaged; a different split within a dataset is told apart
+    for seed in (1, 2):
+        rec = record("eurosat", "gda", 16, seed, 50.0 + seed)
+        rec["setup"]["split_sha256"] = f"split-{seed}"
+        write(tmp_path, rec)
+        write(tmp_path, record("dtd", "gda", 16, seed, 60.0))
+    gda = [s for s in summaries(tmp_path) if s.method == "gda"]
+    assert sorted(s.name for s in gda if s.dataset == "dtd") == ["gda"]
+    assert sorted(s.name for s in gda if s.dataset == "eurosat") == ["gda <split_sha256=split-1>",
+                                                                     "gda <split_sha256=split-2>"]  # fmt: skip

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,17 @@ from fewclip.models import BackboneSpec
 from fewclip.models.tiny import save_tiny_openclip
 from fewclip.protocols import runner
 from fewclip.protocols.results import read_predictions, read_result
-from fewclip.protocols.sweep import Distributed, SweepConfig, load_sweep, shard_of, sweep, task_groups
+from fewclip.protocols.sweep import (
+    Distributed,
+    SweepConfig,
+    load_sweep,
+    run_cells,
+    shard_of,
+    sweep,
+    task_device,
+    task_groups,
+    worker_context,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BB = "local-dir-model"
@@ -256,6 +267,28 @@ def test_sweep_encodes_once_per_backbone_records_a_failing_cell_and_resumes(env,
     assert read_result(failed)["status"] == "ok" and again.exit_status == 0
 
 
+def test_save_models_on_a_finished_grid_runs_again_the_cells_without_a_classifier_file(env, tmp_path):
+    g = grid(env, tmp_path, ("zero-shot",), shots=[1], seeds=[1, 2])
+    out = tmp_path / "out"
+    assert sweep(g, out, log=lambda m: None).passed == 2
+    paths = sorted(out.rglob("shots_1-seed_*.json"))
+    assert len(paths) == 2 and not any("classifier_file" in read_result(p) for p in paths)
+    shown: list[str] = []
+    sweep(g, out, dry_run=True, save_models=True, log=lambda m: None, out=shown.append)
+    assert sum("no classifier file: run again (--save-models)" in line for line in shown) == 2
+    again = sweep(g, out, save_models=True, log=lambda m: None)
+    assert (again.passed, again.skipped) == (2, 0)
+    for path in paths:
+        assert runner.has_classifier(path, read_result(path))
+    # with the files there, a third --save-models sweep has nothing to do; fewclip run decides the same way
+    assert (sweep(g, out, save_models=True, log=lambda m: None).skipped, len(runner.partition(runner.plan(
+        g.runs[0], out), save_models=True)[0])) == (2, 0)  # fmt: skip
+    path = paths[0]
+    path.with_name(read_result(path)["classifier_file"]).unlink()
+    assert runner.partition(runner.plan(g.runs[0], out), save_models=True)[0] == [runner.Cell("zero-shot", 1, 1)]
+    assert runner.partition(runner.plan(g.runs[0], out))[0] == []  # without --save-models: finished
+
+
 def test_a_unit_that_cannot_be_planned_is_reported_and_the_rest_runs(env, tmp_path, capsys):
     g = grid(env, tmp_path, ("zero-shot",), datasets=["oxford_pets", "dtd"])
     report = sweep(g, tmp_path / "out", log=print)
@@ -326,6 +359,41 @@ def test_jobs_2_gives_the_serial_results(env, serial, tmp_path):
 
 
 @pytest.mark.slow
+def test_jobs_a_dead_worker_costs_only_the_group_that_kills_it_twice(env, serial, tmp_path, monkeypatch):
+    # in the spawned workers: gda 2-shot seed 1 kills its process every time; tip-adapter 1-shot seed 2 only once
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "from pathlib import Path\n"
+        "from fewclip.protocols import sweep\n"
+        "real = sweep.run_cells\n"
+        "def run_cells(config, out_dir, cells, save_models=False):\n"
+        "    c = cells[0]\n"
+        "    once = Path(os.environ['FEWCLIP_TEST_ONCE'])\n"
+        "    if (c.method, c.shots, c.seed) == ('gda', 2, 1):\n"
+        "        os._exit(1)\n"
+        "    if (c.method, c.shots, c.seed) == ('tip-adapter', 1, 2) and not once.exists():\n"
+        "        once.touch()\n"
+        "        os._exit(1)\n"
+        "    return real(config, out_dir, cells, save_models)\n"
+        "sweep.run_cells = run_cells\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(SRC), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FEWCLIP_TEST_ONCE", str(tmp_path / "once"))
+    lines: list[str] = []
+    report = sweep(grid(env, serial[2], METHODS), tmp_path / "out", jobs=2, log=lines.append)
+    assert (report.passed, report.failed) == (11, 1) and (tmp_path / "once").exists()
+    assert any("a fitting worker died" in line for line in lines)
+    failed = tmp_path / "out" / "oxford_pets" / BB / "fewshot" / "gda" / "shots_2-seed_1.json"
+    record = read_result(failed)
+    assert record["status"] == "failed" and "died twice" in record["error"]["message"]
+    failed.unlink()
+    ours = results_of(tmp_path / "out")
+    assert ours == {k: v for k, v in serial[1].items() if k in ours} and len(ours) == 11
+
+
+@pytest.mark.slow
 def test_ray_local_gives_the_serial_results(env, serial, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     # a cold cache for Ray: its extraction task encodes, its fitting tasks read what it wrote
@@ -356,6 +424,78 @@ def test_torchrun_extraction_gives_the_single_process_cache(env, tmp_path):
     assert results_of(multi / "out") == results_of(single / "out")
     # both ranks encoded a share: rank 1 says how much, rank 0 read it from the cache
     assert int(done.stdout.split("rank 1: encoded ")[1].split()[0]) > 0
+
+
+def test_a_fitting_worker_without_a_gpu_fits_on_the_cpu_from_a_warm_cache(env, serial, monkeypatch):
+    # the grid names --device cuda; this task has no GPU (none on this machine, or Ray reserved none for it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = grid(env, serial[2], METHODS).runs[0]
+    config = replace(config, backbone=replace(config.backbone, device="cuda"))
+    out = str(serial[2] / "out")
+    cells = [c for c in runner.plan(config, out).cells if c.method == "tip-adapter" and c.shots == 2]
+    outcomes, encoded = run_cells(config, out, cells)
+    assert [o.error for o in outcomes] == [None] * len(cells) and len(cells) == 2 and encoded == 0
+    assert str(worker_context(config, out)[2].backbone.device) == "cpu"
+
+
+def test_an_image_method_in_a_worker_without_a_gpu_trains_and_scores_on_the_cpu(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    g = SweepConfig.from_dict(
+        {
+            "data": {"data_root": str(env.data_root), "datasets": ["oxford_pets"]},
+            "backbones": [{"model": env.model, "device": "cuda"}],
+            "methods": {"names": ["clip-ft"], "overrides": {"clip-ft": {"epochs": 1, "scope": "last"}}},
+            "protocol": {"shots": [1], "seeds": [1]},
+            "extraction": {"views": 1, "progress": False},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    config, out = g.runs[0], str(tmp_path / "out")
+    assert config.backbone.device == "cuda"
+    outcomes, _ = run_cells(config, out, runner.plan(config, out).cells, save_models=True)
+    assert [o.error for o in outcomes] == [None] and outcomes[0].classifier
+
+
+def test_task_device_is_the_gpu_the_task_was_given_or_the_cpu(monkeypatch):
+    cuda3 = BackboneSpec("RN50", device="cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert task_device(cuda3).device == "cpu" and task_device(BackboneSpec("RN50")).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task_device(cuda3).device == "cuda:3"  # --jobs workers, torchrun ranks: the device named
+    gpus: list = []
+    context = SimpleNamespace(get_task_id=lambda: "task")
+    fake = SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context, get_gpu_ids=lambda: gpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert task_device(cuda3).device == "cpu"  # a Ray task that reserved no GPU
+    gpus.append(3)
+    assert task_device(cuda3).device == "cuda"  # Ray exposes its one GPU as cuda (cuda:0)
+
+
+@pytest.mark.slow
+def test_torchrun_a_backbone_failing_on_one_rank_is_reported_by_all_not_a_hang(env, tmp_path):
+    # rank 1 cannot load the backbone (a sitecustomize breaks BackboneSpec.load there); rank 0 can
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from fewclip.errors import BackboneError\n"
+        "    from fewclip.models import BackboneSpec\n"
+        "    def load(self):\n"
+        "        raise BackboneError('rank 1 cannot load it, on purpose')\n"
+        "    BackboneSpec.load = load\n"
+    )
+    environ = subprocess_env()
+    environ["PYTHONPATH"] = os.pathsep.join([str(hook), environ["PYTHONPATH"]])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "fewclip", *argv(env, tmp_path / "out", tmp_path / "cache"), "--method", "zero-shot", "--shots", "1",
+               "--seeds", "1"]  # fmt: skip
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=240)
+    text = done.stdout + done.stderr
+    assert "rank 1 cannot load it, on purpose" in text  # rank 1 says why
+    assert "cannot be loaded on another rank" in text  # rank 0 says it skipped the backbone with rank 1
+    assert "0 passed, 1 failed" in text and done.returncode != 0  # rank 0 reports it (rank 1 exits 0)
+    assert "sweep rank 1: encoded 0" in done.stdout
 
 
 def test_ray_missing_is_a_clear_error(env, tmp_path, monkeypatch, capsys):

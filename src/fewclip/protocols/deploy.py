@@ -163,7 +163,13 @@ class Classifier:
         encoder = model.image_encoder()
         found = (encoder.identity.get("finetuned") or {}).get("sha256")
         expected = getattr(model, "encoder_sha256_", None)
-        if expected is not None and found != expected:
+        if expected is None:  # every image method records it at fitting: without it nothing can be checked
+            raise ClassifierError(
+                f"{self.path or 'classifier'}: a classifier of a method fine-tuned on images without the SHA-256 of "
+                "its fine-tuned parameters (encoder_sha256_); the file is damaged or not written by fewclip: re-save "
+                "it with fewclip run --save-models."
+            )
+        if found != expected:
             raise ClassifierError(
                 f"{self.path or 'classifier'}: its fine-tuned parameters hash to SHA-256 {found}, but {expected} was "
                 "recorded when the model was fitted; the file is damaged: write it again (fewclip run --save-models)."

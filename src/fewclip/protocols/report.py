@@ -4,6 +4,7 @@ tables (torch-free: a report reads JSON only)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -113,15 +114,21 @@ CSV_COLUMNS = (
     "dataset", "target", "protocol", "backbone", "model", "pretrained", "backend", "method", "preset", "overrides",
     "selection", "selection_used", "val_kind", "test_tuned", "selected_on", "shots", "seed", *ACCURACY_COLUMNS,
     "temperature", "calibration_source", "test_ece_before", "test_ece_after", "val_ece_before", "val_ece_after",
-    "fit_seconds", "config_sha256", "run_id", "created", "path",
+    "fit_seconds", "config_sha256", "setup", "setup_tag", "run_id", "created", "path",
 )  # fmt: skip
 _INT_COLUMNS = {"shots", "seed"}
 _BOOL_COLUMNS = {"test_tuned"}
 _STR_COLUMNS = {
     "dataset", "target", "protocol", "backbone", "model", "pretrained", "backend", "method", "preset", "overrides",
-    "selection", "selection_used", "val_kind", "selected_on", "calibration_source", "config_sha256", "run_id",
-    "created", "path",
+    "selection", "selection_used", "val_kind", "selected_on", "calibration_source", "config_sha256", "setup",
+    "setup_tag", "run_id", "created", "path",
 }  # fmt: skip
+#: setup fields that are not part of what a row's setup compares: the cell itself (shots, seed, dataset, method, the
+#: digest of the episode's images, which differs per shots and seed) and what the variant key already holds (preset,
+#: overrides, selection)
+_SETUP_CELL = ("shots", "seed", "dataset", "method", "preset", "overrides", "selection", "protocol", "images_sha256")
+#: setup fields that differ from dataset to dataset by nature (compared only between results of one dataset)
+_SETUP_PER_DATASET = ("split_sha256", "prompts_sha256", "params")
 _REQUIRED = {
     "dataset": str,
     "protocol": str,
@@ -211,6 +218,10 @@ def result_row(record: Mapping[str, Any], path: str) -> dict[str, Any]:
         val_ece_after=_number(calibration.get("val_ece_after")),
         fit_seconds=_number(seconds.get("fit")),
         config_sha256=record.get("config_sha256"),
+        setup=json.dumps(
+            {k: v for k, v in setup.items() if k not in _SETUP_CELL}, sort_keys=True, separators=(",", ":")
+        ),
+        setup_tag=None,
         run_id=record.get("run_id"),
         created=record.get("created"),
         path=path,
@@ -285,13 +296,17 @@ def collect_results(folders: Sequence[str | Path], backbones: Sequence[str] | No
                 error = obj.get("error") if isinstance(obj.get("error"), Mapping) else {}
                 out.failed.append((name, f"{error.get('type', 'error')}: {error.get('message', '(no message)')}"))
                 continue
-            row = result_row(obj, name)
-            key = _cell_key(row)
-            if key in seen:
-                out.duplicates.append((name, seen[key]))
-                continue
-            seen[key] = name
-            out.rows.append(row)
+            out.rows.append(result_row(obj, name))
+    label_setups(out.rows)
+    kept = []
+    for row in out.rows:
+        key = _cell_key(row)
+        if key in seen:
+            out.duplicates.append((row["path"], seen[key]))
+            continue
+        seen[key] = row["path"]
+        kept.append(row)
+    out.rows = kept
     missing = [b for b in backbones or [] if b not in available]
     if missing:
         there = ", ".join(sorted(available)) or "none"
@@ -300,6 +315,44 @@ def collect_results(folders: Sequence[str | Path], backbones: Sequence[str] | No
             f"(backbones there: {there})."
         )
     return out
+
+
+def _setup_value(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(text) <= 24:
+        return text.strip('"')
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _differing(setups: Sequence[Mapping[str, Any]], fields: Iterable[str] | None = None) -> list[str]:
+    keys = sorted({k for s in setups for k in s} if fields is None else fields)
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in setups}) > 1]
+
+
+def label_setups(rows: Sequence[dict[str, Any]]) -> None:
+    """Set each row's ``setup_tag``: empty when every result of its method (same backbone and protocol) has the
+    same setup (views, augmentation, precision, prompts, sampler, validation kind, model, ...; not shots, seed or
+    dataset), else the fields that differ with this row's values (``views=2``), so that results of different setups
+    are never averaged together and their rows say how they differ. Setup fields that differ between datasets by
+    nature (the split, images, class prompts, resolved hyperparameters) are compared only within one dataset."""
+    general: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        setup = json.loads(row.get("setup") or "{}")
+        row["_setup"] = setup
+        general.setdefault((row["backbone"], row["protocol"], row["method"]), []).append(row)
+    for members in general.values():
+        setups = [{k: v for k, v in r["_setup"].items() if k not in _SETUP_PER_DATASET} for r in members]
+        fields = _differing(setups)
+        per_dataset: dict[tuple, list[dict[str, Any]]] = {}
+        for r in members:
+            per_dataset.setdefault((r["dataset"], r["target"]), []).append(r)
+        for group in per_dataset.values():
+            local = _differing([r["_setup"] for r in group], _SETUP_PER_DATASET)
+            for r in group:
+                tags = [f"{k}={_setup_value(r['_setup'].get(k))}" for k in [*fields, *local]]
+                r["setup_tag"] = ", ".join(tags) or None
+    for row in rows:
+        del row["_setup"]
 
 
 # --------------------------------------------------------------------------- the CSV of every result
@@ -366,17 +419,26 @@ def preset_label(row: Mapping[str, Any]) -> str | None:
     return preset
 
 
-def variant_key(row: Mapping[str, Any]) -> tuple[str, str | None, str, str]:
+def variant_key(row: Mapping[str, Any]) -> tuple[str, str | None, str, str, str]:
     """What makes results of one method comparable across seeds and datasets: (method, preset label, overrides,
-    selected on). Results that differ in any of these are never averaged together (test-tuned ones included)."""
-    return (row["method"], preset_label(row), row.get("overrides") or "{}", row["selected_on"])
+    selected on, setup tag). Results that differ in any of these are never averaged together (test-tuned ones
+    included); the setup tag (:func:`label_setups`) names the setup fields in which this method's results differ."""
+    return (
+        row["method"],
+        preset_label(row),
+        row.get("overrides") or "{}",
+        row["selected_on"],
+        row.get("setup_tag") or "",
+    )
 
 
 def variant_name(key: Sequence[Any]) -> str:
-    """``method``, ``method [preset]``, ``method [preset] {"k": v}``: the method column of the tables."""
-    method, preset, overrides, _ = key
+    """``method``, ``method [preset]``, ``method [preset] {"k": v}``, then ``<views=2>`` when this method's results
+    have different setups: the method column of the tables."""
+    method, preset, overrides, _, tag = key
     name = method + (f" [{preset}]" if preset else "")
-    return name + (f" {overrides}" if overrides and overrides != "{}" else "")
+    name += f" {overrides}" if overrides and overrides != "{}" else ""
+    return name + (f" <{tag}>" if tag else "")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -396,7 +458,7 @@ class Summary:
     protocol: str
     dataset: str
     target: str | None
-    variant: tuple[str, str | None, str, str]
+    variant: tuple[str, str | None, str, str, str]
     shots: int
     seeds: list[int]
     means: dict[str, float]

@@ -493,11 +493,15 @@ def _integers(what: str, values) -> list[int]:
 # --------------------------------------------------------------------------- stage 2: skip or conflict
 
 
-def existing_result(path: Path, setup: Mapping[str, Any], force: bool) -> dict[str, Any] | None:
+def existing_result(
+    path: Path, setup: Mapping[str, Any], force: bool, save_models: bool = False
+) -> dict[str, Any] | None:
     """The finished result at ``path`` for this ``setup`` (None: run it); another setup's result is an error, a
-    failed one is run again."""
+    failed one is run again, and so is one without its classifier file when ``save_models`` asks for one."""
     old = None if force else read_result(path)
     if old is None or old.get("status") == "failed":
+        return None
+    if save_models and not has_classifier(path, old):
         return None
     if old.get("config_sha256") != config_sha256(setup):
         diff = "; ".join(setup_difference(old.get("setup", {}), setup)) or "unknown fields"
@@ -508,11 +512,20 @@ def existing_result(path: Path, setup: Mapping[str, Any], force: bool) -> dict[s
     return old
 
 
-def partition(plan: Plan, force: bool = False) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
-    """Stage 2: (cells to run, finished results of the others)."""
+def has_classifier(path: Path, result: Mapping[str, Any]) -> bool:
+    """Whether the result at ``path`` names a classifier file (``--save-models``) that is there."""
+    name = result.get("classifier_file")
+    return isinstance(name, str) and bool(name) and path.with_name(name).is_file()
+
+
+def partition(
+    plan: Plan, force: bool = False, save_models: bool = False
+) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
+    """Stage 2: (cells to run, finished results of the others); with ``save_models``, a finished result without its
+    classifier file is run again (its file is what was asked for)."""
     todo, done = [], {}
     for cell in plan.cells:
-        old = existing_result(plan.paths[cell], plan.setups[cell], force)
+        old = existing_result(plan.paths[cell], plan.setups[cell], force, save_models)
         if old is None:
             todo.append(cell)
         else:
@@ -893,7 +906,7 @@ def run(
     the_plan = plan(config, out_dir)
     with results_lock(the_plan.folder, wait=wait, log=log):
         run_id = new_run_id()
-        todo, done = partition(the_plan, force)
+        todo, done = partition(the_plan, force, save_models)
         report = RunReport(the_plan, [], [], [the_plan.paths[c] for c in done], [])
         if done:
             log(f"{len(done)} result(s) already in {out_dir} for this setup: skipped (--force re-runs them).")

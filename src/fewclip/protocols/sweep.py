@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections import deque
@@ -72,6 +73,7 @@ from .runner import (
     encode,
     error_record,
     fit_cell,
+    has_classifier,
     known_hashes,
     partition,
     plan,
@@ -270,6 +272,10 @@ class SweepReport:
 
     @property
     def exit_status(self) -> int:
+        """Rank 0's alone under torchrun: it knows every failure (the ranks agree on them); another rank ending
+        first with an error would make torchrun stop rank 0 before it reports."""
+        if self.rank:
+            return 0
         return EXIT_FAILED if self.failed or self.unit_errors else 0
 
     def last_lines(self) -> str:
@@ -303,6 +309,28 @@ def _backbone(spec: BackboneSpec):
     return _BACKBONES[spec]
 
 
+def _ray_gpu_ids() -> list | None:
+    """The GPUs Ray gave this task (``[]``: none), or None outside a Ray task."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_task_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def task_device(spec: BackboneSpec) -> BackboneSpec:
+    """``spec`` on the device this task actually has: a CUDA device only where a GPU is there for it (in a Ray task:
+    one Ray assigned, which it exposes as ``cuda``, whatever ``cuda:N`` the driver named); else the CPU, so that a
+    fitting task with no GPU reserved neither fails nor takes GPU memory it was not given."""
+    if not str(spec.device).startswith("cuda"):
+        return spec
+    import torch
+
+    gpus = _ray_gpu_ids()
+    if not torch.cuda.is_available() or gpus == []:
+        return replace(spec, device="cpu")
+    return replace(spec, device="cuda") if gpus else spec
+
+
 def worker_context(config: RunConfig, out_dir: str | Path) -> tuple[Plan, dict, Features, dict[str, Any], list[int]]:
     """(plan, episodes, features, common record, [image views encoded not yet reported]) of a unit, rebuilt in this
     process from its config and the feature cache, and kept for the unit's next cells (the last
@@ -313,7 +341,7 @@ def worker_context(config: RunConfig, out_dir: str | Path) -> tuple[Plan, dict, 
             warnings.simplefilter("ignore")
             the_plan = plan(config, out_dir)
         episodes = draw_episodes(the_plan, the_plan.cells, save=False)
-        features = encode(the_plan, episodes, FeatureStore(config.cache_dir), _backbone(config.backbone))
+        features = encode(the_plan, episodes, FeatureStore(config.cache_dir), _backbone(task_device(config.backbone)))
         while len(_CONTEXTS) >= _KEEP_CONTEXTS:
             _CONTEXTS.pop(next(iter(_CONTEXTS)))
         _CONTEXTS[key] = (the_plan, episodes, features, common_record(the_plan, features), [features.encoded])
@@ -390,6 +418,16 @@ def _barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (an all-reduce of one flag, which gloo carries on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _init_distributed() -> None:
@@ -484,7 +522,7 @@ def sweep(
     if dry_run:
         for unit in units:
             if unit.plan is not None:
-                unit.todo, unit.done = _partition_or_error(unit, force, log)
+                unit.todo, unit.done = _partition_or_error(unit, force, log, save_models)
         print_dry_run(report, out)
         return report
     leader = dist is None or dist.rank == 0
@@ -494,7 +532,7 @@ def sweep(
                 continue
             if leader:
                 locks.enter_context(results_lock(unit.plan.folder, wait=wait, log=log))
-            unit.todo, unit.done = _partition_or_error(unit, force, log)
+            unit.todo, unit.done = _partition_or_error(unit, force, log, save_models)
             unit.report = RunReport(unit.plan, [], [], [unit.plan.paths[c] for c in unit.done], [])
             unit.results = dict(unit.done)
             report.skipped += len(unit.done)
@@ -503,7 +541,8 @@ def sweep(
         t1 = time.perf_counter()
         _extract_all(report, out_dir, ray=ray, keep=jobs == 1 and ray is None and leader, dist=dist, log=log)
         report.seconds["extraction"] = time.perf_counter() - t1
-        if not leader:
+        if not leader:  # wait for rank 0's fits: a rank that ends first (with a failure) would make torchrun stop it
+            _barrier()
             _finish_distributed()
             return report
         t2 = time.perf_counter()
@@ -521,13 +560,16 @@ def sweep(
             report.failed += unit.cell_count() - len(unit.done)
     report.seconds["total"] = time.perf_counter() - t0
     if dist is not None:
+        _barrier()  # the other ranks wait here for the fits
         _finish_distributed()
     return report
 
 
-def _partition_or_error(unit: Unit, force: bool, log: Log) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
+def _partition_or_error(
+    unit: Unit, force: bool, log: Log, save_models: bool = False
+) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
     try:
-        return partition(unit.plan, force)
+        return partition(unit.plan, force, save_models)
     except ResultsError as exc:  # a result of another setup in the way: this unit stops, the others go on
         unit.error = str(exc)
         log(f"{unit.name}: {exc}")
@@ -546,25 +588,32 @@ def _extract_all(
     for unit in units:
         by_backbone.setdefault(unit.config.backbone, []).append(unit)
     for spec, group in by_backbone.items():
+        error = None
         try:
             backbone = spec.load()
         except FewclipError as exc:
+            error = f"the backbone {spec.model} cannot be loaded: {type(exc).__name__}: {exc}"
+        if dist is not None and not _all_ranks_ok(error is None):  # torchrun: every rank skips it, none waits
+            error = error or f"the backbone {spec.model} cannot be loaded on another rank (its log says why)"
+        if error is not None:
             for unit in group:
-                unit.error = f"the backbone {spec.model} cannot be loaded: {type(exc).__name__}: {exc}"
-            log(f"{spec.model}: cannot be loaded ({exc}); its {len(group)} dataset(s) are skipped.")
+                unit.error = error
+            log(f"{spec.model}: {error}; its {len(group)} dataset(s) are skipped.")
             continue
         if dist is not None:  # torchrun: every rank its share of every dataset, then rank 0 alone
-            for unit in group:
-                episodes = draw_episodes(unit.plan, unit.todo, save=False)
-                store = FeatureStore(unit.config.cache_dir)
-                try:
-                    share = encode_share(unit.plan, episodes, store, backbone, dist.rank, dist.world)
-                except FewclipError as exc:
-                    share = 0
-                    log(f"{unit.name}: rank {dist.rank} could not encode its share ({exc}); rank 0 will.")
-                unit.encoded += share
-                report.encoded += share
-            _barrier()
+            try:
+                for unit in group:
+                    episodes = draw_episodes(unit.plan, unit.todo, save=False)
+                    store = FeatureStore(unit.config.cache_dir)
+                    try:
+                        share = encode_share(unit.plan, episodes, store, backbone, dist.rank, dist.world)
+                    except FewclipError as exc:
+                        share = 0
+                        log(f"{unit.name}: rank {dist.rank} could not encode its share ({exc}); rank 0 will.")
+                    unit.encoded += share
+                    report.encoded += share
+            finally:
+                _barrier()  # every rank reaches it, whatever its share did
             if dist.rank != 0:
                 continue
         for unit in group:
@@ -633,12 +682,14 @@ def _fit_all_units(
     queue: deque[Future] = deque()
     # one thread publishes, in order: results are written by this process only, one at a time, as in a run
     with bar, ThreadPoolExecutor(1, thread_name_prefix="fewclip-publish") as publisher:
-        _fit_stage(units, out_dir, jobs, ray, save_models, publish, lost)
+        _fit_stage(units, out_dir, jobs, ray, save_models, publish, lost, log)
         while queue:
             queue.popleft().result()
 
 
-def _fit_stage(units: list[Unit], out_dir, jobs: int, ray: str | None, save_models: bool, publish, lost) -> None:
+def _fit_stage(
+    units: list[Unit], out_dir, jobs: int, ray: str | None, save_models: bool, publish, lost, log: Log = print
+) -> None:
     """The fitting itself: Ray tasks, one process, or ``jobs`` spawned processes; outcomes go to ``publish``."""
     if ray is not None:
         _fit_with_ray(units, out_dir, ray, save_models, publish, lost)
@@ -658,29 +709,81 @@ def _fit_stage(units: list[Unit], out_dir, jobs: int, ray: str | None, save_mode
                 publish(unit, outcomes)
             unit.features = None
     else:
-        _fit_with_processes(units, out_dir, jobs, save_models, publish, lost)
+        _fit_with_processes(units, out_dir, jobs, save_models, publish, lost, log)
 
 
-def _fit_with_processes(units, out_dir, jobs: int, save_models: bool, publish, lost) -> None:
+def _run_group(marks: str, index: int, config: RunConfig, out_dir: str, cells: Sequence[Cell], save_models: bool):
+    """:func:`run_cells` in a ``--jobs`` worker, with a mark file ``marks/index`` while it runs: the marks left when
+    the pool breaks name the groups its dead worker may have been fitting."""
+    mark = Path(marks, str(index))
+    mark.touch()
+    try:
+        return run_cells(config, out_dir, cells, save_models)
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _fit_with_processes(units, out_dir, jobs: int, save_models: bool, publish, lost, log: Log = print) -> None:
+    """Fit the groups in ``jobs`` spawned processes. When a worker dies (the pool breaks: killed for memory, a crash
+    in native code), the pool is rebuilt for the groups not finished, and each group that was running when it broke
+    is run once more alone: only one that breaks its own pool too is recorded failed, with the error."""
+    todo = [(unit, cells) for unit in units for cells in task_groups(unit.todo)]
+    while todo:
+        todo, suspects, error = _fit_in_pool(todo, out_dir, jobs, save_models, publish, lost)
+        if not suspects:
+            continue
+        log(
+            f"sweep: a fitting worker died ({error}); {len(suspects)} group(s) it may have been fitting are run again "
+            f"alone, {len(todo)} other(s) in a new pool."
+        )
+        for group in suspects:
+            rest, suspect, error = _fit_in_pool([group], out_dir, 1, save_models, publish, lost)
+            for unit, cells in rest + suspect:  # it broke its own pool too: its cells fail, with the error
+                cause = ResultsError(
+                    f"the process fitting it died twice, once alone (a crash in native code, or killed for memory): "
+                    f"{type(error).__name__}: {error}"
+                )
+                lost(unit, cells, cause)
+
+
+def _fit_in_pool(groups, out_dir, jobs: int, save_models: bool, publish, lost) -> tuple[list, list, Exception | None]:
+    """Run ``groups`` in one pool of ``jobs`` processes; (groups not finished and not suspect, groups running when
+    the pool broke, the error that broke it); ([], [], None) when it did not break."""
     import multiprocessing
+    import tempfile
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        pending: dict[Future, tuple[Unit, list[Cell]]] = {}
-        for unit in units:
-            for cells in task_groups(unit.todo):
-                pending[pool.submit(run_cells, unit.config, str(out_dir), cells, save_models)] = (unit, cells)
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                unit, cells = pending.pop(future)
-                try:
-                    outcomes, encoded = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker's failure is its cells' failure
-                    lost(unit, cells, exc)
-                    continue
-                publish(unit, outcomes, encoded)
+    unfinished: dict[int, tuple[Unit, list[Cell]]] = {}
+    broken: Exception | None = None
+    with tempfile.TemporaryDirectory(prefix="fewclip-jobs-") as marks:
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            pending: dict[Future, int] = {}
+            for index, (unit, cells) in enumerate(groups):
+                job = pool.submit(_run_group, marks, index, unit.config, str(out_dir), cells, save_models)
+                pending[job] = index
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    unit, cells = groups[index]
+                    try:
+                        outcomes, encoded = future.result()
+                    except BrokenProcessPool as exc:
+                        broken = exc
+                        unfinished[index] = (unit, cells)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - a worker's failure is its cells' failure
+                        lost(unit, cells, exc)
+                        continue
+                    publish(unit, outcomes, encoded)
+        running = {int(p.name) for p in Path(marks).iterdir()} & set(unfinished)
+    if broken is None:
+        return [], [], None
+    running = running or set(unfinished)  # it broke outside any group (starting a worker): every one is a suspect
+    rest = [g for i, g in unfinished.items() if i not in running]
+    return rest, [unfinished[i] for i in sorted(running)], broken
 
 
 # --------------------------------------------------------------------------- Ray
@@ -817,6 +920,8 @@ def print_dry_run(report: SweepReport, out: Callable[[str], None]) -> None:
                 state = "done"
             elif (old := read_result(the_plan.paths[cell])) is not None and old.get("status") == "failed":
                 state = "failed before: run again"
+            elif old is not None and cell in unit.todo and not has_classifier(the_plan.paths[cell], old):
+                state = "done, no classifier file: run again (--save-models)"
             else:
                 state = "to run" if cell in unit.todo else "blocked"
             target = f" -> {cell.target}" if cell.target else ""
