@@ -64,6 +64,17 @@ FAST = {
 }
 
 
+SHOP = ["mug", "plate", "spoon"]
+
+
+def make_shop(root: Path) -> Path:
+    """``root``/<class>/<i>.png: a folder of class sub-folders only (no split of its own), 3 classes (:data:`SHOP`)
+    of 10 images each, 32 px; returns ``root``."""
+    items = [(f"{n}/{i}.png", y) for y, n in enumerate(SHOP) for i in range(10)]
+    write_images(root, items, len(SHOP), size=32, seed=0)
+    return root
+
+
 @pytest.fixture(scope="session")
 def bundle():
     """A structured synthetic bundle: 10 classes, 8 shots, D = 64, 4 views, val and test."""

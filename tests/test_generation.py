@@ -111,6 +111,12 @@ def prompt_template() -> str:
     return "Describe what a {c} looks like in {n} sentences; answer with a JSON list."
 
 
+def describe_argv(tmp_path: Path, *extra: str, out: str = "d.json") -> list[str]:
+    """``fewclip describe`` over ``tmp_path``/classes.txt with the test prompt, 3 sentences, the cache in tmp_path."""
+    return ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / out), "-n", "3",
+            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache"), *extra]  # fmt: skip
+
+
 def all_file_bytes(*roots: Path) -> bytes:
     return b"".join(p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file())
 
@@ -188,9 +194,7 @@ def test_an_answer_that_does_not_parse_is_reported_by_class_name(endpoint, tmp_p
     endpoint.script["beagle"] = [(200, "I'd rather not describe dogs today.")]
     (tmp_path / "classes.txt").write_text("abyssinian\nbeagle\n")
     monkeypatch.setenv("MY_KEY", KEY)
-    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"),
-            "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY", "-n", "3",
-            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    argv = describe_argv(tmp_path, "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "'beagle'" in err and "I'd rather not describe dogs today." in err and "abyssinian" not in err.split("\n")[0]
@@ -211,8 +215,7 @@ def test_the_api_key_is_never_written_to_a_file_or_a_log(endpoint, tmp_path, mon
     monkeypatch.setenv("FEWCLIP_DESCRIBE_MODEL", "fake-gpt")
     monkeypatch.setattr(time, "sleep", lambda s: None)
     caplog.set_level("DEBUG")
-    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "out" / "d.json"),
-            "-n", "3", "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    argv = describe_argv(tmp_path, out="out/d.json")
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert all(h["Authorization"] == f"Bearer {KEY}" for h, _ in endpoint.requests)  # it was used ...
@@ -229,8 +232,7 @@ def test_a_key_with_a_line_break_is_stripped_or_refused_and_never_shown(endpoint
     (tmp_path / "classes.txt").write_text("beagle\n")
     monkeypatch.setenv("OPENAI_BASE_URL", endpoint.url)
     monkeypatch.setenv("FEWCLIP_DESCRIBE_MODEL", "fake-gpt")
-    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"), "-n", "3",
-            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache"), "--retries", "0"]  # fmt: skip
+    argv = describe_argv(tmp_path, "--retries", "0")
     monkeypatch.setenv("OPENAI_API_KEY", f" {KEY}\n")
     assert main(argv) == 0
     assert endpoint.requests[-1][0]["Authorization"] == f"Bearer {KEY}"
@@ -346,9 +348,7 @@ def test_an_unparsed_answer_that_echoes_the_key_is_shown_masked(endpoint, tmp_pa
     assert KEY not in result.failed["beagle"] and "your key *** is logged" in result.failed["beagle"]
     (tmp_path / "classes.txt").write_text("beagle\n")
     monkeypatch.setenv("MY_KEY", KEY)
-    argv = ["describe", "--classnames", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "d.json"),
-            "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY", "-n", "3",
-            "--prompt", prompt_template(), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    argv = describe_argv(tmp_path, "--base-url", endpoint.url, "--model", "fake-gpt", "--api-key-env", "MY_KEY")
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "'beagle'" in captured.err and "***" in captured.err and KEY not in captured.out + captured.err

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fewclip.methods as M
-from conftest import FAST
+from conftest import FAST, make_shop
 from fewclip import data
 from fewclip.cli.main import main
-from fewclip.data.generate import make_folder_dataset, write_images
+from fewclip.data.generate import make_folder_dataset
 from fewclip.errors import ClassifierError, MethodError
 from fewclip.features.extract import extract
 from fewclip.features.synthetic import make_synthetic_bundle
@@ -240,10 +240,7 @@ def test_default_selection_is_cv_only_without_a_validation_split_of_ones_own():
 def shop(tmp_path_factory):
     """One `fewclip run` (no --selection, --save-models) on a folder of class sub-folders only, 1 and 2 shots."""
     tmp = tmp_path_factory.mktemp("shop")
-    root = tmp / "shop"
-    names = ["mug", "plate", "spoon"]
-    items = [(f"{n}/{i}.png", y) for y, n in enumerate(names) for i in range(10)]
-    write_images(root, items, len(names), size=32, seed=0)
+    root = make_shop(tmp / "shop")
     tiny = save_tiny_openclip(tmp / "model", "vit", name="fewclip-test-auto-cv-vit", seed=0)
     out = tmp / "results"
     argv = [

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, make_shop
 from fewclip import methods as M
 from fewclip.cli.main import main
-from fewclip.data.generate import write_images
 from fewclip.features.synthetic import make_synthetic_bundle
 from fewclip.methods.cv import cv_fold_count, cv_fold_ids, fold_bundle
 from fewclip.methods.search import tip_grid
@@ -106,10 +105,7 @@ def test_a_method_without_cv_refuses_it(bundle):
 
 @pytest.mark.slow
 def test_a_folder_of_class_subfolders_runs_with_selection_cv(tmp_path):
-    root = tmp_path / "shop"
-    names = ["mug", "plate", "spoon"]
-    items = [(f"{n}/{i}.png", y) for y, n in enumerate(names) for i in range(10)]
-    write_images(root, items, len(names), size=32, seed=0)
+    root = make_shop(tmp_path / "shop")
     tiny = save_tiny_openclip(tmp_path / "model", "vit", name="fewclip-test-cv-vit", seed=0)
     out = tmp_path / "results"
     argv = [
