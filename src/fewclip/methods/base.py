@@ -229,6 +229,16 @@ class Method:
                     f"(e.g. {names}). Use a method that handles classes without support (zero-shot, tip-adapter, ape)."
                 )
 
+    def cv_refusal(self, data: FitData) -> str | None:
+        """Why ``selection="cv"`` cannot run on ``data`` (no implementation, an image method, too few support images),
+        the message ``fit`` would raise; None when it can. ``fewclip run`` asks this under an automatic cv, to fall
+        back per method instead of refusing the run."""
+        try:
+            self._check_cv(data)
+        except MethodError as exc:
+            return str(exc)
+        return None
+
     def _check_cv(self, data: FitData) -> None:
         """``selection="cv"``: a method that implements it, features, and support that can be split (K ≥ 2 where every
         class needs support in every fold's training part)."""

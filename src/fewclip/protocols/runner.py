@@ -198,10 +198,9 @@ def cv_fallback(model: Method, data: Any) -> str | None:
     per class), or None; under an automatic "cv" such a method is fitted with selection "none" instead."""
     if not model.selects_on_validation:
         return None
-    try:
-        model._check_cv(data)
-    except MethodError as exc:
-        return str(exc)
+    refusal = model.cv_refusal(data)
+    if refusal is not None:
+        return refusal
     shots = data.shots_per_class()
     if bool((shots > 0).any()) and int(shots[shots > 0].min()) < 2:
         # every fold would hold out some classes' only support image, so the folds would choose values for classes
